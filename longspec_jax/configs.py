@@ -236,7 +236,9 @@ def _rope_from_hf(cfg: Mapping[str, Any], max_pos: int) -> RopeConfig:
         factor=float(scaling["factor"]),
         low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(orig) if orig is not None else (max_pos if kind == "dynamic" else None),
+        # HF's dynamic NTK always measures the length against max_position_embeddings (it ignores an
+        # original_max_position_embeddings field), so we do too.
+        original_max_position_embeddings=max_pos if kind == "dynamic" else (int(orig) if orig is not None else None),
     )
 
 

@@ -1,0 +1,200 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings (every supported scaling kind), SwiGLU MLP,
+token embedding and LM head (spec section 1.1: HF-style RMSNorm and "rotate_half" RoPE).
+
+Parameters are `nnx.Param`s whose `logical_axes` metadata names each dimension ("vocab", "embed",
+"q_heads", "kv_heads", "head_dim", "mlp", "norm"); `sharding.py` maps those names to mesh axes.
+We keep our own metadata key rather than flax's `out_sharding` because flax treats the latter as
+mesh axis names (and may shard eagerly at creation), which logical names are not.
+
+Numerics follow Hugging Face transformers exactly, so that float32 parity holds at 1e-4:
+- RMSNorm upcasts to float32, normalises, casts back to the input dtype, then multiplies by the weight.
+- RoPE inverse frequencies and angles are float32; cos/sin are cast to the activation dtype before use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longspec_jax.configs import ConfigError, RopeConfig
+
+LOGICAL_AXES = "logical_axes"  # Param metadata key read by sharding.py
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], dtype, axes: Sequence[str | None]) -> nnx.Param:
+    """An `nnx.Param` initialised by `init(key, shape, dtype)` with logical axis names attached.
+
+    With `rngs=None` the value is filled with zeros (used for norm scales set to one by the caller
+    and by abstract construction under `nnx.eval_shape`, where values are never materialised).
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    value = init(rngs.params(), tuple(shape), dtype) if rngs is not None else jnp.zeros(shape, dtype)
+    return nnx.Param(value, **{LOGICAL_AXES: tuple(axes)})
+
+
+def _normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF LlamaRMSNorm: float32 normalisation, cast back to x.dtype, then times `weight`."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned per-channel scale (initialised to one)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **{LOGICAL_AXES: ("norm",)})
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def _base_inv_freq(theta, head_dim: int) -> np.ndarray:
+    # float64 on the host, rounded once to float32: the most accurate value of HF's float32 formula.
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    return (1.0 / (float(theta) ** exponents)).astype(np.float32)
+
+
+def _llama3_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """HF `_compute_llama3_parameters`: divide low frequencies by `factor`, keep high ones, blend between."""
+    inv_freq = _base_inv_freq(rope.theta, head_dim).astype(np.float64)
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, positions: jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies [H/2] float32 for `rope`, or [B?] broadcastable for dynamic NTK.
+
+    For "dynamic" the frequencies depend on the sequence length, which HF takes as
+    `max(position_ids) + 1` over the whole call (batch included), floored at the original length:
+    `base = theta * (factor * len / orig - (factor - 1)) ** (H / (H - 2))`. Below the original
+    length this equals the default RoPE. `positions` is required for "dynamic" only.
+    """
+    if head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head_dim, got {head_dim}")
+    if rope.kind == "default":
+        return jnp.asarray(_base_inv_freq(rope.theta, head_dim))
+    if rope.kind == "linear":
+        return jnp.asarray(_base_inv_freq(rope.theta, head_dim)) / jnp.float32(rope.factor)
+    if rope.kind == "llama3":
+        if rope.original_max_position_embeddings is None:
+            raise ConfigError("llama3 RoPE needs original_max_position_embeddings")
+        return jnp.asarray(_llama3_inv_freq(rope, head_dim))
+    if rope.kind == "dynamic":
+        if rope.original_max_position_embeddings is None:
+            raise ConfigError("dynamic RoPE needs original_max_position_embeddings (= max_position_embeddings)")
+        if positions is None:
+            raise ValueError("dynamic RoPE frequencies depend on the positions; pass them")
+        orig = rope.original_max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions).astype(jnp.float32) + 1.0, jnp.float32(orig))
+        base = jnp.float32(rope.theta) * (jnp.float32(rope.factor) * seq_len / orig - (rope.factor - 1.0)) ** (
+            head_dim / (head_dim - 2))
+        exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+        scaled = 1.0 / (base ** exponents)
+        # Below the original length HF uses the unscaled frequencies; pick the host-computed ones
+        # exactly there so the common case is bit-identical to default RoPE.
+        return jnp.where(seq_len > orig, scaled, jnp.asarray(_base_inv_freq(rope.theta, head_dim)))
+    raise ConfigError(f"unsupported rope kind {rope.kind!r}")
+
+
+def rope_cos_sin(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] float32 for integer positions [B, T] (any values: offsets, tree depths).
+
+    HF layout: the H/2 angles are repeated (concat(freqs, freqs)), to be used with `rotate_half`.
+    The draft model calls this with the target's RopeConfig so both share one RoPE.
+    """
+    inv_freq = rope_inv_freq(rope, head_dim, positions)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis (HF convention, not interleaved)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, H] by cos/sin [B, T, H]; cos/sin are cast to x.dtype first (as HF)."""
+    cos = cos.astype(x.dtype)[:, :, None, :]
+    sin = sin.astype(x.dtype)[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# MLP, embedding, LM head
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); no biases."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs | None, dtype=jnp.bfloat16,
+                 param_dtype=jnp.float32, init_std: float = 0.02):
+        self.dtype = dtype
+        init = _normal(init_std)
+        self.gate_kernel = param(rngs, init, (dim, hidden), param_dtype, ("embed", "mlp"))
+        self.up_kernel = param(rngs, init, (dim, hidden), param_dtype, ("embed", "mlp"))
+        self.down_kernel = param(rngs, init, (hidden, dim), param_dtype, ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_kernel[...].astype(self.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_kernel[...].astype(self.dtype))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_kernel[...].astype(self.dtype))
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]; `attend` uses it as a tied LM head."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs | None, dtype=jnp.bfloat16,
+                 param_dtype=jnp.float32, init_std: float = 0.02):
+        self.dtype = dtype
+        self.embedding = param(rngs, _normal(init_std), (vocab, dim), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied-head logits [B, T, V] in float32."""
+        return jnp.einsum("BTD,VD->BTV", h.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class LMHead(nnx.Module):
+    """Untied output projection [D, V]; logits in float32."""
+
+    def __init__(self, dim: int, vocab: int, *, rngs: nnx.Rngs | None, dtype=jnp.bfloat16,
+                 param_dtype=jnp.float32, init_std: float = 0.02):
+        self.dtype = dtype
+        self.kernel = param(rngs, _normal(init_std), (dim, vocab), param_dtype, ("embed", "vocab"))
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("BTD,DV->BTV", h.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)

@@ -1,0 +1,119 @@
+"""Llama / Qwen2 decoder-only target model (Qwen2 = Llama with q/k/v biases, a config flag).
+
+`Transformer.__call__` is the single inference entry (DESIGN.md): causal prefill chunks, one-token
+decode and tree verification differ only in T, positions and mask. `forward_train` is the cache-free
+causal pass used by training, returning the last layer's post-RoPE K/V for the draft's
+cross-attention (spec section 1.3).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longspec_jax import kv_cache as kvc
+from longspec_jax.attention import Attention, causal_mask
+from longspec_jax.configs import ModelConfig
+from longspec_jax.layers import MLP, Embedding, LMHead, RMSNorm, rope_cos_sin
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h + Attn(RMSNorm(h)), then h + MLP(RMSNorm(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, attention_impl: str):
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, h, cos, sin, cache, layer, lengths, mask):
+        a, cache = self.attn(self.input_norm(h), cos, sin, cache, layer, lengths, mask)
+        h = h + a
+        return h + self.mlp(self.post_attn_norm(h)), cache
+
+    def forward_train(self, h, cos, sin):
+        a, kv = self.attn.forward_train(self.input_norm(h), cos, sin)
+        h = h + a
+        return h + self.mlp(self.post_attn_norm(h)), kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only target model built from a `ModelConfig`.
+
+    Args:
+      cfg: the model configuration (static).
+      rngs: initialisation RNGs (weights are usually overwritten by `weights.load_target`).
+      dtype: compute dtype of activations and matmuls (attention softmax is float32 regardless).
+      param_dtype: storage dtype of the parameters.
+      attention_impl: `pallas_kernels` implementation ("xla", "pallas", "pallas_interpret", "auto").
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                 attention_impl: str = "xla"):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.embedder = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # nnx.List (not a plain list) so the layers are pytree data on flax >= 0.12.
+        self.layers = nnx.List([
+            DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+            for _ in range(cfg.num_layers)
+        ])
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int -> embeddings [B, T, D] in the compute dtype."""
+        return self.embedder(tokens)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Hidden states [B, T, D] (after the final norm) -> logits [B, T, V] float32."""
+        if self.cfg.tie_word_embeddings:
+            return self.embedder.attend(h)
+        return self.lm_head(h)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [B, T, H] float32 of this model's RoPE at `positions` [B, T]."""
+        return rope_cos_sin(self.cfg.rope, self.cfg.head_dim, positions)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kvc.KVCache, lengths: jax.Array,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, kvc.KVCache]:
+        """Run T new tokens against the cache.
+
+        Args:
+          tokens: [B, T] int32.
+          positions: [B, T] int32 RoPE positions (arbitrary: true positions, tree depths, offsets).
+          cache: KVCache with capacity >= lengths[b] + T.
+          lengths: [B] int32 committed prefix length per row; never advanced here.
+          mask: [B, T, T] bool among the new tokens (True = may attend); None = causal.
+
+        Returns:
+          (hidden [B, T, D] after the final norm, cache with every layer's new K/V written at
+          slots lengths[b] + [0, T)).
+        """
+        B, T = tokens.shape
+        if mask is None:
+            mask = causal_mask(B, T)
+        lengths = lengths.astype(jnp.int32)
+        cos, sin = self.rope(positions)
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h, cache = layer(h, cos, sin, cache, i, lengths, mask)
+        return self.final_norm(h), cache
+
+    def forward_train(self, tokens: jax.Array, positions: jax.Array
+                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Causal pass without a cache.
+
+        Returns:
+          (hidden [B, T, D] after the final norm, (k_last, v_last) [B, T, K, H]: the last layer's
+          post-RoPE keys and values).
+        """
+        cos, sin = self.rope(positions)
+        h = self.embed(tokens)
+        kv = None
+        for layer in self.layers:
+            h, kv = layer.forward_train(h, cos, sin)
+        return self.final_norm(h), kv
