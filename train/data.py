@@ -1,0 +1,374 @@
+"""Training data: read files, apply a template (spec 5.2), tokenize, build fixed-shape rows.
+
+Pipeline:
+  files (jsonl / json / parquet / plain text; directories searched, sorted)
+    -> records (dicts)                                   `read_records`
+    -> documents: token ids + loss mask per token        `encode_record` (template raw / long / chat)
+    -> rows [T] (packed: concatenated with EOS and cut; or truncated / right-padded)
+    -> batches [A, B, T] (A = gradient-accumulation micro-batches)      `DataLoader`
+
+Rows are addressed by (epoch, index): the epoch's document order is a permutation drawn from
+`numpy.random.default_rng([seed, epoch])`, and a packed row is a slice of the concatenated token
+stream found by binary search, so any position can be resumed without replaying the epoch.
+The position is saved in checkpoints (`DataLoader.position`, `DataLoader.restore`).
+
+Loss-mask convention (train/loss.py): `loss_mask[t] = 1` iff token t is a prediction target.
+Padding and chat prompts are 0. Unlike the released collator (which masks every id equal to the pad
+id, hence also EOS for Qwen), EOS stays a target: the draft must learn to propose it.
+
+Tokenizers: transformers.AutoTokenizer from the target checkpoint directory, or `ByteTokenizer`
+(UTF-8 bytes) for the tiny random target used on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from train.config import DataSection
+
+
+class DataError(ValueError):
+    """Data that cannot be used for training; the message names the file / record and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (ids 0 and 1 are reserved for BOS/PAD and EOS, bytes 0/1 map to 2).
+
+    Matches `configs.tiny_config()` (vocab 256, bos/pad 0, eos 1) so CPU runs need no files.
+    """
+
+    vocab_size = 256
+    eos_token_id = 1
+    bos_token_id = None
+    pad_token_id = 0
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [b if b > 1 else 2 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 1 < i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Thin wrapper over transformers.AutoTokenizer: encode without implicit special tokens."""
+
+    def __init__(self, path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:  # pragma: no cover - transformers is a dependency
+            raise DataError("transformers is needed to read the target's tokenizer; pip install transformers") from e
+        if not os.path.isdir(path):
+            raise DataError(f"tokenizer directory {path!r} does not exist; set model.tokenizer to the "
+                            "target checkpoint directory (it must hold tokenizer.json or tokenizer.model)")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # transformers raises many kinds here
+            raise DataError(f"could not load a tokenizer from {path!r}: {e}. The target checkpoint directory "
+                            "must hold the tokenizer files (tokenizer.json / tokenizer_config.json).") from e
+        self.eos_token_id = self.tok.eos_token_id
+        self.bos_token_id = self.tok.bos_token_id
+        self.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_token_id
+        if self.eos_token_id is None:
+            raise DataError(f"the tokenizer in {path!r} has no eos_token; set it in tokenizer_config.json")
+
+    def __len__(self):
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids))
+
+
+def load_tokenizer(spec: str, target_path: str | None):
+    """`spec`: "auto" (the target directory's tokenizer, bytes for a tiny/preset target), "bytes", or a dir."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec == "auto":
+        if target_path and os.path.isdir(target_path):
+            return HFTokenizer(target_path)
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the target's embedding table."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise DataError(
+            f"the tokenizer has {n} tokens but the target's vocab_size is {vocab_size}: it is not the "
+            "target's tokenizer. Set model.tokenizer to the target checkpoint directory.")
+
+
+# --------------------------------------------------------------------------------------------
+# Files -> records
+
+_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text",
+             ".md": "text"}
+
+
+def list_files(paths: Sequence[str], fmt: str) -> list[tuple[str, str]]:
+    """Expand files / directories / globs into a sorted list of (path, format)."""
+    if not paths:
+        raise DataError("data.paths is empty; give at least one file or directory of training data")
+    out = []
+    for p in paths:
+        matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise DataError(f"data path {p!r} does not exist (data.paths); check the path or mount")
+        for m in matches:
+            if os.path.isdir(m):
+                for root, _, names in sorted(os.walk(m)):
+                    for n in sorted(names):
+                        suffix = os.path.splitext(n)[1].lower()
+                        if suffix in _SUFFIXES and (fmt == "auto" or _SUFFIXES[suffix] == fmt):
+                            out.append((os.path.join(root, n), _SUFFIXES[suffix]))
+            else:
+                suffix = os.path.splitext(m)[1].lower()
+                kind = fmt if fmt != "auto" else _SUFFIXES.get(suffix)
+                if kind is None:
+                    raise DataError(f"cannot tell the format of {m!r} from its suffix; set data.format to "
+                                    "jsonl, parquet or text")
+                out.append((m, kind))
+    if not out:
+        raise DataError(f"no data files (*.jsonl, *.json, *.parquet, *.txt) found under {list(paths)}")
+    return out
+
+
+def read_records(path: str, kind: str, text_field: str) -> list[dict[str, Any]]:
+    """All records of one file as dicts (a plain-text file is one record {text_field: contents})."""
+    if kind == "text":
+        with open(path, encoding="utf-8") as f:
+            return [{text_field: f.read()}]
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError("reading parquet needs pyarrow; pip install pyarrow") from e
+        return pq.read_table(path).to_pylist()
+    records = []
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        f.seek(0)
+        if head == "[":  # a JSON array file
+            data = json.load(f)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON array of objects")
+            return data
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON ({e})") from None
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Templates (spec 5.2)
+
+_CHAT_FORMATS = {
+    # (prompt prefix with {system} and the user header, prompt suffix = user end + assistant header,
+    #  answer template)
+    "qwen": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n",
+             "<|im_end|>\n<|im_start|>assistant\n", "{answer}<|im_end|>\n"),
+    "llama_pseudo": ("<s>system\n{system}</s>\n<s>user\n", "</s>\n<s>assistant\n", "{answer}</s>\n"),
+}
+
+
+def _chat_parts(cfg: DataSection) -> tuple[str, str, str]:
+    if cfg.chat_format == "custom":
+        if "{prompt}" not in cfg.prompt_template or "{answer}" not in cfg.answer_template:
+            raise DataError("data.chat_format=custom needs data.prompt_template containing {prompt} and "
+                            "data.answer_template containing {answer}")
+        pre, post = cfg.prompt_template.split("{prompt}", 1)
+        return pre, post, cfg.answer_template
+    pre, post, ans = _CHAT_FORMATS[cfg.chat_format]
+    if not cfg.system_prompt:
+        pre = pre.split("\n", 2)[-1] if cfg.chat_format == "qwen" else pre.split("</s>\n", 1)[-1]
+    return pre, post, ans
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    if name not in record:
+        raise DataError(f"{where}: record has no field {name!r} (fields: {sorted(record)}); set "
+                        "data.text_field / data.prompt_field / data.answer_field")
+    value = record[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass
+class Document:
+    ids: np.ndarray    # [n] int32
+    mask: np.ndarray   # [n] uint8, 1 = loss target
+    where: str         # file:record, for error messages
+
+
+def encode_record(record: dict, cfg: DataSection, tok, where: str) -> Document:
+    """Apply the template to one record -> token ids and per-token loss mask."""
+    bos = [tok.bos_token_id] if cfg.add_bos and tok.bos_token_id is not None else []
+    eos = [tok.eos_token_id] if cfg.add_eos else []
+    use_text = cfg.template == "raw" or (cfg.template == "long" and cfg.text_field in record)
+    if use_text:
+        ids = bos + tok.encode(_field(record, cfg.text_field, where)) + eos
+        return Document(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), where)
+    pre, post, ans_t = _chat_parts(cfg)
+    prompt = _field(record, cfg.prompt_field, where)
+    answer = _field(record, cfg.answer_field, where)
+    head = bos + tok.encode(pre.format(system=cfg.system_prompt))
+    body = tok.encode(prompt)
+    tail = tok.encode(post)
+    ans = tok.encode(ans_t.format(answer=answer)) + eos
+    if cfg.template == "chat":
+        # Spec 5.2: the prompt is truncated to seq_len - answer_reserve so the answer keeps room.
+        budget = cfg.seq_len - cfg.answer_reserve - len(head) - len(tail)
+        if len(body) > budget:
+            if not cfg.truncate:
+                raise DataError(f"{where}: prompt of {len(body)} tokens exceeds data.seq_len - "
+                                f"data.answer_reserve ({budget} left after the template); enable "
+                                "data.truncate or raise data.seq_len")
+            body = body[:max(budget, 0)]
+        prompt_ids = head + body + tail
+        ids = prompt_ids + ans
+        mask = [0] * len(prompt_ids) + [1] * len(ans)
+    else:  # "long" with prompt/answer: loss on every token ("nomask" collator)
+        ids = head + body + tail + ans
+        mask = [1] * len(ids)
+    return Document(np.asarray(ids, np.int32), np.asarray(mask, np.uint8), where)
+
+
+def load_documents(cfg: DataSection, tok) -> list[Document]:
+    """Read every file and encode every record, in a deterministic (sorted file) order."""
+    docs = []
+    for path, kind in list_files(cfg.paths, cfg.format):
+        for i, rec in enumerate(read_records(path, kind, cfg.text_field)):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{i + 1}: each record must be a JSON object, got {type(rec).__name__}")
+            doc = encode_record(rec, cfg, tok, f"{path}:{i + 1}")
+            if len(doc.ids):
+                docs.append(doc)
+    if not docs:
+        raise DataError(f"the dataset {list(cfg.paths)} is empty (no non-empty records); check data.paths "
+                        "and data.text_field")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+class DataLoader:
+    """Deterministic, resumable batches of fixed-shape rows.
+
+    Args:
+      docs: encoded documents.
+      cfg: the data section (seq_len, packing, truncate, shuffle, seed).
+      pad_id: id written into padding slots (masked out of the loss).
+      rows_per_step: A * B rows consumed per optimizer step (global, over all processes).
+      process_index, process_count: this host's share of each global batch (rows are split evenly).
+    """
+
+    def __init__(self, docs: list[Document], cfg: DataSection, *, pad_id: int, rows_per_step: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.docs, self.cfg, self.pad_id = docs, cfg, int(pad_id)
+        self.T = cfg.seq_len
+        self.rows_per_step = rows_per_step
+        if rows_per_step % process_count:
+            raise DataError(f"the global batch ({rows_per_step} rows) must divide over {process_count} hosts")
+        self.process_index, self.process_count = process_index, process_count
+        self.lengths = np.asarray([len(d.ids) for d in docs], np.int64)
+        if not cfg.packing and not cfg.truncate:
+            too_long = np.nonzero(self.lengths > self.T)[0]
+            if len(too_long):
+                d = docs[too_long[0]]
+                raise DataError(f"{d.where}: {len(d.ids)} tokens > data.seq_len={self.T} ({len(too_long)} such "
+                                "documents); set data.truncate=true, data.packing=true, or a larger seq_len")
+        if cfg.packing:
+            self.rows_per_epoch = int(self.lengths.sum() // self.T)
+        else:
+            self.rows_per_epoch = len(docs)
+        if self.rows_per_epoch < rows_per_step:
+            raise DataError(f"the dataset gives {self.rows_per_epoch} rows of {self.T} tokens per epoch, fewer than "
+                            f"one optimizer step needs ({rows_per_step} = batch_size x grad_accum); add data or "
+                            "lower train.batch_size / train.grad_accum / data.seq_len")
+        self.epoch, self.index = 0, 0
+        self._order_epoch = None
+
+    # -- resumable position ------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.rows_per_epoch // self.rows_per_step
+
+    def position(self) -> dict[str, int]:
+        """The next row to read, as saved in checkpoints."""
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def restore(self, position: dict[str, int]) -> None:
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+
+    # -- rows ----------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.docs)
+            self._perm = (np.random.default_rng([self.cfg.seed, epoch]).permutation(n) if self.cfg.shuffle
+                          else np.arange(n))
+            self._cum = np.concatenate([[0], np.cumsum(self.lengths[self._perm])])
+            self._order_epoch = epoch
+        return self._perm
+
+    def row(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row i of an epoch: (tokens [T] int32, loss_mask [T] uint8)."""
+        perm = self._order(epoch)
+        T = self.T
+        if not self.cfg.packing:
+            d = self.docs[perm[i]]
+            n = min(len(d.ids), T)
+            toks = np.full(T, self.pad_id, np.int32)
+            mask = np.zeros(T, np.uint8)
+            toks[:n], mask[:n] = d.ids[:n], d.mask[:n]
+            return toks, mask
+        start, end = i * T, (i + 1) * T
+        j = int(np.searchsorted(self._cum, start, side="right")) - 1
+        toks, masks, pos = [], [], start
+        while pos < end:
+            d = self.docs[perm[j]]
+            lo = pos - self._cum[j]
+            take = min(len(d.ids) - lo, end - pos)
+            toks.append(d.ids[lo:lo + take])
+            masks.append(d.mask[lo:lo + take])
+            pos += take
+            j += 1
+        return np.concatenate(toks), np.concatenate(masks)
+
+    def next_batch(self, accum: int) -> dict[str, np.ndarray]:
+        """This process's share of the next optimizer step: tokens / loss_mask [A, B_local, T]."""
+        if self.index + self.rows_per_step > self.rows_per_epoch:
+            # Drop the epoch's remainder (it would give a ragged step), start the next epoch.
+            self.epoch, self.index = self.epoch + 1, 0
+        per_micro = self.rows_per_step // accum
+        local = per_micro // self.process_count
+        toks = np.empty((accum, local, self.T), np.int32)
+        mask = np.empty((accum, local, self.T), np.uint8)
+        for a in range(accum):
+            for b in range(local):
+                r = self.index + a * per_micro + self.process_index * local + b
+                toks[a, b], mask[a, b] = self.row(self.epoch, r)
+        self.index += self.rows_per_step
+        return {"tokens": toks, "loss_mask": mask}

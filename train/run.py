@@ -1,0 +1,182 @@
+"""`python -m train.run --config FILE.yaml [section.key=value ...] [--resume]`
+
+Trains the LongSpec draft on a frozen target (train.objective=draft, spec section 5) or a target
+model from scratch (train.objective=lm). The same command runs on one device, on every GPU of a
+host (the mesh takes all local devices), and on a multi-host pod (each host runs the command;
+`mesh.distributed=auto` calls `jax.distributed.initialize()` when the launcher is detected).
+
+Examples:
+    python -m train.run --config train/configs/tiny_cpu.yaml
+    python -m train.run --config train/configs/stage1_slimpajama.yaml model.target=/ckpt/llama3-8b \\
+        data.paths=[/data/slimpajama] checkpoint.dir=/ckpt/draft-s1 --resume
+
+Outputs: a progress bar (loss, tokens/s, ETA), metrics JSONL (log.metrics), orbax checkpoints
+(checkpoint.dir, every checkpoint.every steps) and, at the end, the trained draft (or target) as an
+HF-format safetensors directory (checkpoint.export_dir) readable by the inference loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from train import config as config_lib
+from train import data as data_lib
+from train import setup
+from train import step as step_lib
+from train.checkpoint import Checkpointer
+from train.metrics import MetricsWriter
+
+
+def build_data(cfg, tcfg, target_path):
+    """Tokenizer (checked against the target's vocabulary) and the resumable loader."""
+    tok = data_lib.load_tokenizer(cfg.model.tokenizer, target_path)
+    data_lib.check_tokenizer(tok, tcfg.vocab_size)
+    docs = data_lib.load_documents(cfg.data, tok)
+    loader = data_lib.DataLoader(docs, cfg.data, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+                                 rows_per_step=cfg.train.batch_size * cfg.train.grad_accum,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    return tok, loader
+
+
+def export(cfg, trained_graphdef, params, tcfg, target, tokenizer_path):
+    """Write the trained model as an HF-format directory through the inference savers."""
+    out = cfg.checkpoint.export_dir
+    if not out:
+        return None
+    model = nnx.merge(trained_graphdef, params)
+    if cfg.train.objective == "draft":
+        from longspec_jax import draft_weights
+
+        draft_weights.save_draft(model, out)
+    else:
+        from longspec_jax import weights
+
+        tok = None
+        if tokenizer_path:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+        weights.save_target(model, tcfg, out, tok)
+    return out
+
+
+def train(cfg: config_lib.TrainConfig, *, resume: bool = False) -> dict:
+    """Run training to `train.steps` (or one epoch); returns the last logged metrics."""
+    setup.maybe_initialize_distributed(cfg.mesh.distributed)
+    mesh = setup.build_mesh(cfg)
+    t, lead = cfg.train, jax.process_index() == 0
+    per_device_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % per_device_axes:
+        raise config_lib.TrainConfigError(
+            f"train.batch_size={t.batch_size} must be a multiple of mesh data x fsdp = {per_device_axes}")
+
+    target, tcfg, target_path = setup.build_target(cfg, mesh)
+    tok, loader = build_data(cfg, tcfg, target_path if cfg.model.tokenizer == "auto" else cfg.model.tokenizer)
+    if t.objective == "draft":
+        trained = setup.build_draft(cfg, tcfg, mesh)
+        frozen_graphdef, frozen = nnx.split(target)
+    else:
+        trained, frozen_graphdef, frozen = target, None, None
+    trained_graphdef, params = nnx.split(trained)
+    total = t.steps or loader.steps_per_epoch
+    tx = step_lib.make_optimizer(cfg, total)
+    state = setup.place_replicated(step_lib.init_state(params, tx, t.seed), mesh)
+
+    ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save) if cfg.checkpoint.dir else None
+    if ckpt is not None:
+        latest = ckpt.latest_step()
+        if latest is not None and not resume:
+            raise config_lib.TrainConfigError(
+                f"checkpoint.dir={cfg.checkpoint.dir} already holds step {latest}; pass --resume to continue "
+                "it, or choose a new checkpoint.dir")
+        if latest is not None:
+            state, meta = ckpt.restore(latest, state)
+            loader.restore(meta["data"])
+            if lead:
+                print(f"resumed from {cfg.checkpoint.dir}/{latest} (data epoch {meta['data']['epoch']}, "
+                      f"row {meta['data']['index']})", file=sys.stderr)
+    elif resume:
+        raise config_lib.TrainConfigError("--resume needs checkpoint.dir")
+
+    state_sh = setup.shardings_of(state)
+    frozen_sh = setup.shardings_of(frozen) if frozen is not None else None
+    batch_sh = setup.batch_sharding(mesh)
+    step_fn = step_lib.jit_train_step(
+        step_lib.make_train_step(cfg, trained_graphdef, frozen_graphdef, tx,
+                                 max_position_embeddings=tcfg.max_position_embeddings),
+        state_sh, frozen_sh, {"tokens": batch_sh, "loss_mask": batch_sh})
+
+    writer = MetricsWriter(cfg.log.metrics, cfg.log.tensorboard)
+    start = int(state.step)
+    bar = None
+    if cfg.log.progress and lead:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    last: dict = {}
+    tokens_since, t_since = 0.0, time.perf_counter()
+    compile_s = None
+    for s in range(start, total):
+        local = loader.next_batch(t.grad_accum)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh, v.astype(np.int32))
+                 for k, v in local.items()}
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, frozen, batch)
+        if (s + 1) % cfg.log.every == 0 or s + 1 == total or compile_s is None:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            tokens_since += m["tokens"]
+            if compile_s is None:
+                # The first step includes compilation: report it apart, keep it out of tokens/s.
+                compile_s = now - t0
+                tokens_since, t_since = 0.0, now
+                tps = float("nan")
+            else:
+                tps = tokens_since / max(now - t_since, 1e-9)
+                tokens_since, t_since = 0.0, now
+            last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": step_lib.learning_rate(cfg, total, s),
+                    "tokens_per_s": tps, "epoch": loader.epoch, "compile_s": compile_s}
+            writer.write(last)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == total):
+            ckpt.save(s + 1, state, {"data": loader.position(), "config": cfg.to_dict()})
+    if bar is not None:
+        bar.close()
+    if ckpt is not None:
+        ckpt.close()
+    writer.close()
+    out = export(cfg, trained_graphdef, state.params, tcfg, target,
+                 target_path if cfg.model.tokenizer == "auto" else None)
+    if lead and out:
+        print(f"exported the trained {'draft' if t.objective == 'draft' else 'target'} to {out}", file=sys.stderr)
+    return last
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see train/configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_lib.load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except (config_lib.TrainConfigError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""One optimizer step of draft training (or plain LM training), jit-compiled once.
+
+Draft objective (spec 5.1): per micro-batch,
+    pos        = anchor_offset(step key)                       # train/positions.py, same for target
+    _, (k, v)  = target.forward_train(tokens, pos)              # frozen (bf16), no gradient
+    h          = draft.forward_train(tokens, pos, k, v, lag)    # lag j ~ U{min_lag..max_lag}, one per step
+    loss       = CE(h @ W_head (float32, chunked), next tokens) # only loss-mask tokens count
+LM objective: the target itself is trained, `h = target.forward_train(tokens, pos)[0]`.
+
+Gradient accumulation is an explicit `lax.scan` over the A micro-batches of a step; gradients of
+the per-token loss *sums* are accumulated and divided once by the global token count, so the
+result is the exact mean over the global batch whatever the mesh or the accumulation factor
+(which is also what makes the sharded step equal the single-device step).
+
+Only the trained model's parameters are differentiated and held in the optimizer state; the
+frozen target's state is a separate, non-donated argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train import loss as loss_lib
+from train import positions as pos_lib
+from train.config import TrainConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes from step to step (and is checkpointed).
+
+    step: [] int32 optimizer steps done so far.
+    params: nnx.State of the trained model (draft, or target for "lm"), float32 master weights.
+    opt_state: optax state over `params` only.
+    rng: [2] uint32 raw base key; step s uses fold_in(rng, s), so resuming reproduces the draws.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (b1, b2, eps, wd) with linear warmup + cosine decay and global-norm clipping (spec 5.3).
+
+    Weight decay applies to matrices only (ndim >= 2): decaying RMSNorm scales and biases towards
+    zero is the usual thing to avoid.
+    """
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=o.lr * o.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+
+
+def learning_rate(cfg: TrainConfig, total_steps: int, step: int) -> float:
+    """The schedule's value at `step` (for logging; same formula as `make_optimizer`)."""
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    return float(optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1),
+                                                    o.lr * o.min_lr_ratio)(step))
+
+
+_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_POLICIES[policy])
+
+
+def lm_forward(graphdef, params, tokens, positions, remat: str):
+    """Target forward for the LM objective with per-layer activation checkpointing.
+
+    Mirrors `Transformer.forward_train` but wraps each decoder layer in `jax.checkpoint`, which is
+    where remat pays for a multi-layer model (activations of one layer live at a time).
+    """
+    model = nnx.merge(graphdef, params)
+    if remat == "none":
+        return model.forward_train(tokens, positions)[0]
+    cos, sin = model.rope(positions)
+    h = model.embed(tokens)
+    for layer in model.layers:
+        lg, ls = nnx.split(layer)
+
+        def run(ls, h, lg=lg):
+            return nnx.merge(lg, ls).forward_train(h, cos, sin)[0]
+
+        h = _remat(run, remat)(ls, h)
+    return model.final_norm(h)
+
+
+def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: optax.GradientTransformation, *,
+                    max_position_embeddings: int):
+    """Build `step(state, frozen, batch) -> (state, metrics)` (un-jitted; see `jit_train_step`).
+
+    Args:
+      trained_graphdef: graphdef of the trained model (draft, or target for "lm").
+      frozen_graphdef: graphdef of the frozen target ("draft" objective; None for "lm").
+      batch: {"tokens": [A, B, T] int32, "loss_mask": [A, B, T]} (A micro-batches).
+    Metrics: loss (mean CE over counted tokens), tokens (count), grad_norm, lag, and for the
+      draft objective target_loss (the frozen target's CE on the same tokens, logged only, spec 5.1).
+    """
+    t, p = cfg.train, cfg.positions
+    objective = t.objective
+    T = cfg.data.seq_len
+    max_off = pos_lib.max_offset_for(T, max_position_embeddings, p.max_offset)
+    remat = t.remat
+
+    def positions_for(key, B):
+        return pos_lib.anchor_offset_positions(
+            key, B, T, sinks=p.sinks, max_sinks=p.max_sinks, max_offset=max_off,
+            switch_off_len=p.switch_off_len, enabled=p.enabled)
+
+    def draft_loss(params, frozen, tokens, mask, positions, lag):
+        target = nnx.merge(frozen_graphdef, frozen)
+        # The frozen target: no gradient flows into it (it is not an argument of the grad).
+        tgt_h, (k_last, v_last) = target.forward_train(tokens, positions)
+        k_last, v_last, tgt_h = jax.lax.stop_gradient((k_last, v_last, tgt_h))
+        head = jax.lax.stop_gradient(loss_lib.head_weight(target))
+
+        def draft_hidden(params, tokens, positions, k_last, v_last, lag):
+            draft = nnx.merge(trained_graphdef, params)
+            return draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed)
+
+        h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
+        total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
+        tgt_total, _ = loss_lib.chunked_cross_entropy(tgt_h, head, tokens, mask, chunk=t.loss_chunk)
+        return total, (count, tgt_total)
+
+    def lm_loss(params, frozen, tokens, mask, positions, lag):
+        del frozen, lag
+        h = lm_forward(trained_graphdef, params, tokens, positions, remat)
+        head = loss_lib.head_weight(nnx.merge(trained_graphdef, params))
+        total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
+        return total, (count, jnp.zeros((), jnp.float32))
+
+    loss_fn = draft_loss if objective == "draft" else lm_loss
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, frozen, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_lag, k_pos = jax.random.split(key)
+        # One lag per step (shared by its micro-batches), as the original draws one per forward call.
+        lag = jax.random.randint(k_lag, (), t.min_lag, t.max_lag + 1, dtype=jnp.int32)
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        A, B = tokens.shape[:2]
+
+        def micro(carry, xs):
+            g_acc, loss_acc, n_acc, tgt_acc = carry
+            a, tok, m = xs
+            positions = positions_for(jax.random.fold_in(k_pos, a), B)
+            (total, (count, tgt_total)), g = grad_fn(state.params, frozen, tok, m, positions, lag)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            return (g_acc, loss_acc + total, n_acc + count, tgt_acc + tgt_total), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (g_sum, loss_sum, n, tgt_sum), _ = jax.lax.scan(micro, init, (jnp.arange(A), tokens, mask))
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "tokens": n,
+            "grad_norm": optax.global_norm(grads),
+            "lag": lag,
+        }
+        if objective == "draft":
+            metrics["target_loss"] = tgt_sum / denom
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, state_sharding=None, frozen_sharding=None, batch_sharding=None):
+    """jit with the state donated (updated in place) and, on a mesh, explicit shardings."""
+    if state_sharding is None:
+        return jax.jit(step_fn, donate_argnums=(0,))
+    return jax.jit(step_fn, donate_argnums=(0,),
+                   in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None))
+
+
+def init_state(params, tx, seed: int) -> TrainState:
+    """Fresh TrainState: step 0, optimizer state over `params`, base key from `seed`."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def evaluate_loss(cfg: TrainConfig, trained_graphdef, frozen_graphdef, state: TrainState, frozen, batch,
+                  *, max_position_embeddings: int, lag: int = 1):
+    """Mean loss on a batch with vanilla positions and a fixed lag (tests / evaluation)."""
+    del max_position_embeddings
+    t = cfg.train
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if t.objective == "draft":
+        target = nnx.merge(frozen_graphdef, frozen)
+        _, (k, v) = target.forward_train(tokens, positions)
+        h = nnx.merge(trained_graphdef, state.params).forward_train(tokens, positions, k, v, lag, embed=target.embed)
+        head = loss_lib.head_weight(target)
+    else:
+        model = nnx.merge(trained_graphdef, state.params)
+        h = model.forward_train(tokens, positions)[0]
+        head = loss_lib.head_weight(model)
+    total, n = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
+    return total / jnp.maximum(n, 1.0)
+
