@@ -1,0 +1,217 @@
+"""Autoregressive baseline (`infer/ar.py`): exactness against naive and HF references, EOS,
+batching, bucketing (compile once per shape bucket), chunked prefill, streaming, errors.
+
+Shapes are chosen so most tests share compiled executables (prompt bucket 16, output bucket 16,
+cache capacity 32): compiling is the slow part on a 2-core CPU.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer import ar
+from infer.ar import capacity_bucket, generate_ar, output_bucket, prompt_bucket
+from infer.state import step_key
+from longspec_jax.configs import tiny_config
+from longspec_jax.sampling import SamplingParams, sample
+from longspec_jax.transformer import Transformer
+
+# Tolerances: greedy / sampled tokens must match exactly (float32 model, random logits have no
+# near-ties at this scale); HF parity is on tokens too.
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config()
+    return Transformer(cfg, rngs=nnx.Rngs(7), dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def _prompt(seed, n, vocab=256):
+    return np.asarray(jax.random.randint(jax.random.key(seed), (n,), 2, vocab)).tolist()
+
+
+@functools.lru_cache(maxsize=None)
+def _naive_logits_fn(graphdef, length):
+    """Cache-free causal forward over a fixed-length buffer (one compile per length)."""
+
+    @jax.jit
+    def fn(params, tokens, index):
+        m = nnx.merge(graphdef, params)
+        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+        h, _ = m.forward_train(tokens, pos)
+        h_last = jnp.take_along_axis(h, index[:, None, None], axis=1)  # [B, 1, D]
+        return m.logits(h_last)[:, 0]
+
+    return fn
+
+
+def naive_generate(model, prompt, n_new, *, sampling=SamplingParams(), seed=0, eos_ids=(), length=64):
+    """Reference: recompute the whole sequence from scratch for every new token (no KV cache)."""
+    graphdef, params = nnx.split(model)
+    fn = _naive_logits_fn(graphdef, length)
+    seq = list(prompt)
+    out = []
+    key = jax.random.key(seed)
+    for i in range(n_new):
+        buf = np.zeros((1, length), np.int32)
+        buf[0, : len(seq)] = seq
+        logits = fn(params, jnp.asarray(buf), jnp.asarray([len(seq) - 1]))
+        tok = int(sample(step_key(key, i), logits, sampling)[0])
+        out.append(tok)
+        seq.append(tok)
+        if tok in eos_ids:
+            break
+    return out
+
+
+def test_buckets():
+    assert prompt_bucket(1, 512) == (16, 16)
+    assert prompt_bucket(17, 512) == (32, 32)
+    assert prompt_bucket(512, 512) == (512, 512)
+    assert prompt_bucket(513, 512) == (1024, 512)
+    assert prompt_bucket(40, 16) == (48, 16)
+    assert prompt_bucket(5, 8) == (8, 8)
+    assert output_bucket(1) == 16 and output_bucket(17) == 32 and output_bucket(1024) == 1024
+    assert capacity_bucket(20) == 32 and capacity_bucket(257) == 320 and capacity_bucket(4096 + 1) == 5120
+    for n in (1, 100, 300, 5000, 40000):
+        assert n <= capacity_bucket(n) < 1.25 * n + 16
+
+
+def test_greedy_matches_naive_reference(model):
+    prompt = _prompt(0, 11)
+    res = generate_ar(model, prompt, max_new_tokens=14, prefill_chunk=CHUNK)
+    assert res.sequences()[0] == naive_generate(model, prompt, 14)
+    assert res.num_tokens.tolist() == [14] and not res.stopped_on_eos[0]
+    assert res.timings.decode_steps == 13 and res.timings.decode_tokens == 13
+    assert res.shapes == dict(batch=1, padded_prompt=16, prefill_chunk=16, cache_capacity=32, output_buffer=16)
+
+
+def test_sampled_matches_naive_reference_and_is_seeded(model):
+    prompt = _prompt(1, 9)
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9)
+    a = generate_ar(model, prompt, max_new_tokens=12, sampling=params, seed=3, prefill_chunk=CHUNK)
+    b = generate_ar(model, prompt, max_new_tokens=12, sampling=params, seed=3, prefill_chunk=CHUNK)
+    c = generate_ar(model, prompt, max_new_tokens=12, sampling=params, seed=4, prefill_chunk=CHUNK)
+    assert a.sequences() == b.sequences()
+    assert a.sequences() != c.sequences()
+    assert a.sequences()[0] == naive_generate(model, prompt, 12, sampling=params, seed=3)
+
+
+def test_compiles_once_per_bucket(model):
+    # Prompt lengths 9 and 13 share bucket 16; 10 and 14 new tokens share output bucket 16 and
+    # cache capacity 32: the second call must reuse every executable and trace nothing.
+    generate_ar(model, _prompt(2, 9), max_new_tokens=10, prefill_chunk=CHUNK)
+    traces, compiles = dict(ar.TRACE_COUNTS), dict(ar.COMPILE_COUNTS)
+    res = generate_ar(model, _prompt(3, 13), max_new_tokens=14, prefill_chunk=CHUNK)
+    assert dict(ar.TRACE_COUNTS) == traces and dict(ar.COMPILE_COUNTS) == compiles
+    assert res.timings.compile_s == 0.0
+
+
+def test_eos_stops_with_several_ids(model):
+    prompt = _prompt(4, 10)
+    free = generate_ar(model, prompt, max_new_tokens=16, prefill_chunk=CHUNK).sequences()[0]
+    stop_at = 5
+    # The stop token must not occur earlier in the free-running output.
+    while free[stop_at] in free[:stop_at]:
+        stop_at += 1
+    eos = (255 if free[stop_at] != 255 and 255 not in free else 254, free[stop_at])
+    res = generate_ar(model, prompt, max_new_tokens=16, eos_ids=eos, prefill_chunk=CHUNK)
+    assert res.sequences()[0] == free[: stop_at + 1]
+    assert res.stopped_on_eos.tolist() == [True]
+    assert res.timings.decode_steps == stop_at  # the loop ended at the EOS, not at max_new_tokens
+    assert (res.tokens[0, stop_at + 1:] == eos[0]).all()  # pad_id defaults to the first EOS id
+
+
+def test_batch_rows_are_independent_and_finish_independently(model):
+    p0, p1 = _prompt(5, 37), _prompt(6, 5)  # row 0 spans three prefill chunks, row 1 one
+    single0 = generate_ar(model, p0, max_new_tokens=12, prefill_chunk=CHUNK).sequences()[0]
+    single1 = generate_ar(model, p1, max_new_tokens=12, prefill_chunk=CHUNK).sequences()[0]
+    assert single0 == naive_generate(model, p0, 12)
+    eos = (single1[3],)
+    res = generate_ar(model, [p0, p1], max_new_tokens=12, eos_ids=eos, prefill_chunk=CHUNK)
+    k0 = single0.index(eos[0]) + 1 if eos[0] in single0 else 12
+    assert res.sequences() == [single0[:k0], single1[: single1.index(eos[0]) + 1]]
+    assert res.prompt_lengths.tolist() == [37, 5]
+
+
+def test_chunked_prefill_equals_unchunked(model):
+    prompt = _prompt(8, 40)
+    chunked = generate_ar(model, prompt, max_new_tokens=12, prefill_chunk=CHUNK, cache_capacity=64)
+    whole = generate_ar(model, prompt, max_new_tokens=12, prefill_chunk=64, cache_capacity=64)
+    assert chunked.shapes["padded_prompt"] == 48 and chunked.shapes["prefill_chunk"] == 16
+    assert whole.shapes["padded_prompt"] == 64 and whole.shapes["prefill_chunk"] == 64
+    assert chunked.sequences() == whole.sequences()
+
+
+def test_one_decode_call_and_streaming_same_tokens(model):
+    prompt = _prompt(9, 12)
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9)
+    plain = generate_ar(model, prompt, max_new_tokens=12, sampling=params, seed=3, prefill_chunk=CHUNK)
+    seen = []
+    streamed = generate_ar(model, prompt, max_new_tokens=12, sampling=params, seed=3, prefill_chunk=CHUNK,
+                           stream_callback=lambda t, n: seen.append(t[0].tolist()), stream_every=5)
+    # Keys are fold_in(seed, step): splitting the loop into slices cannot change the tokens.
+    assert streamed.sequences() == plain.sequences()
+    assert [len(s) for s in seen] == [1, 6, 11, 12]
+    assert all(s == plain.sequences()[0][: len(s)] for s in seen)
+
+
+def test_decode_loop_has_no_host_transfers(model):
+    # generate_ar runs the loop under jax.transfer_guard("disallow"); check that the guard is real
+    # (an implicit transfer inside it raises) and that a whole run of new tokens is one call.
+    with pytest.raises(Exception, match="[Dd]isallowed"):
+        with jax.transfer_guard("disallow"):
+            jnp.asarray(np.ones(3)) + 1
+    calls = []
+    orig = ar._Compiler.get
+
+    def counting_get(self, name, *a, **k):
+        exe = orig(self, name, *a, **k)
+        if name != "decode":
+            return exe
+        return lambda *args: (calls.append(1), exe(*args))[1]
+
+    ar._Compiler.get = counting_get
+    try:
+        res = generate_ar(model, _prompt(10, 7), max_new_tokens=16, prefill_chunk=CHUNK)
+    finally:
+        ar._Compiler.get = orig
+    assert calls == [1] and res.timings.decode_steps == 15
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="empty"):
+        generate_ar(model, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        generate_ar(model, [[3, 4], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="--max-new-tokens must be >= 1"):
+        generate_ar(model, [3, 4], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"needs 30 KV cache slots.*--cache-capacity is 20.*at least 30"):
+        generate_ar(model, list(range(2, 12)), max_new_tokens=20, cache_capacity=20)
+    with pytest.raises(ValueError, match=r"--cache-capacity"):
+        generate_ar(model, list(range(2, 30)), max_new_tokens=1, cache_capacity=16)
+    with pytest.raises(ValueError, match=r"outside \[0, 256\)"):
+        generate_ar(model, [3, 300], max_new_tokens=4)
+
+
+def test_matches_hf_generate(tmp_path):
+    hf_utils = pytest.importorskip("tests.hf_utils")
+    weights = pytest.importorskip("longspec_jax.weights")
+    torch = pytest.importorskip("torch")
+    path, hf_model = hf_utils.make_hf_checkpoint(tmp_path, "llama_gqa")
+    model, cfg, tok = weights.load_target(path, dtype=jnp.float32, attention_impl="xla")
+    prompt = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    n_new = 32
+    hf_model.generation_config.eos_token_id = None  # compare 32 tokens without an early stop
+    with torch.no_grad():
+        hf_out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new,
+                                   do_sample=False, pad_token_id=cfg.pad_token_id)
+    hf_new = hf_out[0, len(prompt):].tolist()
+    ours = generate_ar(model, prompt, max_new_tokens=n_new, prefill_chunk=CHUNK).sequences()[0]
+    assert ours == hf_new
