@@ -1,0 +1,218 @@
+"""`python -m infer.generate`: generate text with a target model, autoregressively or with the
+LongSpec tree speculative decoder, and report honest timings.
+
+    python -m infer.generate                                   # tiny-random, offline, CPU is fine
+    python -m infer.generate --model llama3-8b --prompt "..." --max-new-tokens 256
+    python -m infer.generate --model llama3-8b --method tree --tree-shape 4 16 16 16 16
+
+--model takes an exact preset name (`longspec_jax.configs.PRESETS`; weights come from --checkpoint
+DIR or the preset's Hugging Face repo in the local cache) or `tiny-random`. Timings are taken after
+`block_until_ready`; compile time is reported apart from prefill and decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from infer import prompts, tiny_random
+from longspec_jax.sampling import SamplingParams
+
+# The model used when --model is not given. A later issue ships a trained demo pair; switching the
+# default to it is this one line.
+DEFAULT_MODEL = tiny_random.NAME
+
+# Streaming is on by default: its cost was measured as negligible (see STREAMING_NOTE in infer/ar.py).
+STREAM_BY_DEFAULT = True
+STREAM_EVERY = 8
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the environment that the user can fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from longspec_jax.configs import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset name ({', '.join(sorted(PRESETS))}) or {tiny_random.NAME!r}")
+    p.add_argument("--checkpoint", default=None,
+                   help="local HF checkpoint directory to load instead of the preset's repo")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help=f"prompt text (default: {prompts.DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", default=None, help="read the prompt from this text file")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens to generate (EOS included)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt text")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="parameter and compute dtype")
+    p.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto",
+                   help="attention kernels: pallas (Hopper GPUs), xla (anywhere), auto picks")
+    p.add_argument("--method", choices=("ar", "tree"), default="ar",
+                   help="ar: one token per forward; tree: LongSpec tree speculative decoding")
+    p.add_argument("--draft", default=None,
+                   help="--method tree: draft checkpoint DIR or HF repo (default: the preset's draft repo)")
+    p.add_argument("--tree-shape", nargs="+", type=int, default=[4, 16, 16, 16, 16],
+                   help="--method tree: nodes per depth")
+    p.add_argument("--cache-capacity", type=int, default=None,
+                   help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=STREAM_BY_DEFAULT,
+                   help="print text as it is produced (--method ar)")
+    return p
+
+
+def load_model(args, dtype):
+    """(model, cfg, tokenizer, checkpoint_dir or None) for --model / --checkpoint."""
+    if args.model == tiny_random.NAME:
+        if args.checkpoint:
+            raise UsageError(f"--checkpoint cannot be combined with --model {tiny_random.NAME}; "
+                             "pass --model PRESET --checkpoint DIR")
+        model, cfg, tok = tiny_random.build(dtype=dtype, attention_impl=args.attention_impl, seed=0)
+        return model, cfg, tok, None
+    from longspec_jax import hub, weights
+    from longspec_jax.configs import get_preset
+
+    preset = get_preset(args.model)  # ConfigError listing every valid name
+    path = hub.resolve_checkpoint(args.checkpoint or preset.target_repo)
+    model, cfg, tok = weights.load_target(path, dtype=dtype, attention_impl=args.attention_impl)
+    mismatched = [f for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+                  if getattr(cfg, f) != getattr(preset.config, f)]
+    if mismatched:
+        print(f"warning: checkpoint {path} differs from preset {args.model} in {mismatched}; "
+              "using the checkpoint's config.", file=sys.stderr)
+    return model, cfg, tok, path
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
+    return args.prompt if args.prompt is not None else prompts.DEFAULT_PROMPT
+
+
+def _load_draft(args, cfg, dtype):
+    """The draft for --method tree: --draft, else the preset's draft repo; random for tiny-random."""
+    from longspec_jax.configs import DraftConfig
+
+    if args.draft is None and args.model == tiny_random.NAME:
+        from flax import nnx
+
+        from longspec_jax.draft import Draft
+
+        print("[tiny-random] using a random-weight draft as well: expect almost no accepted tokens.")
+        return Draft(DraftConfig.from_target(cfg), cfg.rope, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype,
+                     attention_impl=args.attention_impl)
+    if args.draft is None:
+        from longspec_jax.configs import get_preset
+
+        repo = get_preset(args.model).draft_repo
+        if repo is None:
+            raise UsageError(f"preset {args.model} has no released draft; pass --draft DIR")
+        args.draft = repo
+    try:
+        from longspec_jax.draft_weights import load_draft
+    except ModuleNotFoundError as e:
+        if e.name != "longspec_jax.draft_weights":
+            raise
+        raise UsageError("--method tree with --draft needs longspec_jax/draft_weights.py (the draft "
+                         "checkpoint loader), which is not in this checkout yet") from None
+    from longspec_jax import hub
+
+    draft = load_draft(hub.resolve_checkpoint(args.draft), dtype=dtype, attention_impl=args.attention_impl)
+    draft = draft[0] if isinstance(draft, tuple) else draft
+    draft.cfg.check_matches(cfg, source=f"draft {args.draft}")
+    return draft
+
+
+def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype):
+    """--method tree: hand over to `infer.speculative.generate_tree` (written separately)."""
+    try:
+        from infer import speculative
+    except ModuleNotFoundError as e:
+        if e.name != "infer.speculative":
+            raise
+        raise UsageError("--method tree needs infer/speculative.py (the tree speculative decoder), which is "
+                         "not in this checkout yet; use --method ar") from None
+    from longspec_jax.tree import TreeShape
+
+    shape = TreeShape.parse(args.tree_shape)
+    draft = _load_draft(args, cfg, dtype)
+    res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
+                                    sampling=sampling, eos_ids=eos_ids, seed=args.seed,
+                                    cache_capacity=args.cache_capacity)
+    return res.tokens[0], res.stop_reason[0], res.stats
+
+
+def _rate(n, s):
+    return f"{n / s:,.1f}" if s > 0 else "n/a"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+        dtype = DTYPES[args.dtype]
+        if args.model == tiny_random.NAME:
+            print(tiny_random.BANNER, flush=True)
+        text = read_prompt(args)
+        model, cfg, tokenizer, ckpt = load_model(args, dtype)
+        ids, templated = prompts.encode_prompt(tokenizer, text, chat_template=not args.no_chat_template)
+        eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
+        print(f"model {args.model} | {args.dtype} | attention {args.attention_impl} | method {args.method} | "
+              f"device {jax.devices()[0].device_kind}")
+        print(f"prompt: {len(ids)} tokens ({'chat template' if templated else 'raw text'}); "
+              f"stop ids {list(eos_ids)}")
+        print("-" * 72, flush=True)
+
+        if args.method == "tree":
+            tokens, reason, stats = run_tree(args, model, cfg, ids, sampling, eos_ids, dtype)
+            print(tokenizer.decode(tokens, skip_special_tokens=True))
+            print("-" * 72)
+            print(f"stopped on: {reason}")
+            for k in ("compile_time_s", "prefill_time_s", "decode_time_s", "decode_tokens_per_s", "tau"):
+                if k in stats:
+                    print(f"{k}: {stats[k]:.4g}" if isinstance(stats[k], float) else f"{k}: {stats[k]}")
+            return 0
+
+        from infer.ar import generate_ar
+
+        streamer = prompts.TextStreamer(tokenizer) if args.stream else None
+        res = generate_ar(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                          seed=args.seed, cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
+                          stream_callback=streamer, stream_every=STREAM_EVERY)
+        tokens = res.sequences()[0]
+        if streamer is not None:
+            streamer.finish(tokens)
+        else:
+            print(tokenizer.decode(tokens, skip_special_tokens=True))
+    except ValueError as e:  # ConfigError, CheckpointError, UsageError and argument validation
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    t = res.timings
+    print("-" * 72)
+    print(f"stopped on: {'eos' if res.stopped_on_eos[0] else 'max-new-tokens'} after {res.num_tokens[0]} tokens")
+    print(f"compile: {t.compile_s:.2f} s (executables for these shapes; 0 when already compiled)")
+    print(f"prefill: {t.prefill_tokens} tokens in {t.prefill_s * 1e3:.1f} ms = {_rate(t.prefill_tokens, t.prefill_s)} "
+          "tok/s (includes sampling the first new token)")
+    print(f"decode:  {t.decode_tokens} tokens in {t.decode_s * 1e3:.1f} ms = {_rate(t.decode_tokens, t.decode_s)} "
+          f"tok/s ({t.ms_per_step:.2f} ms/token{', streamed' if args.stream else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`python -m infer.generate`: an end-to-end smoke run in a subprocess, and the refusals."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infer import generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_tiny_random_smoke():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user would run it (conftest sets 8)
+    proc = subprocess.run([sys.executable, "-m", "infer.generate", "--model", "tiny-random", "--max-new-tokens", "8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "random weights" in out  # the banner
+    assert "chat template" in out
+    assert "after 8 tokens" in out or "stopped on: eos" in out
+    for line in ("compile:", "prefill:", "decode:"):
+        assert line in out
+    assert "tok/s" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--top-p", "0"], "--top-p must be"),
+    (["--model", "llama-3-8b"], "unknown model preset 'llama-3-8b'; choose one of: llama3-8b"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+    (["--model", "tiny-random", "--checkpoint", "somewhere"], "--checkpoint cannot be combined"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--max-new-tokens", "64", "--cache-capacity", "32"], "raise --cache-capacity to at least"),
+])
+def test_cli_refusals(argv, message, capsys):
+    assert generate.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_checkpoint_is_explained(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing is available offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert generate.main(["--model", "llama3-8b", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "not available offline" in err or "does not exist" in err
+    assert "--checkpoint" in err
+
+
+def test_tree_method_without_decoder_module_is_explained(monkeypatch):
+    import infer
+
+    monkeypatch.delattr(infer, "speculative", raising=False)
+    monkeypatch.setitem(sys.modules, "infer.speculative", None)  # as if the file were absent
+    args = generate.build_parser().parse_args(["--method", "tree"])
+    with pytest.raises(generate.UsageError, match="needs infer/speculative.py"):
+        generate.run_tree(args, None, None, [1, 2], None, (), None)
+
+
+def test_default_model_is_one_line():
+    assert generate.build_parser().parse_args([]).model == generate.DEFAULT_MODEL == "tiny-random"
