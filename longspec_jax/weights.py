@@ -296,6 +296,11 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     """transformers.AutoTokenizer from `path`, checked against `cfg`."""
     import transformers
 
+    # AutoTokenizer may build an empty tokenizer from config.json alone; demand the files themselves.
+    found = [n for n in ("tokenizer.json", "tokenizer.model", "vocab.json") if os.path.exists(os.path.join(path, n))]
+    if not found:
+        raise CheckpointError(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model / vocab.json) "
+                              "and tokenizer_config.json next to config.json; copy them from the model's repo.")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -1,0 +1,221 @@
+"""Checkpoint loading: the strict checks each refuse with a CheckpointError that names the problem,
+repo ids resolve offline, sharded checkpoints load, and save_target round-trips through HF."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from longspec_jax import hub, weights
+from longspec_jax.kv_cache import KVCache
+from longspec_jax.weights import CheckpointError, load_target, save_target
+from tests.hf_utils import make_hf_checkpoint
+
+ATOL_STACK = 1e-4  # float32 whole-model parity vs HF
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    path, hf = make_hf_checkpoint(tmp_path_factory.mktemp("base"), "qwen2", tie=False, rope="default")
+    return path, hf
+
+
+@pytest.fixture
+def ckpt(base_ckpt, tmp_path):
+    """A fresh, writable copy of a valid checkpoint for each test to break."""
+    dst = str(tmp_path / "ckpt")
+    shutil.copytree(base_ckpt[0], dst)
+    return dst
+
+
+def _edit_tensors(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _logits(model, cfg, ids):
+    cache = KVCache.init(cfg, ids.shape[0], ids.shape[1], jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    h, _ = jax.jit(lambda m, t, p, c: m(t, p, c, jnp.zeros(ids.shape[0], jnp.int32)))(model, ids, pos, cache)
+    return np.asarray(model.logits(h))
+
+
+def test_valid_checkpoint_loads(ckpt):
+    model, cfg, tok = load_target(ckpt, dtype=jnp.float32)
+    assert cfg.family == "qwen2" and cfg.attention_bias and len(tok) == cfg.vocab_size
+    assert model.layers[1].attn.k_bias.get_value().shape == (cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_missing_weights_file(ckpt):
+    os.remove(os.path.join(ckpt, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        load_target(ckpt)
+
+
+def test_missing_shard_listed_in_index(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama_gqa", sharded=True)
+    index = json.load(open(os.path.join(path, weights.INDEX_FILE)))
+    gone = sorted(set(index["weight_map"].values()))[1]
+    os.remove(os.path.join(path, gone))
+    with pytest.raises(CheckpointError, match=gone):
+        load_target(path)
+
+
+def test_truncated_safetensors(ckpt):
+    f = os.path.join(ckpt, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt).*re-download"):
+        load_target(ckpt)
+
+
+def test_wrong_shape(ckpt):
+    key = "model.layers.1.self_attn.k_proj.weight"
+    _edit_tensors(ckpt, lambda t: t.__setitem__(key, t[key][:-1]))
+    with pytest.raises(CheckpointError, match=rf"{key}.*shape"):
+        load_target(ckpt)
+
+
+def test_extra_key(ckpt):
+    _edit_tensors(ckpt, lambda t: t.__setitem__("model.layers.0.self_attn.extra.weight", np.ones(3, np.float32)))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.extra\.weight'"):
+        load_target(ckpt)
+
+
+def test_missing_key(ckpt):
+    _edit_tensors(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensors.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_target(ckpt)
+
+
+def test_layer_beyond_config(ckpt):
+    src = "model.layers.0.input_layernorm.weight"
+    _edit_tensors(ckpt, lambda t: t.__setitem__("model.layers.7.input_layernorm.weight", t[src]))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.7.*num_hidden_layers"):
+        load_target(ckpt)
+
+
+def test_integer_tensor(ckpt):
+    key = "model.norm.weight"
+    _edit_tensors(ckpt, lambda t: t.__setitem__(key, t[key].astype(np.int32)))
+    with pytest.raises(CheckpointError, match=rf"{key}.*dtype I32"):
+        load_target(ckpt)
+
+
+def test_bias_in_a_config_without_bias(tmp_path):
+    """Weights with q/k/v biases under a Llama config that says attention_bias=false: unmapped keys."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama_gqa")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    _edit_tensors(path, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias",
+                                                np.zeros(cfg["hidden_size"], np.float32)))
+    with pytest.raises(CheckpointError, match=r"q_proj\.bias.*attention_bias=False"):
+        load_target(path)
+
+
+def test_unknown_rope_scaling_type(ckpt):
+    p = os.path.join(ckpt, "config.json")
+    cfg = json.load(open(p))
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 64}
+    json.dump(cfg, open(p, "w"))
+    with pytest.raises(CheckpointError, match=r"config\.json.*'yarn'.*not supported"):
+        load_target(ckpt)
+
+
+def test_tokenizer_larger_than_vocab(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama_gqa", tokenizer_vocab=140)
+    with pytest.raises(CheckpointError, match=r"140 tokens.*vocab_size=128"):
+        load_target(path)
+
+
+def test_missing_tokenizer(ckpt):
+    os.remove(os.path.join(ckpt, "tokenizer.json"))
+    os.remove(os.path.join(ckpt, "tokenizer_config.json"))
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_target(ckpt)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_target(str(tmp_path / "nope"))
+
+
+def test_repo_id_not_in_cache_lists_missing_files(tmp_path):
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    with pytest.raises(CheckpointError) as e:
+        hub.resolve_checkpoint("someone/absent-model", cache_dir=str(cache))
+    msg = str(e.value)
+    for needed in ("config.json", "model.safetensors", "tokenizer_config.json", str(cache),
+                   "huggingface-cli download someone/absent-model --local-dir DIR", "--checkpoint DIR"):
+        assert needed in msg, (needed, msg)
+
+
+def _fake_cache_snapshot(cache, repo, src, skip=()):
+    """Lay out `src`'s files as an HF cache snapshot of `repo` (the layout huggingface_hub reads)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    for name in os.listdir(src):
+        if name not in skip:
+            shutil.copy(os.path.join(src, name), snap / name)
+    return snap
+
+
+def test_repo_id_resolves_from_cache(base_ckpt, tmp_path):
+    snap = _fake_cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0])
+    assert os.path.samefile(hub.resolve_checkpoint("org/tiny", cache_dir=str(tmp_path / "hf-cache")), snap)
+
+
+def test_repo_id_partially_cached(base_ckpt, tmp_path):
+    _fake_cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0], skip=("model.safetensors",))
+    with pytest.raises(CheckpointError, match=r"missing \['model\.safetensors"):
+        hub.resolve_checkpoint("org/tiny", cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_sharded_checkpoint_matches_single_file(tmp_path):
+    single, hf = make_hf_checkpoint(tmp_path, "llama_gqa", tie=True, seed=3)
+    sharded, _ = make_hf_checkpoint(tmp_path, "llama_gqa", tie=True, seed=3, sharded=True)
+    assert os.path.exists(os.path.join(sharded, weights.INDEX_FILE))
+    m1, cfg, _ = load_target(single, dtype=jnp.float32)
+    m2, _, _ = load_target(sharded, dtype=jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6)))
+    np.testing.assert_array_equal(_logits(m1, cfg, ids), _logits(m2, cfg, ids))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 60_000])
+def test_save_target_round_trips_through_hf(base_ckpt, tmp_path, max_shard_bytes):
+    """save_target output loads in transformers (same logits as the source HF model) and in ours."""
+    import transformers
+
+    src, hf = base_ckpt
+    model, cfg, tok = load_target(src, dtype=jnp.float32)
+    out = save_target(model, cfg, str(tmp_path / "export"), tokenizer=tok, max_shard_bytes=max_shard_bytes)
+    assert os.path.exists(os.path.join(out, weights.INDEX_FILE)) == bool(max_shard_bytes)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-save-")]
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 7))
+    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                    attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+        again = reloaded_hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(again, ref, atol=ATOL_STACK, rtol=0)
+    model2, cfg2, _ = load_target(out, dtype=jnp.float32)
+    assert cfg2 == cfg
+    np.testing.assert_allclose(_logits(model2, cfg, jnp.asarray(ids)), ref, atol=ATOL_STACK, rtol=0)
+
+
+def test_old_llama_inv_freq_buffers_are_ignored(ckpt):
+    _edit_tensors(ckpt, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq",
+                                                np.ones(8, np.float32)))
+    load_target(ckpt, with_tokenizer=False)
