@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longspec_jax.configs import ConfigError, DraftConfig, ModelConfig, to_hf_config
+from longspec_jax.configs import ConfigError, DraftConfig, ModelConfig, from_hf_config, to_hf_config
 from longspec_jax.draft import Draft
 
 PREFIXES = ("model.", "glide.", "draft_model.")
@@ -209,14 +209,17 @@ def _infer_intermediate(tensors: Mapping[str, np.ndarray]) -> int | None:
     return None
 
 
-def load_draft(path: str | os.PathLike, target_cfg: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-               attention_impl: str = "xla", window: int = 512) -> Draft:
+def load_draft(path: str | os.PathLike, target_cfg: ModelConfig | None = None, *, dtype=jnp.bfloat16,
+               param_dtype=None, attention_impl: str = "xla", window: int = 512) -> Draft:
     """Build a `Draft` for `target_cfg` from a checkpoint directory or a bare weight file.
 
     Args:
       path: directory (config.json + model.safetensors | pytorch_model.bin | draft_model_weights.pth)
         or one weight file (then the shapes come from the target config and the tensors).
       target_cfg: the target model's config; hidden size, heads, head dim and vocabulary must match.
+        Default: the checkpoint's own config.json, which in the released format is the target's
+        config (RoPE included); pass the target's config whenever you have it.
+      dtype / param_dtype: compute and storage dtypes (param_dtype defaults to dtype).
     Raises:
       ConfigError for a draft config that does not match the target, DraftWeightsError for
       unknown / missing / duplicate / mis-shaped tensors.
@@ -227,6 +230,11 @@ def load_draft(path: str | os.PathLike, target_cfg: ModelConfig, *, dtype=jnp.bf
         has_config = os.path.isfile(os.path.join(path, "config.json"))
     else:
         weight_file, has_config = path, False
+    if target_cfg is None:
+        if not has_config:
+            raise ConfigError(f"{path}: a bare weight file needs the target's config (target_cfg=...).")
+        target_cfg = from_hf_config(os.path.join(path, "config.json"))
+    param_dtype = dtype if param_dtype is None else param_dtype
     tensors = read_tensors(weight_file)
     if has_config:
         cfg = draft_config_from_hf(path, window=window)
