@@ -18,6 +18,7 @@ Sections (see `train/configs/*.yaml` for complete examples):
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -259,13 +260,13 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         raise TrainConfigError(f"{key}={value!r} has the wrong type; expected {tp}")
     if tp is Any:
         return value
-    if origin in (Sequence, list, tuple) or tp in (list, tuple):
+    if origin in (collections.abc.Sequence, list, tuple) or tp in (list, tuple):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise TrainConfigError(f"{key} must be a list, got {value!r}")
         return tuple(value)
-    if origin in (Mapping, dict) or tp is dict:
+    if origin in (collections.abc.Mapping, dict) or tp is dict:
         if not isinstance(value, Mapping):
             raise TrainConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
