@@ -89,7 +89,7 @@ def _llama3_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, positions: jax.Array | None = None) -> jax.Array:
-    """Inverse frequencies [H/2] float32 for `rope`, or [B?] broadcastable for dynamic NTK.
+    """Inverse frequencies [H/2] float32 for `rope`.
 
     For "dynamic" the frequencies depend on the sequence length, which HF takes as
     `max(position_ids) + 1` over the whole call (batch included), floored at the original length:

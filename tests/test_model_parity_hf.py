@@ -302,3 +302,17 @@ def test_bfloat16_load_runs(ckpt_dir):
     assert lg.dtype == np.float32 and cache.k[0].dtype == jnp.bfloat16
     assert np.isfinite(lg).all()
     assert np.abs(lg - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_sharding_rules_refuse_collisions_and_replicate_indivisible_dims():
+    with pytest.raises(sharding.ShardingError, match="'tensor' would shard both 'embed' and 'mlp'"):
+        sharding.logical_to_spec(("embed", "mlp"), {"embed": ("tensor",), "mlp": ("tensor",)})
+    with pytest.raises(sharding.ShardingError, match="unknown mesh axes"):
+        sharding.check_rules({"embed": ("model",)})
+    with pytest.raises(sharding.ShardingError, match="no sharding rule"):
+        sharding.logical_to_spec(("experts",))
+    if len(jax.devices()) >= 8:
+        mesh = sharding.make_mesh(2, 2, 2)
+        # 3 kv heads do not divide over tensor=2: that dimension is replicated, the others stay sharded.
+        spec = sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), shape=(64, 3, 16), mesh=mesh)
+        assert spec == jax.sharding.PartitionSpec("fsdp", None, None)

@@ -219,3 +219,15 @@ def test_old_llama_inv_freq_buffers_are_ignored(ckpt):
     _edit_tensors(ckpt, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq",
                                                 np.ones(8, np.float32)))
     load_target(ckpt, with_tokenizer=False)
+
+
+def test_tensor_stored_in_two_shards(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama_gqa", sharded=True)
+    index = json.load(open(os.path.join(path, weights.INDEX_FILE)))["weight_map"]
+    key = "model.norm.weight"
+    other = next(f for f in sorted(set(index.values())) if f != index[key])
+    tensors = load_file(os.path.join(path, other))
+    tensors[key] = load_file(os.path.join(path, index[key]))[key]
+    save_file(tensors, os.path.join(path, other), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is stored twice"):
+        load_target(path)
