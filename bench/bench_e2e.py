@@ -1,0 +1,323 @@
+"""Where the milliseconds of a speculative iteration go, at real model shapes (random bf16 weights).
+
+For each context length: the AR decode step (the real `infer.ar` while_loop), target verification
+of several tree shapes, every draft level (root step and tree depths), the commit, and the whole
+speculative iteration (the real `infer.speculative` while_loop with a random draft, so every
+iteration accepts ~0 drafts and the loop time / iterations is the iteration cost). Each is compared
+with its floor max(bytes / copy bandwidth, flops / matmul peak), both ceilings measured in the
+same run. Modelled speedup over AR for tau in {3.0, 3.5, 4.0} = tau * t_AR / t_iteration.
+
+    python bench/bench_e2e.py --model llama3-8b --contexts 4096 32768 131072 --out bench/results
+
+Writes bench/results/e2e_<model>_<device>.json (and a PNG with --plot). `--tiny` runs a
+tiny config on CPU as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from infer import ar, speculative  # noqa: E402
+from infer.state import ARState  # noqa: E402
+from longspec_jax import kv_cache as kvc  # noqa: E402
+from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
+from longspec_jax.draft import Draft, DraftCache, ring_capacity  # noqa: E402
+from longspec_jax.sampling import SamplingParams  # noqa: E402
+from longspec_jax.transformer import Transformer  # noqa: E402
+from longspec_jax.tree import TreeShape, expand, init_tree  # noqa: E402
+from longspec_jax import verify  # noqa: E402
+
+DEFAULT_TREES = ("4 16 16 16 16", "4 8 8 8 8", "2 4 4 4 4", "1 1 1 1")
+
+
+def chain_time(fn, state, warmup=2, reps=5):
+    """Median time of `state = fn(state)` where fn donates its input (no copy of the caches)."""
+    for _ in range(warmup):
+        state = fn(state)
+    jax.block_until_ready(state)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        state = fn(state)
+        jax.block_until_ready(state)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), state
+
+
+def timeit(fn, *args, warmup=2, reps=5):
+    """Median wall time of fn(*args) after block_until_ready (seconds)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def measure_ceilings(tiny: bool):
+    n = (1 << 20) if tiny else (1 << 30)  # bf16 elements: 2 GiB read + 2 GiB written on GPU
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    t = timeit(copy, x, reps=10)
+    bw = 2 * x.nbytes / t
+    m = 512 if tiny else 8192
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    t = timeit(mm, a, b, reps=10)
+    del x, a, b
+    return bw, 2 * m ** 3 / t
+
+
+def random_models(cfg, dcfg, impl, seed=0):
+    """Random bf16 target and draft initialised directly on the device (no host copy)."""
+
+    @nnx.jit
+    def build():
+        t = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=impl)
+        d = Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                  attention_impl=impl)
+        return t, d
+
+    return build()
+
+
+def random_cache(cfg, capacity, key):
+    """A target KV cache filled with random values (never time on zeros)."""
+    ks = jax.random.split(key, 2 * cfg.num_layers)
+    shape = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
+    mk = jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16), )
+    return kvc.KVCache(k=tuple(mk(ks[2 * i]) for i in range(cfg.num_layers)),
+                       v=tuple(mk(ks[2 * i + 1]) for i in range(cfg.num_layers)))
+
+
+def param_bytes(module, skip_embedding=True):
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param)):
+        name = jax.tree_util.keystr(path)
+        if skip_embedding and "embedder" in name and "lm_head" not in name:
+            continue
+        total += leaf.size * leaf.dtype.itemsize
+    return total
+
+
+def param_count(module):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    p.add_argument("--trees", nargs="+", default=list(DEFAULT_TREES))
+    p.add_argument("--impl", default="auto", help="attention implementation: auto | xla | pallas")
+    p.add_argument("--steps", type=int, default=32, help="decode steps / iterations per timing")
+    p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test)")
+    p.add_argument("--profile-dir", default=None, help="write a jax.profiler trace of the iteration loop here")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+
+    dev = jax.devices()[0]
+    device_name = getattr(dev, "device_kind", dev.platform)
+    if args.tiny:
+        cfg = tiny_config(vocab_size=512)
+        args.contexts = [c for c in args.contexts if c <= 2048] or [256, 1024]
+    else:
+        cfg = get_preset(args.model).config
+    dcfg = DraftConfig.from_target(cfg)
+    from pallas_kernels import default_implementation
+
+    impl = default_implementation() if args.impl == "auto" else args.impl
+    print(f"device={device_name} jax={jax.__version__} model={args.model} impl={impl}", flush=True)
+
+    bw, peak = measure_ceilings(args.tiny)
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s, bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
+
+    target, draft = random_models(cfg, dcfg, impl)
+    t_graph, t_state = nnx.split(target)
+    d_graph, d_state = nnx.split(draft)
+    w_bytes = param_bytes(target)  # embedding table excluded: decode gathers one row
+    n_params = param_count(target)
+    d_bytes = param_bytes(draft, skip_embedding=False)
+    head_bytes = cfg.hidden_size * cfg.vocab_size * 2
+    L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    kv_bytes_per_token = 2 * L * K * H * 2
+    greedy = SamplingParams()
+    steps = args.steps
+    rows = []
+
+    for ctx in args.contexts:
+        row = {"context": ctx}
+        cap = ctx + 2 * steps * 8 + 512
+        cache = random_cache(cfg, cap, jax.random.key(ctx))
+        lengths = jnp.full((1,), ctx, jnp.int32)
+
+        # ---- AR decode: the real infer.ar while_loop, `steps` tokens from context ctx (state donated).
+        ar_state = ARState(tokens=jnp.zeros((1, steps + 1), jnp.int32), num_tokens=jnp.ones((1,), jnp.int32),
+                           step=jnp.int32(1), limit=jnp.int32(steps + 1), last_token=jnp.full((1,), 7, jnp.int32),
+                           lengths=jnp.full((1,), ctx, jnp.int32), done=jnp.zeros((1,), bool), key=jax.random.key(0), cache=cache)
+
+        def ar_once(st):
+            st = st.replace(step=jnp.int32(1), lengths=jnp.full((1,), ctx, jnp.int32), done=jnp.zeros((1,), bool))
+            return ar._decode_jit(t_graph, t_state, st, jnp.int32(steps + 1), sampling=greedy, eos_ids=(), pad_id=0)
+
+        t_loop, ar_state = chain_time(ar_once, ar_state)
+        cache = ar_state.cache
+        t_ar = t_loop / steps
+        ar_bytes = w_bytes + ctx * kv_bytes_per_token
+        row["ar_ms"] = t_ar * 1e3
+        row["ar_floor_ms"] = ar_bytes / bw * 1e3
+        row["ar_vs_floor"] = t_ar / (ar_bytes / bw)
+        print(f"ctx {ctx}: AR {t_ar * 1e3:.3f} ms/token, floor {ar_bytes / bw * 1e3:.3f} ms "
+              f"({row['ar_vs_floor']:.2f}x)", flush=True)
+
+        row["trees"] = {}
+        for tree_str in args.trees:
+            shape = TreeShape.parse(tree_str)
+            Nn = shape.num_nodes
+            tr = {"nodes": Nn}
+
+            # A valid random tree (beam search over random draft scores).
+            @jax.jit
+            def make_tree(key):
+                tree = init_tree(shape, jnp.full((1,), 5, jnp.int32))
+                for lvl in range(shape.depth):
+                    n = shape.level_sizes[lvl]
+                    logq = jax.nn.log_softmax(jax.random.normal(jax.random.fold_in(key, lvl), (1, n, cfg.vocab_size)))
+                    tree = expand(tree, shape, lvl, logq)
+                return tree
+
+            tree = make_tree(jax.random.key(1))
+
+            # ---- target verification: one forward over the Nn tree tokens + LM head + target choices.
+            @functools.partial(jax.jit, donate_argnums=(1,))
+            def verify_step(t_state, cache, tree):
+                tgt = nnx.merge(t_graph, t_state)
+                pos = tree.positions(shape, lengths)
+                h, cache = tgt(tree.tokens, pos, cache, lengths, tree.mask)
+                ch = verify.target_choices(jax.random.key(0), tgt.logits(h), greedy)
+                return cache, verify.accept(tree, shape, ch).num_accepted
+
+            t_ver, (cache, _) = chain_time(lambda c: verify_step(t_state, c[0], tree), (cache, None))
+            v_bytes = ar_bytes
+            v_flops = 2 * n_params * Nn + 4 * N * H * ctx * Nn * L
+            v_floor = max(v_bytes / bw, v_flops / peak)
+            tr.update(verify_ms=t_ver * 1e3, verify_floor_ms=v_floor * 1e3, verify_vs_floor=t_ver / v_floor,
+                      verify_vs_ar=t_ver / t_ar, verify_tflops=v_flops / t_ver / 1e12)
+
+            # ---- draft levels: time the first l levels for l = 1..D; level cost = difference.
+            ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), jnp.bfloat16)
+            ring = ring.write(*[jax.random.normal(jax.random.key(9), (1, ring.capacity, K, H), jnp.bfloat16)] * 2,
+                              ctx - ring.capacity + jnp.arange(ring.capacity)[None], jnp.ones((1, ring.capacity), bool))
+            prev = 0.0
+            levels = []
+            for lvl in range(1, shape.depth + 1):
+                sub = TreeShape(shape.widths[:lvl]) if lvl < shape.depth else shape
+
+                @jax.jit
+                def draft_levels(t_state, d_state, cache, ring, sub=sub):
+                    tgt = nnx.merge(t_graph, t_state)
+                    dr = nnx.merge(d_graph, d_state)
+                    st = speculative.SpecState(
+                        cache=cache, ring=ring, committed=lengths, root=jnp.full((1,), 5, jnp.int32),
+                        out=jnp.zeros((1, 8), jnp.int32), out_len=jnp.zeros((1,), jnp.int32),
+                        max_new=jnp.int32(1), eos_ids=jnp.full((4,), -1, jnp.int32), done=jnp.zeros((1,), bool),
+                        stop_reason=jnp.zeros((1,), jnp.int32), key=jax.random.key(0),
+                        iters=jnp.zeros((1,), jnp.int32), accept_hist=jnp.zeros((1, 8), jnp.int32))
+                    tree, *_ = speculative._draft_tree(tgt, dr, st, sub)
+                    return tree.tokens
+
+                t_l = timeit(draft_levels, t_state, d_state, cache, ring)
+                levels.append((t_l - prev) * 1e3)
+                prev = t_l
+            tr["draft_level_ms"] = levels
+            tr["draft_ms"] = prev * 1e3
+            step_bytes = d_bytes + head_bytes + ctx * K * H * 2 * 2
+            tr["draft_step_floor_ms"] = step_bytes / bw * 1e3
+
+            # ---- the whole iteration: the real decode loop, random draft (accepts ~0 per iteration).
+            spec_static = speculative._Static(shape, greedy, 64, 4)
+
+            G = shape.max_accept
+            spec_state = speculative.SpecState(
+                cache=cache, ring=ring, committed=jnp.full((1,), ctx, jnp.int32), root=jnp.full((1,), 5, jnp.int32),
+                out=jnp.zeros((1, 64 + G), jnp.int32), out_len=jnp.ones((1,), jnp.int32),
+                max_new=jnp.int32(steps + 1), eos_ids=jnp.full((4,), -1, jnp.int32),
+                done=jnp.zeros((1,), bool), stop_reason=jnp.zeros((1,), jnp.int32), key=jax.random.key(0),
+                iters=jnp.zeros((1,), jnp.int32), accept_hist=jnp.zeros((1, G), jnp.int32))
+
+            def spec_once(st):
+                st = st.replace(committed=jnp.full((1,), ctx, jnp.int32), out_len=jnp.ones((1,), jnp.int32), done=jnp.zeros((1,), bool),
+                                stop_reason=jnp.zeros((1,), jnp.int32), iters=jnp.zeros((1,), jnp.int32))
+                return speculative._decode_loop(t_state, d_state, st, t_graph=t_graph, d_graph=d_graph,
+                                                st=spec_static)
+
+            t_spec, spec_state = chain_time(spec_once, spec_state)
+            cache, ring = spec_state.cache, spec_state.ring
+            iters = int(spec_state.iters[0])
+            t_iter = t_spec / max(iters, 1)
+            tr.update(iteration_ms=t_iter * 1e3, iteration_vs_ar=t_iter / t_ar, iterations_timed=iters,
+                      commit_and_overhead_ms=(t_iter - t_ver - prev) * 1e3,
+                      modelled_speedup={str(tau): tau * t_ar / t_iter for tau in (3.0, 3.5, 4.0)})
+            print(f"  tree {tree_str:>16} ({Nn} nodes): verify {t_ver * 1e3:.3f} ms ({t_ver / t_ar:.2f}x AR, "
+                  f"{t_ver / v_floor:.2f}x floor), draft {prev * 1e3:.3f} ms, iteration {t_iter * 1e3:.3f} ms "
+                  f"({t_iter / t_ar:.2f}x AR) -> speedup@tau3.5 {3.5 * t_ar / t_iter:.2f}x", flush=True)
+            row["trees"][tree_str] = tr
+
+            if args.profile_dir and tree_str == args.trees[0] and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
+                jax.profiler.start_trace(args.profile_dir)
+                spec_state = spec_once(spec_state)
+                jax.block_until_ready(spec_state)
+                jax.profiler.stop_trace()
+                cache, ring = spec_state.cache, spec_state.ring
+        rows.append(row)
+        del cache
+
+    result = {
+        "benchmark": "e2e_speculative_step",
+        "device": device_name,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "model_shapes": "tiny" if args.tiny else args.model,
+        "weights": "random bf16",
+        "attention_impl": impl,
+        "copy_bandwidth_Bps": bw,
+        "matmul_peak_flops": peak,
+        "target_weight_bytes_excl_embedding": w_bytes,
+        "draft_param_bytes": d_bytes,
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    tag = "tiny" if args.tiny else args.model
+    path = os.path.join(args.out, f"e2e_{tag}_{device_name.replace(' ', '_')}_{impl}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    print("\ncontext  AR_ms  floor  tree              verify_ms  draft_ms  iter_ms  iter/AR  speedup@3.4")
+    for r in rows:
+        for t, tr in r["trees"].items():
+            print(f"{r['context']:>7} {r['ar_ms']:6.2f} {r['ar_floor_ms']:6.2f}  {t:<16} {tr['verify_ms']:9.2f} "
+                  f"{tr['draft_ms']:9.2f} {tr['iteration_ms']:8.2f} {tr['iteration_vs_ar']:7.2f} "
+                  f"{3.4 * r['ar_ms'] / tr['iteration_ms']:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
