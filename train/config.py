@@ -149,6 +149,8 @@ class TrainSection:
     loss_chunk: sequence chunk for the LM-head cross-entropy (full [T, V] logits never materialise).
     remat: activation checkpointing policy for the trained model: "none", "full", "dots"
       (save matmul outputs) or "dots_no_batch".
+    log_target_loss: also compute the frozen target's CE on the same tokens (logged only, as the
+      original's "train/large_loss"; costs one more LM-head pass).
     seed: RNG seed for initialisation, lags and positions.
     """
 
@@ -160,6 +162,7 @@ class TrainSection:
     max_lag: int = 4
     loss_chunk: int = 512
     remat: str = "none"
+    log_target_loss: bool = True
     seed: int = 42
 
 

@@ -61,6 +61,35 @@ class ByteTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if 1 < i < 256).decode("utf-8", errors="replace")
 
+    def to_hf(self):
+        """An equivalent `transformers.PreTrainedTokenizerFast` (saved next to an exported LM so the
+        inference loader, which requires tokenizer files, can read it). Id i >= 2 is byte i; 0 and 1
+        are "<s>" (bos / pad) and "</s>" (eos); the control bytes 0 and 1 are not representable."""
+        import transformers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        symbols = {b: s for b, s in zip(range(256), _byte_symbols())}
+        vocab = {"<s>": 0, "</s>": 1, **{symbols[b]: b for b in range(2, 256)}}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                    pad_token="<s>")
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte value (the ByteLevel pre-tokenizer's alphabet), in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
 
 class HFTokenizer:
     """Thin wrapper over transformers.AutoTokenizer: encode without implicit special tokens."""
@@ -92,6 +121,15 @@ class HFTokenizer:
 
     def decode(self, ids):
         return self.tok.decode(list(ids))
+
+
+def hf_tokenizer(tok):
+    """The transformers tokenizer to save beside an exported model (None if there is none)."""
+    if isinstance(tok, HFTokenizer):
+        return tok.tok
+    if isinstance(tok, ByteTokenizer):
+        return tok.to_hf()
+    return None
 
 
 def load_tokenizer(spec: str, target_path: str | None):

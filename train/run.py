@@ -44,30 +44,29 @@ def build_data(cfg, tcfg, target_path):
     return tok, loader
 
 
-def export(cfg, trained_graphdef, params, tcfg, target, tokenizer_path):
-    """Write the trained model as an HF-format directory through the inference savers."""
+def export(cfg, trained_graphdef, params, tcfg, tokenizer):
+    """Write the trained model as an HF-format directory through the inference savers (process 0)."""
     out = cfg.checkpoint.export_dir
-    if not out:
+    if not out or jax.process_index() != 0:
         return None
-    model = nnx.merge(trained_graphdef, params)
+    model = nnx.merge(trained_graphdef, jax.device_get(params))
     if cfg.train.objective == "draft":
         from longspec_jax import draft_weights
 
-        draft_weights.save_draft(model, out)
+        draft_weights.save_draft(model, out, target_cfg=tcfg)
     else:
         from longspec_jax import weights
 
-        tok = None
-        if tokenizer_path:
-            import transformers
-
-            tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-        weights.save_target(model, tcfg, out, tok)
+        weights.save_target(model, tcfg, out, data_lib.hf_tokenizer(tokenizer))
     return out
 
 
-def train(cfg: config_lib.TrainConfig, *, resume: bool = False) -> dict:
-    """Run training to `train.steps` (or one epoch); returns the last logged metrics."""
+def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run training to `train.steps` (or one epoch); returns the last logged metrics.
+
+    stop_after: leave after this many steps of *this* invocation (checkpointing there), e.g. for a
+    time-boxed job that resumes later; the LR schedule still spans `train.steps`.
+    """
     setup.maybe_initialize_distributed(cfg.mesh.distributed)
     mesh = setup.build_mesh(cfg)
     t, lead = cfg.train, jax.process_index() == 0
@@ -102,6 +101,9 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False) -> dict:
             if lead:
                 print(f"resumed from {cfg.checkpoint.dir}/{latest} (data epoch {meta['data']['epoch']}, "
                       f"row {meta['data']['index']})", file=sys.stderr)
+        elif resume and lead:
+            print(f"--resume: no finalized checkpoint in {cfg.checkpoint.dir}; starting from step 0",
+                  file=sys.stderr)
     elif resume:
         raise config_lib.TrainConfigError("--resume needs checkpoint.dir")
 
@@ -123,13 +125,14 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False) -> dict:
     last: dict = {}
     tokens_since, t_since = 0.0, time.perf_counter()
     compile_s = None
-    for s in range(start, total):
+    end = total if stop_after is None else min(total, start + stop_after)
+    for s in range(start, end):
         local = loader.next_batch(t.grad_accum)
         batch = {k: jax.make_array_from_process_local_data(batch_sh, v.astype(np.int32))
                  for k, v in local.items()}
         t0 = time.perf_counter()
         state, metrics = step_fn(state, frozen, batch)
-        if (s + 1) % cfg.log.every == 0 or s + 1 == total or compile_s is None:
+        if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             tokens_since += m["tokens"]
@@ -148,15 +151,14 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False) -> dict:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
         if bar is not None:
             bar.update(1)
-        if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == total):
+        if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == end):
             ckpt.save(s + 1, state, {"data": loader.position(), "config": cfg.to_dict()})
     if bar is not None:
         bar.close()
     if ckpt is not None:
         ckpt.close()
     writer.close()
-    out = export(cfg, trained_graphdef, state.params, tcfg, target,
-                 target_path if cfg.model.tokenizer == "auto" else None)
+    out = export(cfg, trained_graphdef, state.params, tcfg, tok) if end == total else None
     if lead and out:
         print(f"exported the trained {'draft' if t.objective == 'draft' else 'target'} to {out}", file=sys.stderr)
     return last

@@ -59,8 +59,10 @@ def build_mesh(cfg: TrainConfig) -> Mesh:
             raise TrainConfigError(f"{n} devices cannot be split into mesh sizes {sizes}; "
                                    "make mesh.fsdp x mesh.tensor divide the device count")
         sizes[sizes.index(-1)] = n // known
-    if int(np.prod(sizes)) != n:
-        raise TrainConfigError(f"mesh data x fsdp x tensor = {sizes} uses {int(np.prod(sizes))} devices but "
+    used = int(np.prod(sizes))
+    # A single host may run on a subset of its devices (explicit sizes); a multi-host run must use all.
+    if used > n or (used != n and jax.process_count() > 1):
+        raise TrainConfigError(f"mesh data x fsdp x tensor = {sizes} uses {used} devices but "
                                f"{n} are present; set one of mesh.data / mesh.fsdp / mesh.tensor to -1")
     return sharding.make_mesh(*sizes)
 
@@ -129,8 +131,11 @@ def build_draft(cfg: TrainConfig, tcfg: configs.ModelConfig, mesh: Mesh) -> Draf
     if cfg.model.draft_init:
         from longspec_jax import draft_weights
 
-        # Loaded drafts compute in float32 (their storage dtype, the master weights).
-        return draft_weights.load_draft(cfg.model.draft_init, tcfg, dtype=jnp.float32, mesh=mesh)
+        # Loaded drafts compute in float32, their storage dtype (the master weights). The HF-format
+        # config does not record the window, so it comes from model.window.
+        draft = draft_weights.load_draft(cfg.model.draft_init, tcfg, dtype=jnp.float32,
+                                         attention_impl=cfg.model.attention_impl, window=cfg.model.window)
+        return sharding.shard_model(draft, mesh)
     seed = cfg.train.seed + 1
     return init_sharded(lambda: Draft(dcfg, tcfg.rope, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.float32,
                                       attention_impl=cfg.model.attention_impl), mesh)

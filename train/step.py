@@ -144,7 +144,10 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
 
         h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
         total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
-        tgt_total, _ = loss_lib.chunked_cross_entropy(tgt_h, head, tokens, mask, chunk=t.loss_chunk)
+        if t.log_target_loss:
+            tgt_total, _ = loss_lib.chunked_cross_entropy(tgt_h, head, tokens, mask, chunk=t.loss_chunk)
+        else:
+            tgt_total = jnp.zeros((), jnp.float32)
         return total, (count, tgt_total)
 
     def lm_loss(params, frozen, tokens, mask, positions, lag):
@@ -186,7 +189,7 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
             "grad_norm": optax.global_norm(grads),
             "lag": lag,
         }
-        if objective == "draft":
+        if objective == "draft" and t.log_target_loss:
             metrics["target_loss"] = tgt_sum / denom
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
