@@ -111,5 +111,5 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, allow_download: bool 
     raise CheckpointError(
         f"checkpoint {name!r} is not available offline: missing {missing} in the Hugging Face cache {where}"
         f"{' (partial snapshot at ' + snapshot + ')' if snapshot else ''}. Provide it with\n"
-        f"  huggingface-cli download {name} --local-dir DIR\n"
+        f"  huggingface-cli download {name} --local-dir DIR   (newer huggingface_hub: hf download ...)\n"
         "and pass --checkpoint DIR (or allow downloads).")

@@ -279,7 +279,8 @@ def load_params(model: nnx.Module, path: str, cfg: ModelConfig, *, mesh=None, ru
                     var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
                     del host
         except SafetensorError as e:
-            raise CheckpointError(f"reading {fpath} failed ({e}); the file is corrupt: delete it and re-download.") from e
+            raise CheckpointError(f"reading {fpath} failed ({e}); the file is corrupt: delete it and "
+                                  "re-download.") from e
     return model
 
 

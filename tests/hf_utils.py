@@ -3,10 +3,10 @@
     path, hf_model = make_hf_checkpoint(tmp_path, kind="llama_gqa", tie=False, rope="llama3")
 
 writes `path/` with config.json, safetensors weights (one file, or several plus
-model.safetensors.index.json when `sharded=True`) and a small byte-level BPE tokenizer that
-`transformers.AutoTokenizer.from_pretrained(path)` loads. `hf_model` is the float32 torch model
-(eval mode, eager attention) whose weights were saved, for reference outputs.
-The tokenizer is byte-level BPE over printable ASCII, so any short English text encodes.
+model.safetensors.index.json when `sharded=True`) and a small byte-level BPE tokenizer (printable
+ASCII, so any short English text encodes) that `transformers.AutoTokenizer.from_pretrained(path)`
+loads. `hf_model` is the float32 torch model (eval mode, eager attention) whose weights were saved,
+for reference outputs.
 """
 
 from __future__ import annotations

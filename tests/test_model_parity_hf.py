@@ -14,6 +14,7 @@ from flax import nnx
 
 from longspec_jax import kv_cache as kvc
 from longspec_jax import layers, sharding
+from longspec_jax.attention import causal_mask
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.weights import load_target
 from tests.hf_utils import make_hf_checkpoint
@@ -53,7 +54,7 @@ def run(model, tokens, positions, cache, lengths, mask=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     if mask is None:
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool)), (tokens.shape[0],) + (tokens.shape[1],) * 2)
+        mask = causal_mask(*tokens.shape)
     logits, cache = _call_fn(graphdef)(state, tokens, positions, cache, jnp.asarray(lengths, jnp.int32), mask)
     return np.asarray(logits), cache
 
@@ -120,6 +121,17 @@ def test_prefill_and_decode_match_hf(ckpt_dir, kind, tie, rope):
     for t in range(P, P + steps):
         logits, cache = run(model, ids[:, t:t + 1], arange_positions(B, t, 1), cache, [t] * B)
         np.testing.assert_allclose(logits, ref[:, t:t + 1], atol=ATOL_STACK, rtol=0, err_msg=f"decode step {t}")
+
+
+FULL_MATRIX = [(k, t, r) for k in ("llama_mha", "llama_gqa", "llama_mqa", "qwen2") for t in (False, True)
+               for r in ("default", "linear", "llama3", "dynamic") if (k, t, r) not in CASES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,tie,rope", FULL_MATRIX)
+def test_prefill_and_decode_match_hf_full_matrix(ckpt_dir, kind, tie, rope):
+    """The rest of kind x tie x rope (CASES covers each value at least once in the fast run)."""
+    test_prefill_and_decode_match_hf(ckpt_dir, kind, tie, rope)
 
 
 def test_per_row_lengths_match_hf(ckpt_dir):
