@@ -1,0 +1,278 @@
+"""Prefix flash-decoding for Hybrid Tree Attention (LongSpec spec section 4.1): Mosaic GPU, Hopper.
+
+Backend: Pallas Mosaic GPU (`plgpu.kernel`), sm_90 (wgmma + TMA). `interpret=True` runs the same
+body in Mosaic GPU interpret mode on CPU (tests).
+
+Algorithm (split-K flash decoding with GQA folded into the matmul M dimension):
+  * The T query tokens and the G = N / K query heads that share one KV head are folded into the
+    rows of one matrix, row r = t * G + g, so one KV head is read once for all T * G rows and the
+    scores come from wgmma (M = 64 rows per compute warpgroup; padding rows are discarded).
+  * The visible keys of a row are a ring interval of the cache (reference.prefix_visibility):
+    `c = min(len, W, S)` slots ending at slot `(len - 1) mod S`. The kernel walks only the
+    `block_kv`-slot blocks that touch this interval ("virtual blocks", wrapping around the ring);
+    blocks beyond `len` or before the window are never read, so a 128k-capacity cache with a short
+    length costs what its length costs. The per-key rule `(newest - s) mod S < c` masks the
+    partial blocks at both ends.
+  * The virtual blocks are divided evenly (at run time) among `num_splits` CTAs per (batch, KV
+    head, row tile). Each CTA runs an online softmax over its blocks with a TMA pipeline of
+    `stages` K/V buffers fed by a dedicated memory warpgroup, and writes a normalised partial
+    output (in q.dtype) plus its float32 LSE. A small XLA epilogue merges the splits exactly by
+    LSE; empty splits carry lse = -inf and contribute nothing.
+
+Layouts: q [B, T, N, H]; k_cache, v_cache [B, S, K, H] (the cache is read in place, no copy);
+lengths [B] int32 (read by the kernel from GMEM at run time); out [B, T, N, H] q.dtype;
+lse [B, T, N] float32 (natural log, scale included; -inf and out = 0 where nothing is visible).
+
+Supported: bf16 / f16 inputs (q, k, v the same dtype), float32 accumulation; H in {64, 128};
+any T >= 1 (rows T * G padded to the row tile); any G = N / K (1, 4, 5, 8, ...);
+S a multiple of `block_kv`; optional sliding window (static int).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels._interpret import interpret_params, iota, layout_cast, matmul_nn_acc, matmul_nt
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+ROWS_PER_WG = 64  # wgmma M per warpgroup
+
+
+def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim,
+                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, interpret):
+    """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`."""
+    q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons = scoped
+    S, bk = capacity, block_kv
+    nblocks = S // bk
+    km, split, b = lax.axis_index("km"), lax.axis_index("split"), lax.axis_index("b")
+    kh, mt = lax.div(km, m_tiles), lax.rem(km, m_tiles)
+    wg = lax.axis_index("wg")
+
+    # --- the visible ring interval, in blocks (scalars, identical in every warpgroup) ---
+    length = len_ref[b]
+    cap = S if window is None else min(S, window)
+    c = jnp.minimum(jnp.maximum(length, 0), cap)  # visible key count
+    newest = lax.rem(jnp.maximum(length - 1, 0), S)  # slot of the newest token
+    u = newest + 1 - c + S  # first visible slot, unwrapped into [1, 2S]
+    first_blk = lax.div(u, bk)
+    last_blk = lax.div(u + c - 1, bk)
+    # A wrapped interval whose two ends share a block would touch that block twice: clamp to the
+    # whole ring once (the per-key mask still selects exactly the visible slots).
+    nv = jnp.where(c > 0, jnp.minimum(last_blk - first_blk + 1, nblocks), 0)
+    per_split = lax.div(nv + num_splits - 1, num_splits)
+    v0 = split * per_split
+    steps = jnp.clip(nv - v0, 0, per_split)
+
+    def kv_slice(step):
+        blk = lax.rem(first_blk + v0 + step, nblocks)
+        return (b, pl.ds(blk * bk, bk), kh)
+
+    @pl.when(wg == num_wg)
+    def _memory_wg():
+        if num_wg > 1:
+            plgpu.set_max_registers(40, action="decrease")
+        for i in range(stages):
+            @pl.when(i < steps)
+            def _prologue():
+                plgpu.copy_gmem_to_smem(k_ref.at[kv_slice(i)], k_smem.at[i], k_bar.at[i])
+                plgpu.copy_gmem_to_smem(v_ref.at[kv_slice(i)], v_smem.at[i], v_bar.at[i])
+
+        def refill(i, _):
+            step = i + stages
+            slot = lax.rem(i, stages)  # == step % stages
+            plgpu.barrier_wait(k_cons.at[slot])  # every compute warpgroup is done with K[slot]
+            plgpu.copy_gmem_to_smem(k_ref.at[kv_slice(step)], k_smem.at[slot], k_bar.at[slot])
+            plgpu.barrier_wait(v_cons.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[kv_slice(step)], v_smem.at[slot], v_bar.at[slot])
+
+        lax.fori_loop(0, jnp.maximum(steps - stages, 0), refill, None)
+
+    @pl.when(wg < num_wg)
+    def _compute_wg():
+        if num_wg > 1:
+            plgpu.set_max_registers(232, action="increase")
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        row0 = mt * (num_wg * ROWS_PER_WG) + wg * ROWS_PER_WG
+        plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)], q_smem, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+
+        wgmma_layout = plgpu.Layout.WGMMA
+        m_i = layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1), interpret)
+        l_i = layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), wgmma_layout.reduce(1), interpret)
+        acc = layout_cast(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), wgmma_layout, interpret)
+
+        def body(step, carry, masked):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            qk = matmul_nt(q_smem, k_smem.at[slot], interpret)
+            plgpu.barrier_arrive(k_cons.at[slot])
+            s = qk * scale_log2  # base-2 logits
+            if masked:
+                # Ring visibility of each key slot of this block: (newest - s) mod S < c.
+                blk = lax.rem(first_blk + v0 + step, nblocks)
+                slot_ids = blk * bk + iota((ROWS_PER_WG, bk), 1, wgmma_layout, interpret)
+                back = newest - slot_ids
+                back = jnp.where(back < 0, back + S, back)
+                s = jnp.where(back < c, s, -jnp.inf)
+
+            # Every walked block holds >= 1 visible key, so m_new is finite after the first step.
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_bar.at[slot])
+            acc = matmul_nn_acc(acc, p16, v_smem.at[slot], interpret)
+            plgpu.barrier_arrive(v_cons.at[slot])
+            return acc, m_new, l_i
+
+        # Only the first and the last virtual block can hold invisible slots (the interval's two
+        # ends); interior blocks skip the per-key mask arithmetic.
+        head = jnp.minimum(jnp.where(v0 == 0, 1, 0), steps)
+        tail = jnp.where((v0 + steps == nv) & (steps > head), 1, 0)
+        carry = (acc, m_i, l_i)
+        carry = lax.fori_loop(0, head, functools.partial(body, masked=True), carry)
+        carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True), carry)
+
+        # Empty split (steps == 0): out 0, lse -inf, never NaN.
+        has = l_i > 0
+        l_safe = jnp.where(has, l_i, 1.0)
+        acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)  # the q tile is dead: reuse its SMEM for the output
+        lse_smem[...] = jnp.where(has, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def default_config(T, G, K, B, S, H):
+    """Static tuning knobs: (num_wg, block_kv, stages, num_splits) for a problem shape."""
+    rows = T * G
+    num_wg = 1 if rows <= ROWS_PER_WG else 2
+    block_kv = 128
+    # SMEM: q tiles + stages x (K + V) blocks must fit in 227 KiB.
+    stages = (4 if H <= 64 else 3) if num_wg == 1 else (4 if H <= 64 else 2)
+    m_tiles = -(-rows // (num_wg * ROWS_PER_WG))
+    ctas = K * m_tiles * B
+    # CTAs per launch on a 132-SM H100 (one CTA per SM fits in SMEM), measured on H100 with
+    # jax 0.11.2 (bench/results): two full waves win at S >= 16k (better balance; 1.09 waves cost
+    # 25% at T = 74), one wave wins at 4k (fewer partials to merge). The split count is a
+    # ceiling: short rows use fewer.
+    target = 264 if S >= 16384 else 132
+    num_splits = max(1, min(-(-target // ctas), S // block_kv, 64))
+    return num_wg, block_kv, stages, num_splits
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
+                                             "num_splits", "interpret"))
+def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, num_wg=None,
+                     block_kv=None, stages=None, num_splits=None, interpret=False):
+    """Attention of T queries over the visible slots of a static-capacity KV cache.
+
+    Args:
+      q: [B, T, N, H] bf16/f16.
+      k_cache, v_cache: [B, S, K, H], same dtype as q; N % K == 0.
+      lengths: [B] int32 run-time valid lengths (ring rule of reference.prefix_visibility).
+      window: static sliding window (None = unlimited).
+      sm_scale: softmax scale (default 1/sqrt(H)).
+      num_wg, block_kv, stages, num_splits: static tuning knobs (None = default_config).
+      interpret: run in Mosaic GPU interpret mode (CPU).
+
+    Returns:
+      (out [B, T, N, H] q.dtype, lse [B, T, N] float32).
+    """
+    B, T, N, H = q.shape
+    _, S, K, _ = k_cache.shape
+    if k_cache.shape != (B, S, K, H) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache/v_cache must be [B, S, K, H] = {(B, S, K, H)}, got {k_cache.shape}, {v_cache.shape}")
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share dtype bf16 or f16, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if H not in (64, 128):
+        raise ValueError(f"head dim H={H} not supported (64 or 128); use implementation='xla'")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    G = N // K
+    d_wg, d_bk, d_st, d_sp = default_config(T, G, K, B, S, H)
+    num_wg = num_wg or d_wg
+    block_kv = block_kv or d_bk
+    stages = stages or d_st
+    num_splits = num_splits or d_sp
+    if S % block_kv:
+        raise ValueError(f"cache capacity S={S} must be a multiple of block_kv={block_kv} "
+                         "(allocate the cache in multiples of 128 slots)")
+    scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
+
+    rows = T * G
+    rows_cta = num_wg * ROWS_PER_WG
+    m_tiles = -(-rows // rows_cta)
+    m_pad = m_tiles * rows_cta
+    # [B, T, K, G, H] -> [B, K, T*G, H]: row r = t * G + g shares KV head k.
+    qf = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, rows, H)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, m_pad - rows), (0, 0)))
+
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+    kernel_body = functools.partial(
+        _prefix_kernel, capacity=S, head_dim=H, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
+        stages=stages, num_splits=num_splits, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
+        interpret=interpret)
+
+    def entry(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scoped: kernel_body(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            plgpu.SMEM((num_wg, ROWS_PER_WG, H), q.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, H), q.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, block_kv, H), q.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((num_wg, ROWS_PER_WG), jnp.float32),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=num_wg),
+            plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    o_part, lse_part = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((B, K, num_splits, m_pad, H), q.dtype),
+                  jax.ShapeDtypeStruct((B, K, num_splits, m_pad), jnp.float32)),
+        grid=(K * m_tiles, num_splits, B),
+        grid_names=("km", "split", "b"),
+        num_threads=num_wg + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params(interpret),
+    )(lengths.astype(jnp.int32), qf, k_cache, v_cache)
+
+    out, lse = combine_splits(o_part[:, :, :, :rows], lse_part[:, :, :, :rows])
+    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    lse = lse.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
+    return out.astype(q.dtype), lse
+
+
+def combine_splits(o_part, lse_part):
+    """Exact LSE merge over the split axis (2). o_part [..., P, R, H], lse_part [..., P, R] -> f32."""
+    m = jnp.max(lse_part, axis=2, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse_part), jnp.exp(lse_part - m_safe), 0.0)
+    den = jnp.sum(w, axis=2)
+    # where(): an empty split's weight is 0 and its output is never trusted (0 * NaN would poison).
+    o = jnp.sum(jnp.where(w[..., None] > 0, o_part.astype(jnp.float32), 0.0) * w[..., None], axis=2)
+    has = den > 0
+    o = o / jnp.where(has, den, 1.0)[..., None]
+    lse = jnp.where(has, m_safe[:, :, 0] + jnp.log(jnp.where(has, den, 1.0)), -jnp.inf)
+    return o, lse
