@@ -94,8 +94,15 @@ class Transformer(nnx.Module):
           slots lengths[b] + [0, T)).
         """
         B, T = tokens.shape
+        if positions.shape != (B, T):
+            raise ValueError(f"positions {positions.shape} must match tokens {tokens.shape}")
+        if cache.batch != B or cache.num_layers != self.cfg.num_layers:
+            raise ValueError(f"cache has batch {cache.batch} and {cache.num_layers} layers; the call has batch {B} "
+                             f"and the model {self.cfg.num_layers} layers")
         if mask is None:
             mask = causal_mask(B, T)
+        elif mask.shape != (B, T, T):
+            raise ValueError(f"mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
         lengths = lengths.astype(jnp.int32)
         cos, sin = self.rope(positions)
         h = self.embed(tokens)
