@@ -125,6 +125,11 @@ def test_eos_stops_with_several_ids(model):
     assert res.stopped_on_eos.tolist() == [True]
     assert res.timings.decode_steps == stop_at  # the loop ended at the EOS, not at max_new_tokens
     assert (res.tokens[0, stop_at + 1:] == eos[0]).all()  # pad_id defaults to the first EOS id
+    # Streaming stops at the EOS too (the slice loop ends once every row is done).
+    seen = []
+    streamed = generate_ar(model, prompt, max_new_tokens=16, eos_ids=eos, prefill_chunk=CHUNK,
+                           stream_callback=lambda t, n: seen.append(int(n[0])), stream_every=2, stream_interval_s=0)
+    assert streamed.sequences() == res.sequences() and seen[-1] == stop_at + 1
 
 
 def test_batch_rows_are_independent_and_finish_independently(model):

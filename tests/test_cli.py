@@ -61,3 +61,35 @@ def test_tree_method_without_decoder_module_is_explained(monkeypatch):
 
 def test_default_model_is_one_line():
     assert generate.build_parser().parse_args([]).model == generate.DEFAULT_MODEL == "tiny-random"
+
+
+def test_text_streamer_prints_exactly_the_final_text():
+    import io
+
+    import numpy as np
+
+    from infer import prompts, tiny_random
+
+    tok = tiny_random.tokenizer()
+    text = "héllo wörld ✓ done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # multi-byte characters span several ids
+    out = io.StringIO()
+    streamer = prompts.TextStreamer(tok, out)
+    buf = np.zeros((1, len(ids)), np.int64)
+    for n in range(1, len(ids) + 1, 3):  # slices that split characters mid-sequence
+        buf[0, :n] = ids[:n]
+        streamer(buf, np.array([n]))
+        assert "\ufffd" not in out.getvalue()
+    streamer.finish(ids)
+    assert out.getvalue() == text + "\n"
+
+
+def test_stop_ids_union(tmp_path):
+    import json
+
+    from infer import prompts, tiny_random
+
+    cfg = tiny_random.config()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7, 9999]}))
+    assert prompts.stop_ids(cfg, tiny_random.tokenizer(), str(tmp_path)) == (1, 7)  # 9999 is outside the vocab
+    assert prompts.stop_ids(cfg) == (1,)
