@@ -24,11 +24,11 @@ State invariants at the top of every iteration (compare spec 3.2):
 Why compaction in every layer instead of the original's re-feed of accepted tokens:
   the re-feed makes every verification Nn + D rows (74 instead of 69 for the default tree) and
   keeps a second length (t_last != c) in the state; compaction moves <= G rows per layer with one
-  gather + one dynamic_update_slice per buffer, which is memory-bound and tiny (G x K x H per
-  layer, ~2 x 32 x 6 x 8 x 128 x 2 B = 0.8 MB for Llama-3-8B, i.e. well under a microsecond of
-  HBM time; measured on the 2-core CPU box the compact of the tiny test model is below the noise of
-  one loop iteration). It also makes t_last = c, so the draft's cross-attention always reads a
-  cache that is consistent with the accepted tokens in every layer.
+  gather + one dynamic_update_slice per buffer: 2 x 32 layers x 6 rows x 8 heads x 128 x 2 B
+  = 0.8 MB of traffic per iteration for Llama-3-8B, a fraction of a microsecond of HBM time
+  (an estimate, NOT yet measured on a GPU; the re-feed alternative costs 5 extra query rows through
+  every layer's projections and MLP). It also makes t_last = c, so the draft's cross-attention
+  always reads a cache that is consistent with the accepted tokens in every layer.
 
 Stop conditions per row: an EOS id was emitted (output truncated right after it), max_new_tokens
 reached (truncated to exactly that many), or the target cache cannot hold another tree

@@ -248,7 +248,7 @@ class Draft(nnx.Module):
     # training
 
     def forward_train(self, tokens: jax.Array, positions: jax.Array, k_last: jax.Array, v_last: jax.Array,
-                      lag, *, embed: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                      lag, *, embed: Callable[[jax.Array], jax.Array], query_chunk: int | None = None) -> jax.Array:
         """Teacher-forced draft pass for training (spec 1.3 and 5.1).
 
         Args:
@@ -261,31 +261,64 @@ class Draft(nnx.Module):
             traced value (one compile for every lag).
           embed: the target's embedding function (e.g. `target.embed`), kept outside the draft so
             its table is neither copied nor trained.
+          query_chunk: if set (and < T), attention runs over query blocks of this size with
+            `lax.map`, so scores take [B, N, C, W + C] (self) and [B, N, C, T] (cross) memory per
+            block instead of [B, N, T, T]; T must be a multiple of it. Same result.
         Returns:
           hidden [B, T, D] (compute dtype), before the shared LM head, which the caller applies
           (e.g. chunked, fused with the cross-entropy). There is no final norm.
 
         Self-attention is causal with the window by sequence index: i sees [i - W, i] (W + 1 keys,
-        flash-attn window_size=(W, -1)). Dense masked attention in float32 (memory T^2 per head);
-        long sequences should be chunked by the caller or a blockwise kernel.
+        flash-attn window_size=(W, -1)). Attention maths in float32 (the pallas_kernels reference).
         """
         B, T = tokens.shape
+        W = self.cfg.window
+        lag = jnp.asarray(lag, jnp.int32)
         x = embed(tokens)
         cos, sin = self.cos_sin(positions)
-        i = jnp.arange(T)[:, None]
-        s = jnp.arange(T)[None, :]
-        window_mask = jnp.broadcast_to((s <= i) & (s >= i - self.cfg.window), (B, T, T))
-        lag_mask = jnp.broadcast_to(s <= i - jnp.asarray(lag, jnp.int32), (B, T, T))
+        k, v = self.self_attn.kv(self.input_layernorm(x.astype(self.dtype)), cos, sin)  # [B, T, K, H]
+        if query_chunk is None or query_chunk >= T:
+            i = jnp.arange(T)[:, None]
+            s = jnp.arange(T)[None, :]
+            window_mask = jnp.broadcast_to((s <= i) & (s >= i - W), (B, T, T))
+            lag_mask = jnp.broadcast_to(s <= i - lag, (B, T, T))
 
-        def self_attend(q):
-            k, v = self.self_attn.kv(self.input_layernorm(x.astype(self.dtype)), cos, sin)
-            o, _ = attn_ref.tree_attention_ref(q, k, v, window_mask)
-            return o
+            def self_attend(q):
+                return attn_ref.tree_attention_ref(q, k, v, window_mask)[0]
 
-        def cross_attend(q):
-            # Fully masked rows (i < lag) come out as exact zeros from the reference (no NaN).
-            o, _ = attn_ref.tree_attention_ref(q, k_last, v_last, lag_mask)
-            return o
+            def cross_attend(q):
+                # Fully masked rows (i < lag) come out as exact zeros from the reference (no NaN).
+                return attn_ref.tree_attention_ref(q, k_last, v_last, lag_mask)[0]
+        else:
+            C = int(query_chunk)
+            if T % C:
+                raise ValueError(f"forward_train: sequence length {T} is not a multiple of query_chunk={C}")
+            pad = ((0, 0), (W, 0), (0, 0), (0, 0))
+            k_pad, v_pad = jnp.pad(k, pad), jnp.pad(v, pad)  # key j of a block = index q0 - W + j
+
+            def blocks(fn, q):  # q [B, T, N, H] -> fn per query block, reassembled
+                out = jax.lax.map(lambda q0: fn(jax.lax.dynamic_slice_in_dim(q, q0, C, axis=1), q0),
+                                  jnp.arange(0, T, C, dtype=jnp.int32))  # [T / C, B, C, N, H]
+                return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+            def self_block(qc, q0):
+                kc = jax.lax.dynamic_slice_in_dim(k_pad, q0, C + W, axis=1)
+                vc = jax.lax.dynamic_slice_in_dim(v_pad, q0, C + W, axis=1)
+                i = q0 + jnp.arange(C)[:, None]
+                s = q0 - W + jnp.arange(C + W)[None, :]
+                mask = jnp.broadcast_to((s <= i) & (s >= i - W) & (s >= 0), (B, C, C + W))
+                return attn_ref.tree_attention_ref(qc, kc, vc, mask)[0]
+
+            def cross_block(qc, q0):
+                i = q0 + jnp.arange(C)[:, None]
+                mask = jnp.broadcast_to(jnp.arange(T)[None, :] <= i - lag, (B, C, T))
+                return attn_ref.tree_attention_ref(qc, k_last, v_last, mask)[0]
+
+            def self_attend(q):
+                return blocks(self_block, q)
+
+            def cross_attend(q):
+                return blocks(cross_block, q)
 
         return self._block(x, cos, sin, self_attend, cross_attend)
 
