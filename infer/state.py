@@ -20,7 +20,7 @@ class ARState:
 
     Attributes:
       tokens: [B, N_out] int32. Generated tokens; column i holds the i-th new token of every row.
-        Entries at or after `num_tokens[b]` hold `pad_id` (0 before they are written).
+        Entries at or after `num_tokens[b]` hold `pad_id` (the buffer starts filled with it).
       num_tokens: [B] int32. Valid generated tokens per row, EOS included; stops growing once the
         row is done.
       step: [] int32. Columns of `tokens` written so far (the same for every row: rows advance in
