@@ -47,8 +47,15 @@ def build_data(cfg, tcfg, target_path):
 def export(cfg, trained_graphdef, params, tcfg, tokenizer):
     """Write the trained model as an HF-format directory through the inference savers (process 0)."""
     out = cfg.checkpoint.export_dir
-    if not out or jax.process_index() != 0:
+    if not out:
         return None
+    if jax.process_count() > 1:
+        # Sharded arrays span hosts: every process takes part in the gather, process 0 writes.
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            return None
     model = nnx.merge(trained_graphdef, jax.device_get(params))
     if cfg.train.objective == "draft":
         from longspec_jax import draft_weights
