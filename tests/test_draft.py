@@ -87,23 +87,32 @@ def _ref_block(draft, cfg, x, pos, self_keys, cross_k, cross_v):
 
 
 def _draft_tree(target, draft, ring, c, tree_shape, k_last, v_last, root_tokens, seed):
-    """Run every draft level like the decoder does, with random beam choices; returns outputs."""
+    """Run every draft level like the decoder does (one jit), with random beam choices."""
     B = root_tokens.shape[0]
-    tree = init_tree(tree_shape, root_tokens)
-    positions = tree.positions(tree_shape, c)
-    K, H = draft.cfg.num_kv_heads, draft.cfg.head_dim
-    tk = jnp.zeros((B, tree_shape.num_nodes, K, H), jnp.float32)
-    tv = jnp.zeros_like(tk)
-    outs = []
     rng = np.random.default_rng(seed)
-    for level in range(tree_shape.depth):
-        o, n = tree_shape.offsets[level], tree_shape.level_sizes[level]
-        h, tk, tv = draft.tree_step(target.embed(tree.tokens[:, o:o + n]), positions[:, o:o + n], ring, c, tk, tv,
-                                    o, tree.mask[:, o:o + n], k_last, v_last, c)
-        outs.append(h)
-        logq = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(B, n, 64)), jnp.float32), -1)
-        tree = expand(tree, tree_shape, level, logq)
-    return tree, positions, outs
+    logqs = [jax.nn.log_softmax(jnp.asarray(rng.normal(size=(B, n, 64)), jnp.float32), -1)
+             for n in tree_shape.level_sizes[:-1]]
+    t_graph, t_state = nnx.split(target)
+    d_graph, d_state = nnx.split(draft)
+
+    @jax.jit
+    def run(t_state, d_state, ring, c, k_last, v_last, root_tokens, logqs):
+        tgt, drf = nnx.merge(t_graph, t_state), nnx.merge(d_graph, d_state)
+        tree = init_tree(tree_shape, root_tokens)
+        positions = tree.positions(tree_shape, c)
+        K, H = drf.cfg.num_kv_heads, drf.cfg.head_dim
+        tk = jnp.zeros((B, tree_shape.num_nodes, K, H), jnp.float32)
+        tv = jnp.zeros_like(tk)
+        outs = []
+        for level in range(tree_shape.depth):
+            o, n = tree_shape.offsets[level], tree_shape.level_sizes[level]
+            h, tk, tv = drf.tree_step(tgt.embed(tree.tokens[:, o:o + n]), positions[:, o:o + n], ring, c, tk, tv,
+                                      o, tree.mask[:, o:o + n], k_last, v_last, c)
+            outs.append(h)
+            tree = expand(tree, tree_shape, level, logqs[level])
+        return tree, positions, outs
+
+    return run(t_state, d_state, ring, c, k_last, v_last, root_tokens, logqs)
 
 
 @pytest.mark.parametrize("committed", [[3, 5], [20, 37]])  # short, and long enough for the ring to wrap
