@@ -103,12 +103,14 @@ def output_bucket(max_new_tokens: int) -> int:
 
 
 def capacity_bucket(needed: int) -> int:
-    """Default KV capacity for `needed` slots: powers of two up to 256, then steps of a quarter
-    octave (256, 320, 384, 448, 512, 640, ...), so capacity wastes < 25% and few shapes compile."""
-    if needed <= 256:
+    """Default KV capacity for `needed` slots: powers of two up to 128, then steps of a quarter
+    octave rounded to multiples of 128 (256, 384, 512, 640, ..., 1280, 1536, ...), so capacity wastes
+    < 25% (plus < 128 slots), few shapes compile, and the Pallas prefix kernel (128-slot blocks)
+    can read every cache."""
+    if needed <= 128:
         return max(_next_pow2(needed), MIN_BUCKET)
     octave = _next_pow2(needed) // 2  # needed in (octave, 2 * octave]
-    step = octave // 4
+    step = max(octave // 4, 128)
     return -(-needed // step) * step
 
 

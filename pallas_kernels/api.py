@@ -2,12 +2,15 @@
 
 "xla" runs the float32 pure-jnp references (any backend). "pallas" runs the Mosaic GPU kernels
 (Hopper); "pallas_interpret" runs the same kernel bodies in Mosaic GPU interpret mode on CPU.
-"auto" picks "pallas" on a Hopper GPU and "xla" elsewhere.
+"auto" picks "pallas" on a Hopper GPU for the shapes and dtypes the kernels support (bf16/f16,
+head dim 64 or 128, cache capacity a multiple of 128) and "xla" for everything else, so a float32
+model or an odd-sized cache still runs on a Hopper GPU.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import reference as ref
 
@@ -26,14 +29,22 @@ def default_implementation() -> str:
     return "pallas" if str(cc).startswith("9") else "xla"
 
 
-def _resolve(implementation: str) -> str:
+def _resolve(implementation: str, q=None, kv=None, capacity_multiple: int | None = None) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return default_implementation() if implementation == "auto" else implementation
+    if implementation != "auto":
+        return implementation
+    impl = default_implementation()
+    if impl == "pallas" and q is not None:
+        supported = (q.dtype in (jnp.bfloat16, jnp.float16) and kv.dtype == q.dtype
+                     and q.shape[-1] in (64, 128)
+                     and (capacity_multiple is None or kv.shape[1] % capacity_multiple == 0))
+        impl = "pallas" if supported else "xla"
+    return impl
 
 
 def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, implementation="xla"):
-    impl = _resolve(implementation)
+    impl = _resolve(implementation, q, k_cache, capacity_multiple=128)
     if impl == "xla":
         return ref.prefix_attention_ref(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
     from pallas_kernels import prefix_decode  # the Mosaic GPU kernel
@@ -43,7 +54,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
 
 
 def tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla"):
-    impl = _resolve(implementation)
+    impl = _resolve(implementation, q, k)
     if impl == "xla":
         return ref.tree_attention_ref(q, k, v, mask, sm_scale=sm_scale)
     from pallas_kernels import tree_attn  # the Mosaic GPU kernel
