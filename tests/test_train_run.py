@@ -40,6 +40,11 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert run_lib.main(["--config", TINY, "train.batch_size=3", "mesh.data=2"]) == 2
     assert "multiple of mesh data x fsdp" in capsys.readouterr().err
+    ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    ck.save(1, {"x": jnp.zeros(2)}, {"data": {"epoch": 0, "index": 0}})
+    ck.close()
+    assert run_lib.main(["--config", TINY, "mesh.data=1", f"checkpoint.dir={tmp_path / 'ck'}"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
 
 
 def test_partially_written_checkpoint_is_ignored(tmp_path):
@@ -94,7 +99,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     log = tmp_path / "killed.jsonl"
     proc = subprocess.Popen(_cli(common + ["train.steps=1000", f"checkpoint.dir={tmp_path / 'run'}",
                                            f"log.metrics={log}"], env),
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "killed.err", "w"))  # a file: a full pipe would block it
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and max(_metrics(log), default=0) >= 9:
@@ -102,6 +108,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert log.exists(), (tmp_path / "killed.err").read_text()[-3000:]
     killed_at = max(_metrics(log))
     assert killed_at < 12, "the run must be killed before the compared steps"
 

@@ -29,7 +29,7 @@ from train import config as config_lib
 from train import data as data_lib
 from train import setup
 from train import step as step_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer
 from train.metrics import MetricsWriter
 
 
@@ -171,6 +171,16 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     return last
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from longspec_jax import configs, draft_weights, sharding, weights
+
+    return (config_lib.TrainConfigError, data_lib.DataError, CheckpointError, configs.ConfigError,
+            sharding.ShardingError, weights.CheckpointError, draft_weights.DraftWeightsError)
+
+
+_USER_ERRORS = _user_errors()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,8 +191,10 @@ def main(argv=None) -> int:
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (config_lib.TrainConfigError, data_lib.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except _USER_ERRORS as e:
+        # Config / data / checkpoint / model-loading refusals carry an actionable message: print it
+        # without a traceback (anything else is a bug and keeps its traceback).
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 
