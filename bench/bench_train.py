@@ -80,13 +80,21 @@ def flops(tcfg: configs.ModelConfig, draft_params: int, target_params: int, batc
     }
 
 
+def train_attention(args, T: int) -> str:
+    """auto: the models' dense forward_train up to 4k tokens, train/chunked.py above (memory)."""
+    if args.train_attention != "auto":
+        return args.train_attention
+    return "chunked" if T > 4096 else "model"
+
+
 def bench_one(args, tcfg, T: int, mesh, peak: float) -> dict:
     cfg = from_dict({
         "model": {"target": "tiny" if args.tiny else args.preset, "target_dtype": "bfloat16",
                   "compute_dtype": "bfloat16", "window": args.window, "attention_impl": args.attention_impl},
         "data": {"seq_len": T},
         "train": {"batch_size": args.batch, "grad_accum": 1, "steps": 1000, "loss_chunk": args.loss_chunk,
-                  "remat": args.remat, "log_target_loss": False},
+                  "remat": args.remat, "log_target_loss": False, "attention": train_attention(args, T),
+                  "attention_chunk": args.attention_chunk},
         "mesh": {"data": -1},
     })
     target, tcfg, _ = setup.build_target(cfg, mesh)
@@ -117,7 +125,7 @@ def bench_one(args, tcfg, T: int, mesh, peak: float) -> dict:
     fl = flops(tcfg, count(params), count(frozen), args.batch, T, args.window)
     tokens = args.batch * T
     return {
-        "seq_len": T, "batch": args.batch, "tokens_per_step": tokens,
+        "seq_len": T, "batch": args.batch, "tokens_per_step": tokens, "train_attention": train_attention(args, T),
         "compile_s": compile_s, "step_s_mean": step_s, "step_s_min": float(np.min(times)),
         "tokens_per_s": tokens / step_s, "loss": float(m["loss"]),
         "draft_params": count(params), "target_params": count(frozen),
@@ -135,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--attention-impl", default="xla", help="xla | pallas | auto")
+    p.add_argument("--train-attention", default="auto", choices=["auto", "model", "chunked"],
+                   help="train.attention: dense model forwards, or query-chunked (auto: chunked above 4k)")
+    p.add_argument("--attention-chunk", type=int, default=1024, help="query rows per block for 'chunked'")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test with configs.tiny_config()")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)

@@ -182,3 +182,26 @@ def test_remat_changes_memory_not_maths(policy):
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_forwards_match_the_models():
+    """train/chunked.py (memory-bounded, for 32k) == Transformer / Draft forward_train."""
+    from train import chunked
+
+    tcfg = tiny_config()
+    target = Transformer(tcfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    draft = Draft(DraftConfig.from_target(tcfg, window=8), tcfg.rope, rngs=nnx.Rngs(1), dtype=jnp.float32,
+                  param_dtype=jnp.float32)
+    tokens = jax.random.randint(jax.random.key(2), (2, 29), 0, 256)  # 29: not a multiple of the chunk
+    positions = jnp.broadcast_to(jnp.arange(29) + 7, (2, 29))
+
+    @jax.jit
+    def both(tokens, positions):
+        h0, (k0, v0) = target.forward_train(tokens, positions)
+        h1, (k1, v1) = chunked.target_forward_train(target, tokens, positions, chunk=8)
+        d0 = draft.forward_train(tokens, positions, k0, v0, 3, embed=target.embed)
+        d1 = chunked.draft_forward_train(draft, tokens, positions, k0, v0, 3, embed=target.embed, chunk=8)
+        return (h0, k0, v0, d0), (h1, k1, v1, d1)
+
+    for a, b in zip(*both(tokens, positions)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -149,6 +149,9 @@ class TrainSection:
     loss_chunk: sequence chunk for the LM-head cross-entropy (full [T, V] logits never materialise).
     remat: activation checkpointing policy for the trained model: "none", "full", "dots"
       (save matmul outputs) or "dots_no_batch".
+    attention: "model" (the models' own forward_train: dense [T, T] attention on the xla path) or
+      "chunked" (train/chunked.py: query blocks of attention_chunk rows, memory O(chunk x T); use it
+      for 32k sequences).
     log_target_loss: also compute the frozen target's CE on the same tokens (logged only, as the
       original's "train/large_loss"; costs one more LM-head pass).
     seed: RNG seed for initialisation, lags and positions.
@@ -162,6 +165,8 @@ class TrainSection:
     max_lag: int = 4
     loss_chunk: int = 512
     remat: str = "none"
+    attention: str = "model"
+    attention_chunk: int = 1024
     log_target_loss: bool = True
     seed: int = 42
 
@@ -240,6 +245,7 @@ _CHOICES = {
     "data.chat_format": ("qwen", "llama_pseudo", "custom"),
     "train.objective": ("draft", "lm"),
     "train.remat": ("none", "full", "dots", "dots_no_batch"),
+    "train.attention": ("model", "chunked"),
     "model.target_dtype": ("bfloat16", "float16", "float32"),
     "model.compute_dtype": ("bfloat16", "float16", "float32"),
 }

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from train import chunked
 from train import loss as loss_lib
 from train import positions as pos_lib
 from train.config import TrainConfig
@@ -88,13 +89,17 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, policy=_POLICIES[policy])
 
 
-def lm_forward(graphdef, params, tokens, positions, remat: str):
+def lm_forward(graphdef, params, tokens, positions, remat: str, attention: str = "model",
+               attention_chunk: int = 1024):
     """Target forward for the LM objective with per-layer activation checkpointing.
 
     Mirrors `Transformer.forward_train` but wraps each decoder layer in `jax.checkpoint`, which is
     where remat pays for a multi-layer model (activations of one layer live at a time).
     """
     model = nnx.merge(graphdef, params)
+    if attention == "chunked":
+        # Query-chunked attention is checkpointed block by block already.
+        return chunked.target_forward_train(model, tokens, positions, chunk=attention_chunk)[0]
     if remat == "none":
         return model.forward_train(tokens, positions)[0]
     cos, sin = model.rope(positions)
@@ -134,12 +139,19 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
     def draft_loss(params, frozen, tokens, mask, positions, lag):
         target = nnx.merge(frozen_graphdef, frozen)
         # The frozen target: no gradient flows into it (it is not an argument of the grad).
-        tgt_h, (k_last, v_last) = target.forward_train(tokens, positions)
+        if t.attention == "chunked":
+            tgt_h, (k_last, v_last) = chunked.target_forward_train(target, tokens, positions,
+                                                                   chunk=t.attention_chunk)
+        else:
+            tgt_h, (k_last, v_last) = target.forward_train(tokens, positions)
         k_last, v_last, tgt_h = jax.lax.stop_gradient((k_last, v_last, tgt_h))
         head = jax.lax.stop_gradient(loss_lib.head_weight(target))
 
         def draft_hidden(params, tokens, positions, k_last, v_last, lag):
             draft = nnx.merge(trained_graphdef, params)
+            if t.attention == "chunked":
+                return chunked.draft_forward_train(draft, tokens, positions, k_last, v_last, lag,
+                                                   embed=target.embed, chunk=t.attention_chunk)
             return draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed)
 
         h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
@@ -152,7 +164,7 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
 
     def lm_loss(params, frozen, tokens, mask, positions, lag):
         del frozen, lag
-        h = lm_forward(trained_graphdef, params, tokens, positions, remat)
+        h = lm_forward(trained_graphdef, params, tokens, positions, remat, t.attention, t.attention_chunk)
         head = loss_lib.head_weight(nnx.merge(trained_graphdef, params))
         total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
         return total, (count, jnp.zeros((), jnp.float32))

@@ -1,0 +1,90 @@
+"""Memory-bounded training forwards for long sequences (train.attention = "chunked").
+
+`Transformer.forward_train` and `Draft.forward_train` attend with dense [T, T] masks and scores,
+which at T = 32k is ~128 GiB per layer for a 32-head model. These twins compute the same maths
+with query-chunked attention: `lax.map` over query blocks of `chunk` rows, each wrapped in
+`jax.checkpoint`, so at most [B, N, chunk, T] float32 scores are alive (also in the backward pass).
+They reuse the models' own submodules (projections, norms, MLP, `Draft._block`), so only the
+attention core differs; tests/test_train_step.py checks them against the models' forward_train.
+
+Visibility (by sequence index i, key index s): target causal s <= i; draft self-attention
+i - W <= s <= i; draft cross-attention s <= i - lag (rows i < lag output zeros, spec 1.3).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Callable[[jax.Array, jax.Array], jax.Array],
+                      *, chunk: int) -> jax.Array:
+    """Softmax attention with a position-rule mask, query block by query block.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] (GQA: N = G * K).
+      visible: (query index [C, 1], key index [1, S]) -> bool [C, S]; True = may attend.
+      chunk: query rows per block (T is padded up to a multiple).
+    Returns:
+      [B, T, N, H] in q.dtype; rows with no visible key are exact zeros.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    chunk = min(chunk, T)
+    n = -(-T // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))
+    qb = qp.reshape(B, n, chunk, K, G, H).swapaxes(0, 1)  # [n, B, C, K, G, H]
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    scale = 1.0 / (H ** 0.5)
+    key_idx = jnp.arange(S)[None, :]
+
+    @jax.checkpoint
+    def block(args):
+        qc, start = args
+        s = jnp.einsum("bckgh,bskh->bkgcs", qc.astype(jnp.float32), kf) * scale  # [B, K, G, C, S]
+        mask = visible(start + jnp.arange(chunk)[:, None], key_idx)  # [C, S]
+        s = jnp.where(mask, s, -jnp.inf)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.exp(s - m)
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkgcs,bskh->bckgh", p / jnp.where(l > 0, l, 1.0), vf)
+        return o.astype(q.dtype)
+
+    out = jax.lax.map(block, (qb, jnp.arange(n) * chunk))  # [n, B, C, K, G, H]
+    return out.swapaxes(0, 1).reshape(B, n * chunk, N, H)[:, :T]
+
+
+def target_forward_train(target, tokens: jax.Array, positions: jax.Array, *, chunk: int):
+    """`Transformer.forward_train` with chunked causal attention: (hidden, (k_last, v_last))."""
+    cos, sin = target.rope(positions)
+    h = target.embed(tokens)
+    kv = None
+    causal = lambda i, s: s <= i  # noqa: E731
+    for layer in target.layers:
+        q, k, v = layer.attn.qkv(layer.input_norm(h), cos, sin)
+        h = h + layer.attn.out(chunked_attention(q, k, v, causal, chunk=chunk))
+        h = h + layer.mlp(layer.post_attn_norm(h))
+        kv = (k, v)
+    return target.final_norm(h), kv
+
+
+def draft_forward_train(draft, tokens: jax.Array, positions: jax.Array, k_last: jax.Array, v_last: jax.Array,
+                        lag, *, embed: Callable, chunk: int) -> jax.Array:
+    """`Draft.forward_train` with chunked window self-attention and lagged cross-attention."""
+    x = embed(tokens)
+    cos, sin = draft.cos_sin(positions)
+    W = draft.cfg.window
+    lag = jnp.asarray(lag, jnp.int32)
+
+    def self_attend(q):
+        k, v = draft.self_attn.kv(draft.input_layernorm(x.astype(draft.dtype)), cos, sin)
+        return chunked_attention(q, k, v, lambda i, s: (s <= i) & (s >= i - W), chunk=chunk)
+
+    def cross_attend(q):
+        return chunked_attention(q, k_last, v_last, lambda i, s: s <= i - lag, chunk=chunk)
+
+    return draft._block(x, cos, sin, self_attend, cross_attend)
