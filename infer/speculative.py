@@ -56,12 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pallas_kernels
 from infer import ar
 from longspec_jax import kv_cache as kvc
 from longspec_jax import verify
 from longspec_jax.draft import Draft, DraftCache, ring_capacity
 from longspec_jax.sampling import SamplingParams, sample
-from longspec_jax.tree import Tree, TreeShape, expand, init_tree
+from longspec_jax.tree import TreeShape, expand, init_tree
 
 STOP_RUNNING, STOP_EOS, STOP_MAX_NEW, STOP_CACHE_FULL = 0, 1, 2, 3
 STOP_NAMES = {STOP_RUNNING: "running", STOP_EOS: "eos", STOP_MAX_NEW: "max_new_tokens",
@@ -285,7 +286,11 @@ class SpeculativeDecoder:
         self.shape.check_vocab(tcfg.vocab_size)
         self.cache_dtype = cache_dtype if cache_dtype is not None else getattr(target, "dtype", jnp.float32)
         self.prefill_chunk = int(prefill_chunk)
-        self.ring_slots = ring_capacity(draft.cfg.window, self.shape.max_accept)
+        impl = draft.attention_impl
+        impl = pallas_kernels.default_implementation() if impl == "auto" else impl
+        # The Pallas prefix kernel reads the ring in 128-slot blocks; the XLA path takes any size,
+        # and the smallest ring (window + G rounded to 8) keeps CPU runs and tests wrapping often.
+        self.ring_slots = ring_capacity(draft.cfg.window, self.shape.max_accept, 8 if impl == "xla" else 128)
         self._t_graph, self._t_state = nnx.split(target)
         self._d_graph, self._d_state = nnx.split(draft)
 

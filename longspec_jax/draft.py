@@ -47,11 +47,13 @@ from longspec_jax.layers import MLP, RMSNorm, apply_rope, param, rope_cos_sin
 from pallas_kernels import reference as attn_ref
 
 
-def ring_capacity(window: int, max_accept: int) -> int:
+def ring_capacity(window: int, max_accept: int, multiple: int = 128) -> int:
     """Slots of the draft ring: the visible window plus one iteration's accepted tokens, rounded up
-    to a multiple of 8. Independent of the context length."""
+    to a multiple of `multiple` (128: the Pallas prefix kernel reads the ring in 128-slot blocks).
+    Independent of the context length: 640 slots for W = 512. Any capacity > window + max_accept
+    is correct for the "xla" implementation (tests use small rings to exercise wrap-around)."""
     need = window + max_accept
-    return -(-need // 8) * 8
+    return -(-need // multiple) * multiple
 
 
 @flax.struct.dataclass

@@ -123,7 +123,7 @@ def test_tree_step_matches_dense_reference(committed):
     rng = np.random.default_rng(0)
     c = jnp.asarray(committed, jnp.int32)
     hist = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 48)), jnp.int32)  # tokens at positions 0..47
-    R = ring_capacity(W, shape.max_accept)
+    R = ring_capacity(W, shape.max_accept, multiple=8)  # 16 slots: the ring wraps below
     # Ring = what the decoder holds: committed tokens written one block at a time (wrapping).
     ring = DraftCache.init(draft.cfg, B, R, jnp.float32)
     x_hist = target.embed(hist)
@@ -160,7 +160,7 @@ def test_ring_capacity_does_not_change_results_and_is_context_independent():
     k_last = jax.random.normal(jax.random.key(3), (B, 48, cfg.num_kv_heads, cfg.head_dim))
     pos = jnp.broadcast_to(jnp.arange(40), (B, 40))
     outs = []
-    for R in (ring_capacity(W, shape.max_accept), ring_capacity(W, shape.max_accept) + 24):
+    for R in (ring_capacity(W, shape.max_accept, multiple=8), ring_capacity(W, shape.max_accept)):
         # init_ring takes the last R prompt tokens, exactly as the decoder's prefill does
         tail = pos[:, int(c[0]) - R:int(c[0])] if int(c[0]) >= R else pos[:, :int(c[0])]
         ring = draft.init_ring(target.embed(jnp.take_along_axis(hist, tail, 1)), tail, tail >= 0, R, jnp.float32)
@@ -169,7 +169,7 @@ def test_ring_capacity_does_not_change_results_and_is_context_independent():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # The ring's shape depends on window and tree only, never on the context length.
     small = jax.eval_shape(lambda: DraftCache.init(draft.cfg, 2, ring_capacity(512, 6)))
-    assert small.k.shape == (2, 520, cfg.num_kv_heads, cfg.head_dim)
+    assert small.k.shape == (2, 640, cfg.num_kv_heads, cfg.head_dim)
     with pytest.raises(ValueError, match="must exceed the window"):
         DraftCache.init(draft.cfg, 1, W)
 
@@ -207,7 +207,7 @@ def test_root_step_equals_training_forward_at_lag_1():
     pos = jnp.broadcast_to(jnp.arange(c + 1), (B, c + 1))
     _, (k_last, v_last) = target.forward_train(tokens, pos)
     h_train = draft.forward_train(tokens, pos, k_last, v_last, 1, embed=target.embed)[:, c]
-    R = ring_capacity(W, 2)
+    R = ring_capacity(W, 2, multiple=8)
     tail = pos[:, c - R:c] if c >= R else pos[:, :c]
     ring = draft.init_ring(target.embed(jnp.take_along_axis(tokens, tail, 1)), tail, tail >= 0, R, jnp.float32)
     shape = TreeShape((1,))
