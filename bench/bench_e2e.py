@@ -133,7 +133,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test)")
     p.add_argument("--profile-dir", default=None, help="write a jax.profiler trace of the iteration loop here")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--deadline", type=int, default=0, help="dump stacks and exit after this many seconds")
     args = p.parse_args(argv)
+    if args.deadline:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.deadline, exit=True)
 
     dev = jax.devices()[0]
     device_name = getattr(dev, "device_kind", dev.platform)
@@ -205,7 +210,9 @@ def main(argv=None) -> int:
                     tree = expand(tree, shape, lvl, logq)
                 return tree
 
-            tree = make_tree(jax.random.key(1))
+            t0 = time.perf_counter()
+            tree = jax.block_until_ready(make_tree(jax.random.key(1)))
+            print(f"  [tree {tree_str}: built in {time.perf_counter() - t0:.1f} s]", flush=True)
 
             # ---- target verification: one forward over the Nn tree tokens + LM head + target choices.
             @functools.partial(jax.jit, donate_argnums=(1,))
@@ -216,6 +223,9 @@ def main(argv=None) -> int:
                 ch = verify.target_choices(jax.random.key(0), tgt.logits(h), greedy)
                 return cache, verify.accept(tree, shape, ch).num_accepted
 
+            t0 = time.perf_counter()
+            cache, _ = jax.block_until_ready(verify_step(t_state, cache, tree))
+            print(f"  [verify compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
             t_ver, (cache, _) = chain_time(lambda c: verify_step(t_state, c[0], tree), (cache, None))
             v_bytes = ar_bytes
             v_flops = 2 * n_params * Nn + 4 * N * H * ctx * Nn * L

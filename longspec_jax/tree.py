@@ -146,10 +146,18 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array) -> Tree:
     B, _, V = logq.shape
     assert logq.shape[1] == n_par, (logq.shape, n_par)
     par_scores = tree.scores[:, o_par:o_par + n_par]  # [B, n_par]
-    cand = (par_scores[:, :, None] + logq.astype(jnp.float32)).reshape(B, n_par * V)
+    # Two-stage exact top-k: the global best n_child (parent, token) pairs are among each parent's
+    # own best n_child tokens, so take those first ([B, n_par, k], a cheap per-row top-k over V)
+    # and then the best of the n_par * k survivors. A single top-k over the flattened n_par * V
+    # candidates (2M for 16 parents x 128k vocabulary) becomes a sort that takes minutes to
+    # compile on GPU and is slow to run. Ties resolve as in the flat top-k: lower parent first,
+    # then lower token, since lax.top_k is stable and the survivors stay in parent-major order.
+    k = min(n_child, V)
+    row_best, row_tok = jax.lax.top_k(logq.astype(jnp.float32), k)  # [B, n_par, k]
+    cand = (par_scores[:, :, None] + row_best).reshape(B, n_par * k)
     best, idx = jax.lax.top_k(cand, n_child)  # [B, n_child]; (parent, token) pairs are distinct
-    parents = (o_par + idx // V).astype(jnp.int32)
-    tokens = (idx % V).astype(jnp.int32)
+    parents = (o_par + idx // k).astype(jnp.int32)
+    tokens = jnp.take_along_axis(row_tok.reshape(B, n_par * k), idx, axis=1).astype(jnp.int32)
     # A child's ancestor row = its parent's row plus itself.
     par_rows = jnp.take_along_axis(tree.mask, parents[:, :, None], axis=1)  # [B, n_child, Nn]
     self_rows = jnp.arange(tree.mask.shape[-1])[None, None, :] == (o_child + jnp.arange(n_child))[None, :, None]

@@ -93,3 +93,22 @@ def test_positions():
     tree = init_tree(shape, jnp.array([5, 6]))
     pos = tree.positions(shape, jnp.array([10, 20]))
     assert pos.tolist() == [[10, 11, 11, 12, 12, 12], [20, 21, 21, 22, 22, 22]]
+
+
+def test_two_stage_topk_equals_flat_topk_with_ties():
+    """expand's per-parent-then-global top-k picks exactly the flat top-k over parents x vocab,
+    including tie order (lower parent, then lower token), on quantized scores that force ties."""
+    shape = TreeShape.parse("4 16 16 16")
+    for V, seed in ((50, 0), (50, 1), (700, 2)):
+        key = jax.random.key(seed)
+        tree = init_tree(shape, jnp.array([3, 4]))
+        for lvl in range(shape.depth):
+            n_par, n_child = shape.level_sizes[lvl], shape.level_sizes[lvl + 1]
+            o_par, o_child = shape.offsets[lvl], shape.offsets[lvl + 1]
+            logq = jnp.round(jax.random.normal(jax.random.fold_in(key, lvl), (2, n_par, V)) * 2) / 2
+            flat = (tree.scores[:, o_par:o_par + n_par, None] + logq).reshape(2, -1)
+            best, idx = jax.lax.top_k(flat, n_child)
+            tree = expand(tree, shape, lvl, logq)
+            np.testing.assert_array_equal(tree.tokens[:, o_child:o_child + n_child], idx % V)
+            np.testing.assert_array_equal(tree.parents[:, o_child:o_child + n_child], o_par + idx // V)
+            np.testing.assert_allclose(tree.scores[:, o_child:o_child + n_child], best)
