@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test)")
     p.add_argument("--profile-dir", default=None, help="write a jax.profiler trace of the iteration loop here")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--draft-levels", action="store_true",
+                   help="time every draft level separately (one compile per level) instead of the whole draft")
     p.add_argument("--deadline", type=int, default=0, help="dump stacks and exit after this many seconds")
     args = p.parse_args(argv)
     if args.deadline:
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
                               ctx - ring.capacity + jnp.arange(ring.capacity)[None], jnp.ones((1, ring.capacity), bool))
             prev = 0.0
             levels = []
-            for lvl in range(1, shape.depth + 1):
+            for lvl in (range(1, shape.depth + 1) if args.draft_levels else [shape.depth]):
                 sub = TreeShape(shape.widths[:lvl]) if lvl < shape.depth else shape
 
                 @jax.jit
@@ -261,6 +263,9 @@ def main(argv=None) -> int:
                     tree, *_ = speculative._draft_tree(tgt, dr, st, sub)
                     return tree.tokens
 
+                t0 = time.perf_counter()
+                jax.block_until_ready(draft_levels(t_state, d_state, cache, ring))
+                print(f"  [draft ({lvl} levels) compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
                 t_l = timeit(draft_levels, t_state, d_state, cache, ring)
                 levels.append((t_l - prev) * 1e3)
                 prev = t_l
@@ -286,6 +291,9 @@ def main(argv=None) -> int:
                 return speculative._decode_loop(t_state, d_state, st, t_graph=t_graph, d_graph=d_graph,
                                                 st=spec_static)
 
+            t0 = time.perf_counter()
+            spec_state = jax.block_until_ready(spec_once(spec_state))
+            print(f"  [loop compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
             t_spec, spec_state = chain_time(spec_once, spec_state)
             cache, ring = spec_state.cache, spec_state.ring
             iters = int(spec_state.iters[0])
