@@ -236,6 +236,7 @@ def main(argv=None) -> int:
                       verify_vs_ar=t_ver / t_ar, verify_tflops=v_flops / t_ver / 1e12)
 
             row["trees"][tree_str] = tr
+            write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
             print(f"  tree {tree_str:>16} ({Nn} nodes): verify {t_ver * 1e3:.3f} ms ({t_ver / t_ar:.2f}x AR, "
                   f"{t_ver / v_floor:.2f}x floor)", flush=True)
             if tree_str not in args.loop_trees:
@@ -304,6 +305,7 @@ def main(argv=None) -> int:
             print(f"  tree {tree_str:>16}: draft {prev * 1e3:.3f} ms {['%.3f' % x for x in levels]}, iteration "
                   f"{t_iter * 1e3:.3f} ms ({t_iter / t_ar:.2f}x AR) -> speedup@tau3.5 {3.5 * t_ar / t_iter:.2f}x",
                   flush=True)
+            write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
 
             if args.profile_dir and tree_str == args.trees[0] and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
                 jax.profiler.start_trace(args.profile_dir)
@@ -314,6 +316,19 @@ def main(argv=None) -> int:
         rows.append(row)
         del cache
 
+    write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows)
+    print("\ncontext  AR_ms  floor  tree              verify_ms  v/AR  draft_ms  iter_ms  iter/AR  speedup@3.4")
+    for r in rows:
+        for t, tr in r["trees"].items():
+            it = tr.get("iteration_ms", math.nan)
+            print(f"{r['context']:>7} {r['ar_ms']:6.2f} {r['ar_floor_ms']:6.2f}  {t:<16} {tr['verify_ms']:9.2f} "
+                  f"{tr['verify_vs_ar']:5.2f} {tr.get('draft_ms', math.nan):9.2f} {it:8.2f} "
+                  f"{it / r['ar_ms']:7.2f} {3.4 * r['ar_ms'] / it:8.2f}")
+    return 0
+
+
+def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):
+    """Write (or rewrite) the result file; called after every tree so a time-limited run keeps its data."""
     result = {
         "benchmark": "e2e_speculative_step",
         "device": device_name,
@@ -334,15 +349,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, f"e2e_{tag}_{device_name.replace(' ', '_')}_{impl}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {path}")
-    print("\ncontext  AR_ms  floor  tree              verify_ms  v/AR  draft_ms  iter_ms  iter/AR  speedup@3.4")
-    for r in rows:
-        for t, tr in r["trees"].items():
-            it = tr.get("iteration_ms", math.nan)
-            print(f"{r['context']:>7} {r['ar_ms']:6.2f} {r['ar_floor_ms']:6.2f}  {t:<16} {tr['verify_ms']:9.2f} "
-                  f"{tr['verify_vs_ar']:5.2f} {tr.get('draft_ms', math.nan):9.2f} {it:8.2f} "
-                  f"{it / r['ar_ms']:7.2f} {3.4 * r['ar_ms'] / it:8.2f}")
-    return 0
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
