@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="parameter and compute dtype")
     p.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto",
                    help="attention kernels: pallas (Hopper GPUs), xla (anywhere), auto picks")
-    p.add_argument("--method", choices=("ar", "tree"), default="ar",
+    p.add_argument("--method", choices=("ar", "tree"), default=None,
                    help="ar: one token per forward; tree: LongSpec tree speculative decoding")
     p.add_argument("--draft", default=None,
                    help="--method tree: draft checkpoint DIR or HF repo (default: the preset's draft repo)")
@@ -124,13 +124,8 @@ def _load_draft(args, cfg, dtype):
         if repo is None:
             raise UsageError(f"preset {args.model} has no released draft; pass --draft DIR")
         args.draft = repo
-    try:
-        from longspec_jax.draft_weights import load_draft
-    except ModuleNotFoundError as e:
-        if e.name != "longspec_jax.draft_weights":
-            raise
-        raise UsageError("--method tree with --draft needs longspec_jax/draft_weights.py (the draft "
-                         "checkpoint loader), which is not in this checkout yet") from None
+    from longspec_jax.draft_weights import load_draft
+
     draft = load_draft(_draft_path(args.draft), cfg, dtype=dtype, attention_impl=args.attention_impl)
     draft.cfg.check_matches(cfg, source=f"draft {args.draft}")
     return draft
@@ -151,22 +146,39 @@ def _draft_path(name: str) -> str:
 
 
 def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype):
-    """--method tree: hand over to `infer.speculative.generate_tree` (written separately)."""
-    try:
-        from infer import speculative
-    except ModuleNotFoundError as e:
-        if e.name != "infer.speculative":
-            raise
-        raise UsageError("--method tree needs infer/speculative.py (the tree speculative decoder), which is "
-                         "not in this checkout yet; use --method ar") from None
+    """--method tree: the LongSpec tree speculative decoder (`infer.speculative`)."""
+    from infer import speculative
     from longspec_jax.tree import TreeShape
 
     shape = TreeShape.parse(args.tree_shape)
     draft = _load_draft(args, cfg, dtype)
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
-                                    cache_capacity=args.cache_capacity)
+                                    cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk)
     return res.tokens[0], res.stop_reason[0], res.stats
+
+
+def choose_method(args) -> str:
+    """--method default: tree when a draft is available (--draft, or the preset's released draft
+    found in the local Hugging Face cache), else the AR baseline."""
+    if args.method is not None:
+        return args.method
+    if args.draft is not None:
+        return "tree"
+    from longspec_jax.configs import PRESETS
+
+    preset = PRESETS.get(args.model)
+    if preset is None or preset.draft_repo is None:
+        return "ar"
+    from longspec_jax.hub import resolve_checkpoint
+
+    try:
+        resolve_checkpoint(preset.draft_repo)
+    except Exception:  # not downloaded: fall back to AR and say so
+        print(f"(draft {preset.draft_repo} is not in the local cache: using --method ar; "
+              f"download it or pass --draft DIR for speculative decoding)")
+        return "ar"
+    return "tree"
 
 
 def _rate(n, s):
@@ -182,6 +194,7 @@ def main(argv=None) -> int:
         if args.model == tiny_random.NAME:
             print(tiny_random.BANNER, flush=True)
         text = read_prompt(args)
+        args.method = choose_method(args)
         model, cfg, tokenizer, ckpt = load_model(args, dtype)
         ids, templated = prompts.encode_prompt(tokenizer, text, chat_template=not args.no_chat_template)
         eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
@@ -196,9 +209,13 @@ def main(argv=None) -> int:
             print(tokenizer.decode(tokens, skip_special_tokens=True))
             print("-" * 72)
             print(f"stopped on: {reason}")
-            for k in ("compile_time_s", "prefill_time_s", "decode_time_s", "decode_tokens_per_s", "tau"):
-                if k in stats:
-                    print(f"{k}: {stats[k]:.4g}" if isinstance(stats[k], float) else f"{k}: {stats[k]}")
+            n = len(tokens)
+            print(f"compile {stats['compile_time_s']:.2f} s | prefill {stats['prefill_time_s']:.3f} s "
+                  f"({_rate(len(ids), stats['prefill_time_s'])} tok/s) | decode {n} tokens in "
+                  f"{stats['decode_time_s']:.3f} s ({stats['decode_tokens_per_s']:,.1f} tok/s, prefill excluded)")
+            print(f"tau (tokens per target forward, bonus included) {stats['tau']:.3f} | tree {stats['tree_shape']} "
+                  f"| accepted drafts by depth {stats['accepted_by_depth']} over "
+                  f"{sum(stats['target_forwards'])} verifications")
             return 0
 
         from infer.ar import generate_ar

@@ -49,14 +49,15 @@ def test_cli_missing_checkpoint_is_explained(capsys, tmp_path, monkeypatch):
     assert "--checkpoint" in err
 
 
-def test_tree_method_without_decoder_module_is_explained(monkeypatch):
-    import infer
-
-    monkeypatch.delattr(infer, "speculative", raising=False)
-    monkeypatch.setitem(sys.modules, "infer.speculative", None)  # as if the file were absent
-    args = generate.build_parser().parse_args(["--method", "tree"])
-    with pytest.raises(generate.UsageError, match="needs infer/speculative.py"):
-        generate.run_tree(args, None, None, [1, 2], None, (), None)
+def test_method_defaults_to_tree_only_when_a_draft_is_available(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parse = generate.build_parser().parse_args
+    assert generate.choose_method(parse(["--model", "tiny-random"])) == "ar"  # no draft for the random model
+    assert generate.choose_method(parse(["--model", "tiny-random", "--draft", "some/dir"])) == "tree"
+    assert generate.choose_method(parse(["--model", "tiny-random", "--method", "ar", "--draft", "d"])) == "ar"
+    # A preset whose released draft is not downloaded falls back to AR and says why.
+    assert generate.choose_method(parse(["--model", "llama3-8b"])) == "ar"
+    assert "not in the local cache" in capsys.readouterr().out
 
 
 def test_default_model_is_one_line():
