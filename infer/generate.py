@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ar: one token per forward; tree: LongSpec tree speculative decoding")
     p.add_argument("--draft", default=None,
                    help="--method tree: draft checkpoint DIR or HF repo (default: the preset's draft repo)")
-    p.add_argument("--tree-shape", nargs="+", type=int, default=[4, 16, 16, 16, 16],
-                   help="--method tree: nodes per depth")
+    p.add_argument("--tree-shape", nargs="+", type=int, default=None,
+                   help="--method tree: nodes per depth, e.g. 4 16 16 16 16 (default: by context length, "
+                        "longspec_jax.tree.default_tree_for_context)")
+    p.add_argument("--draft-vocab", default=None, metavar="FILE",
+                   help="--method tree: draft vocabulary, a .npy or .json list of token ids "
+                        "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged")
     p.add_argument("--cache-capacity", type=int, default=None,
                    help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
@@ -150,12 +154,32 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype):
     from infer import speculative
     from longspec_jax.tree import TreeShape
 
-    shape = TreeShape.parse(args.tree_shape)
+    shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
+    draft_vocab = None if args.draft_vocab is None else load_draft_vocab(args.draft_vocab)
     draft = _load_draft(args, cfg, dtype)
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
-                                    cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk)
+                                    cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
+                                    draft_vocab=draft_vocab)
     return res.tokens[0], res.stop_reason[0], res.stats
+
+
+def load_draft_vocab(path: str):
+    """Token ids of --draft-vocab: a .npy array or a .json list (or {"ids": [...]}) of ints."""
+    import json
+
+    import numpy as np
+
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return np.asarray(data["ids"] if isinstance(data, dict) else data)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot read --draft-vocab {path!r}: {e}") from e
+    raise UsageError(f"--draft-vocab {path!r} must be a .npy or .json file of token ids (scripts/draft_vocab.py)")
 
 
 def choose_method(args) -> str:
@@ -214,7 +238,7 @@ def main(argv=None) -> int:
                   f"({_rate(len(ids), stats['prefill_time_s'])} tok/s) | decode {n} tokens in "
                   f"{stats['decode_time_s']:.3f} s ({stats['decode_tokens_per_s']:,.1f} tok/s, prefill excluded)")
             print(f"tau (tokens per target forward, bonus included) {stats['tau']:.3f} | tree {stats['tree_shape']} "
-                  f"| accepted drafts by depth {stats['accepted_by_depth']} over "
+                  f"| draft vocab {stats['draft_vocab_size']} | accepted drafts by depth {stats['accepted_by_depth']} over "
                   f"{sum(stats['target_forwards'])} verifications")
             return 0
 

@@ -6,6 +6,8 @@ One iteration, per batch row (all shapes static, Nn = 1 + sum(tree_shape), G = D
      followed by a global beam-search step (`tree.expand`) that fixes the next level's nodes.
      Self-attention reads the constant-size ring (last W committed tokens) plus the tree K/V buffer
      under the ancestor mask; cross-attention reads the target's last-layer cache [0, c).
+     Optionally over a draft vocabulary of V' ids only (`draft_vocab`: the LM head restricted to
+     those columns, gathered once; ~1/4 of the head's bytes for V' = 32k of Llama-3's 128k).
   2. Verify: one target forward over the Nn tree tokens at positions c + depth, written at cache
      slots c + [0, Nn), prefix [0, c) + ancestor mask (hybrid tree attention).
   3. Accept (`verify.accept`): one target draw per node (argmax at T = 0), walk down the matching
@@ -60,9 +62,9 @@ import pallas_kernels
 from infer import ar
 from longspec_jax import kv_cache as kvc
 from longspec_jax import verify
-from longspec_jax.draft import Draft, DraftCache, ring_capacity
+from longspec_jax.draft import Draft, DraftCache, cut_logits, head_columns, ring_capacity
 from longspec_jax.sampling import SamplingParams, sample
-from longspec_jax.tree import TreeShape, expand, init_tree
+from longspec_jax.tree import TreeShape, default_tree_for_context, expand, init_tree
 
 STOP_RUNNING, STOP_EOS, STOP_MAX_NEW, STOP_CACHE_FULL = 0, 1, 2, 3
 STOP_NAMES = {STOP_RUNNING: "running", STOP_EOS: "eos", STOP_MAX_NEW: "max_new_tokens",
@@ -139,8 +141,13 @@ def _emit(state: SpecState, tokens: jax.Array, count: jax.Array, active: jax.Arr
     return out, out_len, hit_eos, out_len >= state.max_new
 
 
-def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape):
-    """Build this iteration's tree with D draft forwards (levels 0 .. D-1)."""
+def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape, vocab=None):
+    """Build this iteration's tree with D draft forwards (levels 0 .. D-1).
+
+    vocab: None (draft over the full vocabulary) or (ids int32 [V'], head [D, V']): a draft
+    vocabulary cut; logits, log_softmax and top-k run over the V' columns only and the chosen
+    columns are mapped back to full-vocabulary ids in `expand`. Verification never sees it.
+    """
     B = state.root.shape[0]
     c = state.committed
     tree = init_tree(shape, state.root)
@@ -154,17 +161,21 @@ def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape):
         x = target.embed(tree.tokens[:, o:o + n])
         h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
                                             tree.mask[:, o:o + n], k_last, v_last, c)
-        logq = jax.nn.log_softmax(target.logits(h).astype(jnp.float32), axis=-1)  # [B, n, V]
-        tree = expand(tree, shape, level, logq)
+        if vocab is None:
+            logq = jax.nn.log_softmax(target.logits(h).astype(jnp.float32), axis=-1)  # [B, n, V]
+            tree = expand(tree, shape, level, logq)
+        else:
+            logq = jax.nn.log_softmax(cut_logits(target, h, vocab[1]), axis=-1)  # [B, n, V']
+            tree = expand(tree, shape, level, logq, vocab_ids=vocab[0])
     return tree, positions, tree_k, tree_v
 
 
-def _iteration(target, draft: Draft, state: SpecState, st: _Static) -> SpecState:
+def _iteration(target, draft: Draft, state: SpecState, st: _Static, vocab=None) -> SpecState:
     shape = st.shape
     G = shape.max_accept
     active = ~state.done
     c = state.committed
-    tree, positions, tree_k, tree_v = _draft_tree(target, draft, state, shape)
+    tree, positions, tree_k, tree_v = _draft_tree(target, draft, state, shape, vocab)
 
     # Verification: the Nn tree tokens after the committed prefix, ancestor mask among themselves.
     hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
@@ -196,7 +207,9 @@ def _iteration(target, draft: Draft, state: SpecState, st: _Static) -> SpecState
 
 
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "st"), donate_argnames=("state",))
-def _decode_loop(t_state, d_state, state: SpecState, *, t_graph, d_graph, st: _Static) -> SpecState:
+def _decode_loop(t_state, d_state, state: SpecState, vocab=None, *, t_graph, d_graph, st: _Static) -> SpecState:
+    """vocab: None or the draft-vocabulary pair (ids [V'], head [D, V']) of `_draft_tree`: a
+    run-time argument (not a constant folded into the executable), read every draft step."""
     target = nnx.merge(t_graph, t_state)
     draft = nnx.merge(d_graph, d_state)
 
@@ -204,7 +217,7 @@ def _decode_loop(t_state, d_state, state: SpecState, *, t_graph, d_graph, st: _S
         # Every stop condition (EOS, max_new_tokens, cache full) is folded into `done` per row.
         return jnp.any(~s.done)
 
-    return jax.lax.while_loop(cond, lambda s: _iteration(target, draft, s, st), state)
+    return jax.lax.while_loop(cond, lambda s: _iteration(target, draft, s, st, vocab), state)
 
 
 @functools.partial(jax.jit, static_argnames=("t_graph", "d_graph", "st", "ring_slots"),
@@ -237,6 +250,26 @@ def _start(t_state, d_state, cache, hidden_last, prompt, prompt_lens, key, max_n
     reason = jnp.where(hit_eos, STOP_EOS, jnp.where(hit_max, STOP_MAX_NEW,
                                                     jnp.where(cache_full, STOP_CACHE_FULL, STOP_RUNNING)))
     return state.replace(out=out, out_len=out_len, done=reason != STOP_RUNNING, stop_reason=reason)
+
+
+def check_draft_vocab(ids, vocab_size: int) -> np.ndarray:
+    """Validate a draft vocabulary: a non-empty 1-D list of distinct integer token ids in
+    [0, vocab_size). Returns them as sorted int32 (ascending, so beam-search ties resolve to the
+    lower token id as over the full vocabulary)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D list of token ids, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"draft_vocab must hold integer token ids, got dtype {arr.dtype}")
+    bad = arr[(arr < 0) | (arr >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"draft_vocab has {bad.size} ids outside the target vocabulary [0, {vocab_size}) "
+                         f"(e.g. {bad[:5].tolist()}); was it built with another tokenizer? "
+                         "Rebuild it with scripts/draft_vocab.py for this model's tokenizer.")
+    uniq = np.unique(arr)
+    if uniq.size != arr.size:
+        raise ValueError(f"draft_vocab has {arr.size - uniq.size} duplicate ids; every id must appear once")
+    return uniq.astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -272,32 +305,58 @@ class SpeculativeDecoder:
     Args:
       target: `Transformer` (the verifier; its embedding and LM head are shared with the draft).
       draft: `Draft` matching the target (checked).
-      tree_shape: nodes per depth, e.g. (4, 16, 16, 16, 16); (1, 1, 1, 1) is a chain.
+      tree_shape: nodes per depth, e.g. (4, 16, 16, 16, 16); (1, 1, 1, 1) is a chain. None (the
+        default): picked per `generate` call by `tree.default_tree_for_context(longest prompt +
+        max_new_tokens)`, a measured-cost heuristic (smaller trees at long context).
+      draft_vocab: None, or int32 ids [V'] of a draft vocabulary (e.g. the V' most frequent tokens,
+        `scripts/draft_vocab.py`): the draft scores only those tokens (its LM head cost shrinks by
+        V / V'); the sub-head is gathered once here. Lossless: verification uses the full
+        vocabulary, so a target choice outside the subset just ends acceptance at that node.
       cache_dtype: dtype of the target KV cache and draft ring (default: the target's compute dtype).
       prefill_chunk: most prompt tokens per prefill forward (`infer.ar`'s chunked, bucketed prefill).
     """
 
-    def __init__(self, target, draft: Draft, *, tree_shape: Sequence[int] | str | TreeShape = (4, 16, 16, 16, 16),
-                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK):
+    def __init__(self, target, draft: Draft, *, tree_shape: Sequence[int] | str | TreeShape | None = None,
+                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None):
         self.target, self.draft = target, draft
-        self.shape = TreeShape.parse(tree_shape)
         tcfg = target.cfg
         draft.cfg.check_matches(tcfg)
-        self.shape.check_vocab(tcfg.vocab_size)
+        self.draft_vocab = None if draft_vocab is None else check_draft_vocab(draft_vocab, tcfg.vocab_size)
+        self._draft_vocab_size = tcfg.vocab_size if self.draft_vocab is None else self.draft_vocab.size
+        # None: chosen per generate() call from the context length (tree.default_tree_for_context).
+        self.shape = None if tree_shape is None else TreeShape.parse(tree_shape)
+        if self.shape is not None:
+            self.shape.check_vocab(self._draft_vocab_size)
         self.cache_dtype = cache_dtype if cache_dtype is not None else getattr(target, "dtype", jnp.float32)
         self.prefill_chunk = int(prefill_chunk)
         impl = draft.attention_impl
         impl = pallas_kernels.default_implementation() if impl == "auto" else impl
         # The Pallas prefix kernel reads the ring in 128-slot blocks; the XLA path takes any size,
         # and the smallest ring (window + G rounded to 8) keeps CPU runs and tests wrapping often.
-        self.ring_slots = ring_capacity(draft.cfg.window, self.shape.max_accept, 8 if impl == "xla" else 128)
+        self._ring_multiple = 8 if impl == "xla" else 128
+        self.ring_slots = None if self.shape is None else self._ring_slots(self.shape)
         self._t_graph, self._t_state = nnx.split(target)
         self._d_graph, self._d_state = nnx.split(draft)
+        # (ids [V'], head [D, V']): a run-time argument of the loop, gathered once here.
+        self._vocab = None if self.draft_vocab is None else (
+            jnp.asarray(self.draft_vocab), head_columns(target, self.draft_vocab))
+
+    def _ring_slots(self, shape: TreeShape) -> int:
+        return ring_capacity(self.draft.cfg.window, shape.max_accept, self._ring_multiple)
+
+    def tree_shape_for(self, prompt_len: int, max_new_tokens: int) -> TreeShape:
+        """The fixed tree shape, or the context-based default for a decode up to
+        prompt_len + max_new_tokens tokens."""
+        if self.shape is not None:
+            return self.shape
+        shape = default_tree_for_context(prompt_len + max_new_tokens)
+        shape.check_vocab(self._draft_vocab_size)
+        return shape
 
     def needed_capacity(self, prompt_len: int, max_new_tokens: int) -> int:
         """Target KV slots that always suffice: while a row runs, its committed length is at most
         prompt + max_new_tokens - 2 and one verification writes Nn slots after it."""
-        return prompt_len + max_new_tokens + self.shape.num_nodes
+        return prompt_len + max_new_tokens + self.tree_shape_for(prompt_len, max_new_tokens).num_nodes
 
     def generate(self, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams | None = None,
                  eos_ids: Sequence[int] | None = None, seed: int = 0, cache_capacity: int | None = None
@@ -332,16 +391,18 @@ class SpeculativeDecoder:
         lens = np.array([r.size for r in rows], np.int32)
         longest = int(lens.max())
         padded, chunk = ar.prompt_bucket(longest, self.prefill_chunk)
+        shape = self.tree_shape_for(longest, max_new_tokens)
+        ring_slots = self._ring_slots(shape)
         needed = self.needed_capacity(longest, max_new_tokens)
         capacity = cache_capacity if cache_capacity is not None else max(ar.capacity_bucket(needed), padded)
-        min_cap = max(padded, longest + self.shape.num_nodes)
+        min_cap = max(padded, longest + shape.num_nodes)
         if capacity < min_cap:
             raise ValueError(
                 f"--cache-capacity {capacity} cannot hold the padded prompt ({padded} slots) and one tree "
-                f"after the prompt ({longest} + {self.shape.num_nodes} nodes); pass at least {min_cap} "
+                f"after the prompt ({longest} + {shape.num_nodes} nodes); pass at least {min_cap} "
                 f"(at least {needed} to never stop early), or leave it unset.")
         eos_slots = max(4, -(-len(eos) // 4) * 4)
-        st = _Static(self.shape, sampling, ar.output_bucket(max_new_tokens), eos_slots)
+        st = _Static(shape, sampling, ar.output_bucket(max_new_tokens), eos_slots)
         eos_arr = np.full((eos_slots,), -1, np.int32)
         eos_arr[:len(eos)] = eos
         compiler = ar._Compiler()
@@ -364,7 +425,7 @@ class SpeculativeDecoder:
         start_args = (self._t_state, self._d_state, cache, hidden_last, dev_prompt, dev_lens, key,
                       jax.device_put(np.int32(max_new_tokens)), jax.device_put(eos_arr))
         start_exe = compiler.get("spec_start", _start, None, start_args,
-                                 dict(graphs, st=st, ring_slots=self.ring_slots))
+                                 dict(graphs, st=st, ring_slots=ring_slots))
 
         t0 = time.perf_counter()
         for chunk_tokens, start in zip(chunks, starts):
@@ -373,15 +434,17 @@ class SpeculativeDecoder:
         jax.block_until_ready(state)
         prefill_time = time.perf_counter() - t0
 
-        loop_exe = compiler.get("spec_loop", _decode_loop, None, (self._t_state, self._d_state, state),
+        loop_exe = compiler.get("spec_loop", _decode_loop, None, (self._t_state, self._d_state, state, self._vocab),
                                 dict(graphs, st=st))
         t0 = time.perf_counter()
         # Everything the loop reads is on the device: a host round trip inside it would be a bug.
         with jax.transfer_guard("disallow"):
-            state = loop_exe(self._t_state, self._d_state, state)
+            state = loop_exe(self._t_state, self._d_state, state, self._vocab)
             jax.block_until_ready(state)
         decode_time = time.perf_counter() - t0
-        return _result(state, st, prefill_time, decode_time, compiler.seconds, capacity, self.ring_slots)
+        res = _result(state, st, prefill_time, decode_time, compiler.seconds, capacity, ring_slots)
+        res.stats["draft_vocab_size"] = self._draft_vocab_size
+        return res
 
 
 def _result(state: SpecState, st: _Static, prefill_time, decode_time, compile_time, capacity, ring_slots):
@@ -428,12 +491,13 @@ def _as_prompt_list(prompt_ids) -> list[list[int]]:
     return [[int(t) for t in p] for p in prompt_ids]
 
 
-def generate_tree(target, draft: Draft, prompt_ids, *, tree_shape=(4, 16, 16, 16, 16), max_new_tokens: int,
+def generate_tree(target, draft: Draft, prompt_ids, *, tree_shape=None, max_new_tokens: int,
                   sampling: SamplingParams | None = None, eos_ids: Sequence[int] | None = None, seed: int = 0,
                   cache_capacity: int | None = None, cache_dtype=None,
-                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK) -> SpecResult:
-    """One-shot tree speculative generation (see `SpeculativeDecoder` to reuse compilations)."""
+                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None) -> SpecResult:
+    """One-shot tree speculative generation (see `SpeculativeDecoder` to reuse compilations;
+    tree_shape None = `tree.default_tree_for_context`, draft_vocab = a draft vocabulary cut)."""
     decoder = SpeculativeDecoder(target, draft, tree_shape=tree_shape, cache_dtype=cache_dtype,
-                                 prefill_chunk=prefill_chunk)
+                                 prefill_chunk=prefill_chunk, draft_vocab=draft_vocab)
     return decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                             seed=seed, cache_capacity=cache_capacity)

@@ -96,6 +96,43 @@ class TreeShape:
         return " ".join(map(str, self.widths))
 
 
+# Tree shape by context length: a measured-cost heuristic (H100, Llama-3-8B shapes, bf16, Pallas
+# attention; bench/results/e2e_llama3-8b_H100_pallas_32k_partial.json and kernels_H100_*.json).
+#   * At 32k one verification of the 69-node default tree costs 1.63x an AR step (13.7 vs 8.4 ms)
+#     and the 37-node (4, 8, 8, 8, 8) tree 1.49x: the big tree is still cheap next to the extra
+#     tau its width buys, so it stays the default up to 32k (LongSpec's own setting).
+#   * Prefix attention over the KV cache grows with the tree: at 128k the Pallas prefix kernel runs
+#     at 1.11x its floor (90% of copy bandwidth) with T=16 queries but at 1.94x with T=74 (48%):
+#     attention turns compute-bound (arithmetic intensity 4T FLOP/byte with GQA group 4, ridge at
+#     T ~ 74), and 32 layers x ~178 us extra is ~5.7 ms per verification, about half an AR step
+#     (10.7 ms floor at 128k). Already at 32k, T=69 costs 187 us vs 73 us at T=16 per layer
+#     (~3.7 ms per verification), which the 1.63x vs 1.49x above includes.
+#     So above 32k the width shrinks (37 nodes to 64k), and above 64k the tree has 19 nodes (close
+#     to the measured, bandwidth-bound T=16 point) while keeping depth 5 (up to 6 tokens/iteration).
+# NOT measured: tau of each shape with a trained draft at each context, and verify/draft cost at
+# 64k and of the 19-node tree. A full per-context sweep (bench/bench_e2e.py over contexts x shapes,
+# with a real draft for tau) would replace this table by argmax over shapes of
+# tau(shape, ctx) / iteration_ms(shape, ctx); the breakpoints and widths here are educated guesses
+# anchored on the numbers above.
+CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max context, widths)
+    (32768, (4, 16, 16, 16, 16)),  # <= 32k: 69 nodes, verify 1.63x AR at 32k (measured)
+    (65536, (4, 8, 8, 8, 8)),      # <= 64k: 37 nodes, verify 1.49x AR at 32k (measured)
+    (None, (2, 4, 4, 4, 4)),       # beyond: 19 nodes, prefix attention near bandwidth at 128k (T=16)
+)
+
+
+def default_tree_for_context(context_len: int) -> TreeShape:
+    """The tree shape used when the user fixes none, for a decode that runs at up to
+    `context_len` tokens of context (prompt + new tokens). See `CONTEXT_TREE_TABLE`."""
+    context_len = int(context_len)
+    if context_len < 0:
+        raise ValueError(f"context length must be >= 0, got {context_len}")
+    for limit, widths in CONTEXT_TREE_TABLE:
+        if limit is None or context_len <= limit:
+            return TreeShape(widths)
+    raise AssertionError("CONTEXT_TREE_TABLE must end with a catch-all row")
+
+
 @flax.struct.dataclass
 class Tree:
     """One iteration's draft tree (all arrays static-shape).
@@ -149,7 +186,7 @@ def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(x, idx, axis=-1), idx
 
 
-def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array) -> Tree:
+def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids: jax.Array | None = None) -> Tree:
     """Add level `level + 1` by one global beam-search step.
 
     Args:
@@ -157,7 +194,11 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array) -> Tree:
       shape: static tree shape.
       level: static int in [0, D), the level whose nodes were just run through the draft.
       logq: float32 [B, n_level, V] draft log-probabilities at each node of `level`
-        (log_softmax of the draft logits, no temperature, as in the original).
+        (log_softmax of the draft logits, no temperature, as in the original). With `vocab_ids`
+        the last axis is a draft vocabulary V' instead of the full one.
+      vocab_ids: optional int32 [V'] full-vocabulary id of each column of `logq` (a draft
+        vocabulary cut, see `infer.speculative`): the chosen columns are mapped through it before
+        they enter the tree, so tree tokens are always full-vocabulary ids.
     Returns:
       the tree with the n_{level+1} best (parent, token) pairs appended, best first.
     """
@@ -179,6 +220,8 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array) -> Tree:
     best, idx = jax.lax.top_k(cand, n_child)  # [B, n_child]; (parent, token) pairs are distinct
     parents = (o_par + idx // k).astype(jnp.int32)
     tokens = jnp.take_along_axis(row_tok.reshape(B, n_par * k), idx, axis=1).astype(jnp.int32)
+    if vocab_ids is not None:
+        tokens = jnp.take(vocab_ids.astype(jnp.int32), tokens, axis=0)  # column -> full-vocab id
     # A child's ancestor row = its parent's row plus itself.
     par_rows = jnp.take_along_axis(tree.mask, parents[:, :, None], axis=1)  # [B, n_child, Nn]
     self_rows = jnp.arange(tree.mask.shape[-1])[None, None, :] == (o_child + jnp.arange(n_child))[None, :, None]

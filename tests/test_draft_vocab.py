@@ -1,0 +1,216 @@
+"""Draft vocabulary cut (EAGLE-3 / FR-Spec style) and the context-dependent default tree shape.
+
+Greedy output stays exactly the AR output with a draft vocabulary, including when the target's
+choice lies outside it (acceptance just stops at that node); drafted tokens all come from the
+subset; bad vocabularies are refused; `generate_tree(tree_shape=None)` uses
+`tree.default_tree_for_context`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infer import speculative as spec
+from longspec_jax import tree as tree_lib
+from longspec_jax.draft import cut_logits, head_columns
+from tests.test_speculative import (CHAIN, WIDE, _ar, _prompts, agreeing_models, random_models)
+
+N_NEW = 24
+
+
+def _spec(target, draft, prompts, n, shape=CHAIN, draft_vocab=None):
+    return spec.generate_tree(target, draft, prompts, tree_shape=shape, max_new_tokens=n, eos_ids=(),
+                              cache_capacity=128, draft_vocab=draft_vocab)
+
+
+def test_cut_logits_equal_full_logits_columns():
+    target, _ = random_models(0)
+    ids = np.sort(np.random.default_rng(0).choice(96, 30, replace=False)).astype(np.int32)
+    h = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    got = cut_logits(target, h, head_columns(target, ids))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(target.logits(h))[..., ids], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [CHAIN, WIDE], ids=["chain", "wide"])
+def test_greedy_matches_ar_with_draft_vocab(shape):
+    for seed in range(2):
+        target, draft = random_models(seed)
+        prompts = _prompts(seed, (5, 11, 16))
+        want = _ar(target, prompts, N_NEW)
+        # a random half of the vocabulary: the target's argmax is often outside it
+        ids = np.random.default_rng(seed).choice(96, 48, replace=False)
+        res = _spec(target, draft, prompts, N_NEW, shape, draft_vocab=ids)
+        assert res.tokens == want, seed
+        assert res.stats["draft_vocab_size"] == 48
+        outside = sum(t not in set(ids.tolist()) for row in want for t in row)
+        assert outside > 0  # the case "target choice outside the subset" really occurs
+
+
+def test_target_choices_outside_subset_are_never_accepted_as_drafts():
+    """Full-acceptance models, but the subset excludes the tokens the target emits: every
+    iteration accepts 0 drafts (tau == 1) and the output is still exactly AR."""
+    target, draft = agreeing_models(0)
+    prompts = _prompts(0, (9,))
+    want = _ar(target, prompts, N_NEW)
+    emitted = set(want[0])
+    ids = np.array([t for t in range(96) if t not in emitted])
+    res = _spec(target, draft, prompts, N_NEW, draft_vocab=ids)
+    assert res.tokens == want
+    assert res.stats["accepted_by_depth"] == [0] * len(CHAIN)
+    # ... while with the full vocabulary (or a subset holding them) the same models accept drafts
+    res_in = _spec(target, draft, prompts, N_NEW, draft_vocab=np.array(sorted(emitted | {0, 1, 2})))
+    assert res_in.tokens == want and res_in.stats["accepted_by_depth"][0] > 0
+
+
+def test_drafted_tokens_are_inside_the_subset():
+    target, draft = random_models(3)
+    ids = np.random.default_rng(3).choice(96, 20, replace=False)
+    dec = spec.SpeculativeDecoder(target, draft, tree_shape=WIDE, draft_vocab=ids)
+    assert dec.draft_vocab.tolist() == sorted(ids.tolist())
+    from longspec_jax.kv_cache import KVCache
+    from longspec_jax.draft import DraftCache
+
+    B = 2
+    shape = dec.shape
+    state = spec.SpecState(
+        cache=KVCache.init(target.cfg, B, 64, jnp.float32), ring=DraftCache.init(draft.cfg, B, dec.ring_slots, jnp.float32),
+        committed=jnp.array([0, 0], jnp.int32), root=jnp.array([5, 77], jnp.int32), out=jnp.zeros((B, 8), jnp.int32),
+        out_len=jnp.zeros((B,), jnp.int32), max_new=jnp.int32(4), eos_ids=jnp.full((4,), -1, jnp.int32),
+        done=jnp.zeros((B,), bool), stop_reason=jnp.zeros((B,), jnp.int32), key=jax.random.key(0),
+        iters=jnp.zeros((B,), jnp.int32), accept_hist=jnp.zeros((B, shape.max_accept), jnp.int32))
+    # fill the target cache with random K/V so cross-attention is not degenerate
+    state = state.replace(cache=KVCache(k=tuple(jax.random.normal(jax.random.key(i), c.shape) for i, c in
+                                                enumerate(state.cache.k)), v=state.cache.v),
+                          committed=jnp.array([10, 30], jnp.int32))
+    tree, _, _, _ = spec._draft_tree(target, draft, state, shape, dec._vocab)
+    drafted = np.asarray(tree.tokens[:, 1:])
+    assert set(drafted.ravel().tolist()) <= set(ids.tolist())
+    # without the cut the same drafts use tokens outside it (the test would catch a no-op cut)
+    full, _, _, _ = spec._draft_tree(target, draft, state, shape, None)
+    assert not set(np.asarray(full.tokens[:, 1:]).ravel().tolist()) <= set(ids.tolist())
+
+
+@pytest.mark.parametrize("bad,message", [
+    ([0, 5, 96], "outside the target vocabulary"),
+    ([-1, 3], "outside the target vocabulary"),
+    ([3, 4, 3], "duplicate"),
+    ([], "non-empty"),
+    ([[1, 2]], "1-D"),
+    ([1.5, 2.0], "integer"),
+])
+def test_bad_draft_vocab_is_refused(bad, message):
+    target, draft = random_models(0)
+    with pytest.raises(ValueError, match=message):
+        spec.SpeculativeDecoder(target, draft, tree_shape=CHAIN, draft_vocab=np.array(bad))
+
+
+def test_tree_shape_too_wide_for_draft_vocab_is_refused():
+    target, draft = random_models(0)
+    with pytest.raises(ValueError, match="tokens exist"):
+        spec.SpeculativeDecoder(target, draft, tree_shape=(4, 16), draft_vocab=np.arange(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# tree shape by context
+
+
+def test_default_tree_for_context_table():
+    f = tree_lib.default_tree_for_context
+    assert f(0).widths == f(1000).widths == f(32768).widths == (4, 16, 16, 16, 16)
+    assert f(32769).widths == f(65536).widths == (4, 8, 8, 8, 8)
+    assert f(65537).widths == f(131072).widths == f(10**7).widths == (2, 4, 4, 4, 4)
+    sizes = [f(c).num_nodes for c in (1, 40_000, 200_000)]
+    assert sizes == sorted(sizes, reverse=True)  # never a bigger tree at a longer context
+    with pytest.raises(ValueError, match=">= 0"):
+        f(-1)
+
+
+def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
+    target, draft = random_models(1)
+    prompts = _prompts(1, (7,))
+    seen = []
+
+    def fake_default(context_len):
+        seen.append(context_len)
+        return tree_lib.TreeShape((2, 2))
+
+    monkeypatch.setattr(spec, "default_tree_for_context", fake_default)
+    res = spec.generate_tree(target, draft, prompts, max_new_tokens=12, eos_ids=(), cache_capacity=128)
+    assert seen and seen[0] == 7 + 12  # longest prompt + max_new_tokens
+    assert res.stats["tree_shape"] == [2, 2]
+    assert res.tokens == _ar(target, prompts, 12)
+    # an explicit shape still wins
+    res = spec.generate_tree(target, draft, prompts, tree_shape=CHAIN, max_new_tokens=12, eos_ids=(),
+                             cache_capacity=128)
+    assert res.stats["tree_shape"] == list(CHAIN)
+    # without the monkeypatch a short context gets the LongSpec default
+    monkeypatch.undo()
+    dec = spec.SpeculativeDecoder(target, draft)
+    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == (4, 16, 16, 16, 16)
+    assert dec.tree_shape_for(100_000, 1000).widths == (2, 4, 4, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/draft_vocab.py and --draft-vocab
+
+
+def _script():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "draft_vocab.py")
+    s = importlib.util.spec_from_file_location("draft_vocab_script", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod
+
+
+def test_top_ids_by_frequency_with_always_ids():
+    dv = _script()
+    counts = np.array([5, 0, 9, 9, 1, 7, 0, 2])
+    assert dv.top_ids(counts, 3).tolist() == [2, 3, 5]
+    assert dv.top_ids(counts, 3, always=[6]).tolist() == [2, 3, 6]  # ties 9/9 -> lower id first
+    with pytest.raises(ValueError, match="--size"):
+        dv.top_ids(counts, 9)
+
+
+def test_script_end_to_end_and_cli_loader(tmp_path):
+    import json
+    import os
+
+    from infer import generate
+
+    dv = _script()
+    tok_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "longspec_jax", "demo",
+                           "tokenizer")
+    corpus = tmp_path / "c.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "numpy", "class", "for", "in", "range", "x"]
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) for _ in range(20)))
+    (tmp_path / "d.txt").write_text("print('hello world')\n")
+    out = str(tmp_path / "sub" / "vocab")
+    assert dv.main([str(corpus), str(tmp_path / "d.txt"), "--tokenizer", tok_dir, "--size", "64", "--out", out]) == 0
+    ids = np.load(out + ".npy")
+    meta = json.load(open(out + ".json"))
+    assert ids.dtype == np.int32 and ids.size == 64 and np.all(np.diff(ids) > 0)
+    assert meta["ids"] == ids.tolist() and 0.9 < meta["coverage"] <= 1.0  # 64 ids cover a 10-word corpus
+    assert set(meta["always"]) <= set(ids.tolist())
+    assert generate.load_draft_vocab(out + ".npy").tolist() == ids.tolist()
+    assert generate.load_draft_vocab(out + ".json").tolist() == ids.tolist()
+    with pytest.raises(generate.UsageError, match=".npy or .json"):
+        generate.load_draft_vocab(str(tmp_path / "d.txt"))
+    with pytest.raises(generate.UsageError, match="cannot read --draft-vocab"):
+        generate.load_draft_vocab(str(tmp_path / "missing.npy"))
+
+
+def test_cli_refuses_out_of_range_draft_vocab(tmp_path, capsys):
+    from infer import generate
+
+    path = tmp_path / "v.npy"
+    np.save(path, np.array([1, 2, 10**6], np.int32))
+    argv = ["--model", "tiny-random", "--method", "tree", "--max-new-tokens", "2", "--draft-vocab", str(path)]
+    assert generate.main(argv) == 2
+    assert "outside the target vocabulary" in capsys.readouterr().err
+    args = generate.build_parser().parse_args(["--method", "tree"])
+    assert args.tree_shape is None and args.draft_vocab is None  # auto tree shape by default
