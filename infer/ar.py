@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from infer.state import ARState, step_key
+from longspec_jax import sharding as shd
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.sampling import SamplingParams, sample
 
@@ -324,6 +326,7 @@ def generate_ar(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     cache_dtype=None,
     cache_sharding=None,
+    mesh=None,
     pad_id: int | None = None,
     stream_callback: Callable[[np.ndarray, np.ndarray], None] | None = None,
     stream_every: int = 8,
@@ -346,6 +349,10 @@ def generate_ar(
       prefill_chunk: maximum prompt tokens per prefill forward (bounds attention memory).
       cache_dtype: KV cache dtype; default the model's compute dtype.
       cache_sharding: optional sharding of every cache buffer (`sharding.cache_sharding(mesh)`).
+      mesh: optional `jax.sharding.Mesh` (e.g. `sharding.tensor_parallel_mesh(n)`): a copy of the
+        model's parameters is placed on it by the logical-axis rules (heads and MLP split over
+        "tensor"), the cache is sharded over kv heads (unless `cache_sharding` is given), the small
+        inputs are replicated on it, and every executable runs SPMD over its devices.
       pad_id: value of output entries after a row's end; default the first EOS id, else 0.
       stream_callback: if given, called as `callback(tokens [B, n], num_tokens [B])` (numpy) with
         every token produced so far: after the first token, then after each slice of the loop.
@@ -392,6 +399,12 @@ def generate_ar(
     capacity = max(cache_capacity if cache_capacity is not None else capacity_bucket(needed), padded)
     out_len = output_bucket(max_new_tokens)
 
+    rep = None  # where small inputs go: the default device, or replicated over the mesh
+    if mesh is not None:
+        model = shd.place_for_inference(model, mesh)
+        rep = NamedSharding(mesh, PartitionSpec())
+        if cache_sharding is None:
+            cache_sharding = shd.cache_sharding(mesh, shape=(B, capacity, cfg.num_kv_heads, cfg.head_dim))
     graphdef, params = nnx.split(model)
     dtype = cache_dtype if cache_dtype is not None else getattr(model, "dtype", jnp.float32)
     compiler = _Compiler()
@@ -401,11 +414,13 @@ def generate_ar(
         tokens[b, : r.size] = r
     cache = KVCache.init(cfg, B, capacity, dtype, sharding=cache_sharding)
     hidden_last = jnp.zeros((B, cfg.hidden_size), jnp.float32)
-    chunks = [jax.device_put(tokens[:, s:s + chunk]) for s in range(0, padded, chunk)]
-    starts = [jax.device_put(np.int32(s)) for s in range(0, padded, chunk)]
-    last_index = jax.device_put(lens - 1)
-    dev_lens = jax.device_put(lens)
+    chunks = [jax.device_put(tokens[:, s:s + chunk], rep) for s in range(0, padded, chunk)]
+    starts = [jax.device_put(np.int32(s), rep) for s in range(0, padded, chunk)]
+    last_index = jax.device_put(lens - 1, rep)
+    dev_lens = jax.device_put(lens, rep)
     key = jax.random.key(seed)
+    if mesh is not None:
+        hidden_last, key = jax.device_put((hidden_last, key), rep)
     start_statics = dict(sampling=sampling, eos_ids=eos_ids, out_len=out_len, pad_id=pad_id)
 
     # Compile before timing anything (the arrays only provide abstract shapes here).
@@ -421,7 +436,7 @@ def generate_ar(
     prefill_s = time.perf_counter() - t0
 
     decode_statics = dict(sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
-    limit_full = jax.device_put(np.int32(max_new_tokens))
+    limit_full = jax.device_put(np.int32(max_new_tokens), rep)
     decode_exe = compiler.get("decode", _decode_jit, graphdef, (params, state, limit_full), decode_statics)
     if stream_callback is not None:
         snapshot_exe = compiler.get("snapshot", _snapshot_jit, None, (state,), {})
@@ -436,7 +451,7 @@ def generate_ar(
             state = decode_exe(params, state, limit_full)
         else:
             state = _decode_streaming(decode_exe, snapshot_exe, params, state, max_new_tokens, stream_callback,
-                                      stream_every, stream_interval_s)
+                                      stream_every, stream_interval_s, rep)
         jax.block_until_ready(state)
     decode_s = time.perf_counter() - t0
 
@@ -453,7 +468,8 @@ def generate_ar(
                     output_buffer=out_len))
 
 
-def _decode_streaming(decode_exe, snapshot_exe, params, state, max_new_tokens, callback, every, interval_s):
+def _decode_streaming(decode_exe, snapshot_exe, params, state, max_new_tokens, callback, every, interval_s,
+                      rep=None):
     """Run the decode loop in slices, handing each slice's tokens to `callback`.
 
     Slice i+1 is dispatched before slice i's tokens are read (from a copy, since the state itself
@@ -466,7 +482,7 @@ def _decode_streaming(decode_exe, snapshot_exe, params, state, max_new_tokens, c
     t_prev, steps_prev = time.perf_counter(), 1
     while limit < max_new_tokens:
         limit = min(limit + every, max_new_tokens)
-        state = decode_exe(params, state, jax.device_put(np.int32(limit)))  # explicit put: allowed by the guard
+        state = decode_exe(params, state, jax.device_put(np.int32(limit), rep))  # explicit put: allowed by the guard
         if pending is not None:
             shown, all_done = _emit(callback, pending, shown)
             if all_done:

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-capacity", type=int, default=None,
                    help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the target (and draft) over the first N devices: attention heads, MLP and "
+                        "vocabulary over a 'tensor' mesh axis, KV cache over kv heads; N must divide the kv heads")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=STREAM_BY_DEFAULT,
                    help="print text as it is produced (--method ar)")
     return p
@@ -149,7 +152,22 @@ def _draft_path(name: str) -> str:
                          "and pass --draft DIR.") from None
 
 
-def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype):
+def tensor_parallel_mesh(n: int):
+    """The --tensor-parallel mesh over the first n devices, or None for n == 1 (single device)."""
+    if n == 1:
+        return None
+    if n < 1:
+        raise UsageError(f"--tensor-parallel must be >= 1, got {n}")
+    if n > jax.device_count():
+        raise UsageError(f"--tensor-parallel {n} needs {n} devices but JAX sees {jax.device_count()} "
+                         f"({jax.devices()[0].platform}); pass at most {jax.device_count()} "
+                         "(on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N fakes N devices)")
+    from longspec_jax import sharding
+
+    return sharding.tensor_parallel_mesh(n)
+
+
+def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
     """--method tree: the LongSpec tree speculative decoder (`infer.speculative`)."""
     from infer import speculative
     from longspec_jax.tree import TreeShape
@@ -160,7 +178,8 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype):
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
                                     cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
-                                    draft_vocab=draft_vocab)
+                                    draft_vocab=draft_vocab,
+                                    mesh=mesh)
     return res.tokens[0], res.stop_reason[0], res.stats
 
 
@@ -218,18 +237,24 @@ def main(argv=None) -> int:
         if args.model == tiny_random.NAME:
             print(tiny_random.BANNER, flush=True)
         text = read_prompt(args)
+        mesh = tensor_parallel_mesh(args.tensor_parallel)  # before loading: fail fast on too few devices
         args.method = choose_method(args)
         model, cfg, tokenizer, ckpt = load_model(args, dtype)
+        if mesh is not None:
+            from longspec_jax import sharding
+
+            sharding.check_tensor_parallel(cfg, args.tensor_parallel, what=f"--tensor-parallel with {args.model}")
         ids, templated = prompts.encode_prompt(tokenizer, text, chat_template=not args.no_chat_template)
         eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
         print(f"model {args.model} | {args.dtype} | attention {args.attention_impl} | method {args.method} | "
-              f"device {jax.devices()[0].device_kind}")
+              f"device {jax.devices()[0].device_kind}"
+              + (f" x {args.tensor_parallel} (tensor parallel)" if mesh is not None else ""))
         print(f"prompt: {len(ids)} tokens ({'chat template' if templated else 'raw text'}); "
               f"stop ids {list(eos_ids)}")
         print("-" * 72, flush=True)
 
         if args.method == "tree":
-            tokens, reason, stats = run_tree(args, model, cfg, ids, sampling, eos_ids, dtype)
+            tokens, reason, stats = run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh)
             print(tokenizer.decode(tokens, skip_special_tokens=True))
             print("-" * 72)
             print(f"stopped on: {reason}")
@@ -248,7 +273,7 @@ def main(argv=None) -> int:
         res = generate_ar(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                           seed=args.seed, cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
                           stream_callback=streamer, stream_every=STREAM_EVERY,
-                          stream_interval_s=STREAM_INTERVAL_S)
+                          stream_interval_s=STREAM_INTERVAL_S, mesh=mesh)
         tokens = res.sequences()[0]
         if streamer is not None:
             streamer.finish(tokens)

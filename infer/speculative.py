@@ -57,10 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels
 from infer import ar
 from longspec_jax import kv_cache as kvc
+from longspec_jax import sharding as shd
 from longspec_jax import verify
 from longspec_jax.draft import Draft, DraftCache, cut_logits, head_columns, ring_capacity
 from longspec_jax.sampling import SamplingParams, sample
@@ -314,10 +316,14 @@ class SpeculativeDecoder:
         vocabulary, so a target choice outside the subset just ends acceptance at that node.
       cache_dtype: dtype of the target KV cache and draft ring (default: the target's compute dtype).
       prefill_chunk: most prompt tokens per prefill forward (`infer.ar`'s chunked, bucketed prefill).
+      mesh: optional `jax.sharding.Mesh` (e.g. `sharding.tensor_parallel_mesh(n)`): copies of the
+        target and draft are placed on it by the logical-axis rules (heads and MLP split over
+        "tensor"; kv heads must divide, `sharding.check_tensor_parallel`), the target cache is
+        sharded over kv heads, small inputs are replicated, and the executables run SPMD.
     """
 
     def __init__(self, target, draft: Draft, *, tree_shape: Sequence[int] | str | TreeShape | None = None,
-                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None):
+                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None):
         self.target, self.draft = target, draft
         tcfg = target.cfg
         draft.cfg.check_matches(tcfg)
@@ -335,11 +341,18 @@ class SpeculativeDecoder:
         # and the smallest ring (window + G rounded to 8) keeps CPU runs and tests wrapping often.
         self._ring_multiple = 8 if impl == "xla" else 128
         self.ring_slots = None if self.shape is None else self._ring_slots(self.shape)
+        self.mesh, self._rep = mesh, None  # _rep: where small inputs go (None: the default device)
+        if mesh is not None:
+            target = self.target = shd.place_for_inference(target, mesh, what="target")
+            draft = self.draft = shd.place_for_inference(draft, mesh, what="draft")
+            self._rep = NamedSharding(mesh, PartitionSpec())
         self._t_graph, self._t_state = nnx.split(target)
         self._d_graph, self._d_state = nnx.split(draft)
         # (ids [V'], head [D, V']): a run-time argument of the loop, gathered once here.
         self._vocab = None if self.draft_vocab is None else (
             jnp.asarray(self.draft_vocab), head_columns(target, self.draft_vocab))
+        if mesh is not None and self._vocab is not None:  # beside the replicated inputs, for the loop
+            self._vocab = jax.device_put(self._vocab, self._rep)
 
     def _ring_slots(self, shape: TreeShape) -> int:
         return ring_capacity(self.draft.cfg.window, shape.max_accept, self._ring_multiple)
@@ -410,20 +423,25 @@ class SpeculativeDecoder:
         tokens = np.zeros((B, padded), np.int32)  # right padding: hidden by the causal mask and lengths
         for b, r in enumerate(rows):
             tokens[b, :r.size] = r
-        cache = kvc.KVCache.init(cfg, B, capacity, self.cache_dtype)
+        cache_sharding = None if self.mesh is None else shd.cache_sharding(
+            self.mesh, shape=(B, capacity, cfg.num_kv_heads, cfg.head_dim))
+        cache = kvc.KVCache.init(cfg, B, capacity, self.cache_dtype, sharding=cache_sharding)
         hidden_last = jnp.zeros((B, cfg.hidden_size), jnp.float32)
-        chunks = [jax.device_put(tokens[:, s:s + chunk]) for s in range(0, padded, chunk)]
-        starts = [jax.device_put(np.int32(s)) for s in range(0, padded, chunk)]
-        last_index = jax.device_put(lens - 1)
-        dev_lens = jax.device_put(lens)
-        dev_prompt = jax.device_put(tokens)
+        rep = self._rep
+        chunks = [jax.device_put(tokens[:, s:s + chunk], rep) for s in range(0, padded, chunk)]
+        starts = [jax.device_put(np.int32(s), rep) for s in range(0, padded, chunk)]
+        last_index = jax.device_put(lens - 1, rep)
+        dev_lens = jax.device_put(lens, rep)
+        dev_prompt = jax.device_put(tokens, rep)
         key = jax.random.key(seed)
+        if self.mesh is not None:
+            hidden_last, key = jax.device_put((hidden_last, key), rep)
         graphs = dict(t_graph=self._t_graph, d_graph=self._d_graph)
 
         chunk_exe = compiler.get("prefill", ar._prefill_chunk_jit, self._t_graph,
                                  (self._t_state, cache, chunks[0], starts[0], last_index, hidden_last), {})
         start_args = (self._t_state, self._d_state, cache, hidden_last, dev_prompt, dev_lens, key,
-                      jax.device_put(np.int32(max_new_tokens)), jax.device_put(eos_arr))
+                      jax.device_put(np.int32(max_new_tokens), rep), jax.device_put(eos_arr, rep))
         start_exe = compiler.get("spec_start", _start, None, start_args,
                                  dict(graphs, st=st, ring_slots=ring_slots))
 
@@ -494,10 +512,10 @@ def _as_prompt_list(prompt_ids) -> list[list[int]]:
 def generate_tree(target, draft: Draft, prompt_ids, *, tree_shape=None, max_new_tokens: int,
                   sampling: SamplingParams | None = None, eos_ids: Sequence[int] | None = None, seed: int = 0,
                   cache_capacity: int | None = None, cache_dtype=None,
-                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None) -> SpecResult:
+                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None) -> SpecResult:
     """One-shot tree speculative generation (see `SpeculativeDecoder` to reuse compilations;
     tree_shape None = `tree.default_tree_for_context`, draft_vocab = a draft vocabulary cut)."""
     decoder = SpeculativeDecoder(target, draft, tree_shape=tree_shape, cache_dtype=cache_dtype,
-                                 prefill_chunk=prefill_chunk, draft_vocab=draft_vocab)
+                                 prefill_chunk=prefill_chunk, draft_vocab=draft_vocab, mesh=mesh)
     return decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                             seed=seed, cache_capacity=cache_capacity)

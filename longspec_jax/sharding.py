@@ -124,3 +124,52 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
 def cache_sharding(mesh: Mesh, rules=None, *, shape: Sequence[int] | None = None) -> NamedSharding:
     """Sharding for a KV cache buffer [B, S, K, H]: batch over data/fsdp, kv heads over tensor."""
     return logical_to_sharding(("batch", "seq", "kv_heads", "head_dim"), mesh, rules, shape=shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor parallelism for inference (one model over the devices of one host, Megatron style)
+#
+# With DEFAULT_RULES on a (1, 1, n) mesh: q/k/v/o kernels are split over heads and the MLP over its
+# hidden dimension ("q_heads", "kv_heads", "mlp" -> "tensor"), so each layer needs one all-reduce
+# after the attention output and one after the MLP down projection; the KV cache is split over kv
+# heads. The embedding and LM head stay sharded over the vocabulary ("vocab" -> "tensor"): at
+# Llama-3 sizes the LM head (128k x 4096) is the largest single matrix read per decode step, so
+# splitting it divides that read by n, at the price of small cross-device reductions in the
+# argmax / top-k / softmax over the vocabulary-sharded logits. A vocabulary the axis does not
+# divide is replicated (correct, only costs memory). Heads are refused instead (`check_tensor_parallel`):
+# replicated kv heads would silently keep the whole KV cache on every device.
+
+
+def tensor_parallel_mesh(n: int, *, devices=None) -> Mesh:
+    """A (data=1, fsdp=1, tensor=n) mesh over the first `n` devices, for tensor-parallel inference."""
+    devices = list(jax.devices() if devices is None else devices)
+    if n < 1:
+        raise ShardingError(f"tensor parallel size must be >= 1, got {n}")
+    if n > len(devices):
+        raise ShardingError(f"tensor parallel size {n} needs {n} devices but only {len(devices)} are available "
+                            f"({devices[0].platform}); pass at most {len(devices)}")
+    return make_mesh(1, 1, n, devices=devices)
+
+
+def check_tensor_parallel(cfg, tensor: int, *, what: str = "model") -> None:
+    """Refuse a config whose query or kv heads the tensor axis size does not divide.
+
+    `cfg` is any config with `num_heads` and `num_kv_heads` (ModelConfig, DraftConfig).
+    """
+    for field in ("num_kv_heads", "num_heads"):
+        heads = getattr(cfg, field)
+        if heads % tensor:
+            ok = [d for d in range(1, heads + 1) if heads % d == 0 and cfg.num_heads % d == 0
+                  and cfg.num_kv_heads % d == 0]
+            raise ShardingError(f"{what}: {field}={heads} is not divisible by the tensor parallel size {tensor}; "
+                                f"the attention heads (and the KV cache) are split over it. Use one of {ok}")
+
+
+def place_for_inference(model: nnx.Module, mesh: Mesh, rules=None, *, what: str = "model") -> nnx.Module:
+    """A copy of `model` with its parameters on `mesh` (`model` itself is left where it is).
+
+    Checks the heads against the mesh's tensor axis (`check_tensor_parallel`) first.
+    """
+    check_tensor_parallel(model.cfg, mesh.shape.get("tensor", 1), what=what)
+    graphdef, state = nnx.split(model)
+    return shard_model(nnx.merge(graphdef, state, copy=True), mesh, rules)

@@ -1,0 +1,174 @@
+"""Tensor-parallel inference on a ("data", "fsdp", "tensor") = (1, 1, n) mesh of fake CPU devices:
+greedy AR and tree speculative output identical to the single-device run, parameters and KV cache
+really split (Megatron style: heads and MLP hidden over "tensor", vocabulary over "tensor"), and the
+refusals (too many devices, heads the tensor size does not divide).
+
+Identity, not closeness, is asserted: float32 with "highest" matmul precision (conftest); the
+sharded run only reorders the sums of the o / down projections (all-reduce) and the vocabulary
+reductions, which is far below the logit gaps of these random models over a few dozen tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer import ar, generate, tiny_random
+from infer import speculative as spec
+from longspec_jax import sharding
+from longspec_jax.configs import DraftConfig, tiny_config
+from longspec_jax.draft import Draft
+from longspec_jax.kv_cache import KVCache
+from longspec_jax.transformer import Transformer
+
+VOCAB = 128
+MAX_NEW = 24
+CHUNK = 16  # the 40-token prompt takes 3 prefill chunks: the cache crosses executables sharded
+TREE = (2, 2)
+
+
+def _cfg(num_kv_heads=4):
+    return tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_heads=8,
+                       num_kv_heads=num_kv_heads, head_dim=8, eos_token_ids=())
+
+
+def _target(cfg, seed=0):
+    # Host-drawn weights (no XLA compile of an initialiser: seconds saved on a loaded 2-core CPU).
+    return tiny_random.random_model(cfg, dtype=jnp.float32, seed=seed, std=0.2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = _cfg()
+    # nnx-initialised weights: with this seed the random draft gets some tree nodes accepted.
+    target = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    draft = Draft(DraftConfig.from_target(cfg, window=8), cfg.rope, rngs=nnx.Rngs(1), dtype=jnp.float32,
+                  param_dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB, 40).tolist(), rng.integers(0, VOCAB, 23).tolist()]
+    return target, draft, prompts
+
+
+@pytest.fixture(scope="module")
+def ar_reference(models):
+    target, _, prompts = models
+    return ar.generate_ar(target, prompts, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK)
+
+
+def _spec(x):
+    return tuple(x.sharding.spec)
+
+
+def test_params_and_cache_are_sharded(models):
+    target, draft, _ = models
+    mesh = sharding.tensor_parallel_mesh(2)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}
+    placed = sharding.place_for_inference(target, mesh)
+    attn, mlp = placed.layers[0].attn, placed.layers[0].mlp
+    # [D, N, H], [D, K, H], [N, H, D]: heads over "tensor" ("fsdp" has size 1 here).
+    assert _spec(attn.q_kernel[...])[1] == "tensor"
+    assert _spec(attn.k_kernel[...])[1] == "tensor"
+    assert _spec(attn.v_kernel[...])[1] == "tensor"
+    assert _spec(attn.o_kernel[...])[0] == "tensor"
+    assert _spec(mlp.gate_kernel[...])[1] == "tensor" and _spec(mlp.up_kernel[...])[1] == "tensor"
+    assert _spec(mlp.down_kernel[...])[0] == "tensor"
+    assert _spec(placed.embedder.embedding[...])[0] == "tensor"  # [V, D] over the vocabulary
+    assert _spec(placed.lm_head.kernel[...])[1] == "tensor"  # [D, V]
+    q = attn.q_kernel[...]
+    assert {s.data.shape for s in q.addressable_shards} == {(64, 4, 8)}  # 8 heads -> 4 per device
+    # The caller's model is untouched (a copy was placed).
+    assert len(target.layers[0].attn.q_kernel[...].sharding.device_set) == 1
+    d_placed = sharding.place_for_inference(draft, mesh, what="draft")
+    assert _spec(d_placed.self_attn.k_kernel[...])[1] == "tensor"
+    assert _spec(d_placed.cross_attn.q_kernel[...])[1] == "tensor"
+
+    cfg = target.cfg
+    shape = (2, 32, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache.init(cfg, 2, 32, jnp.float32, sharding=sharding.cache_sharding(mesh, shape=shape))
+    assert all(_spec(b)[2] == "tensor" and _spec(b)[1] is None for b in cache.k + cache.v)
+    assert {s.data.shape for s in cache.k[0].addressable_shards} == {(2, 32, 2, 8)}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ar_greedy_matches_single_device(models, ar_reference, n):
+    target, _, prompts = models
+    res = ar.generate_ar(target, prompts, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK,
+                         mesh=sharding.tensor_parallel_mesh(n))
+    np.testing.assert_array_equal(res.tokens, ar_reference.tokens)
+    np.testing.assert_array_equal(res.num_tokens, ar_reference.num_tokens)
+
+
+def test_ar_streaming_on_mesh(models, ar_reference):
+    """Streaming slices put their step limit on the mesh too (the decode runs under a transfer guard)."""
+    target, _, prompts = models
+    seen = []
+    res = ar.generate_ar(target, prompts, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK,
+                         mesh=sharding.tensor_parallel_mesh(2), stream_callback=lambda t, n: seen.append(t),
+                         stream_every=8, stream_interval_s=0.0)
+    np.testing.assert_array_equal(res.tokens, ar_reference.tokens)
+    assert len(seen) >= 2
+    np.testing.assert_array_equal(seen[-1], ar_reference.tokens)
+
+
+def test_tree_greedy_matches_single_device(models):
+    target, draft, prompts = models
+    ref = spec.generate_tree(target, draft, prompts, tree_shape=TREE, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK)
+    mesh = sharding.tensor_parallel_mesh(2)
+    decoder = spec.SpeculativeDecoder(target, draft, tree_shape=TREE, prefill_chunk=CHUNK, mesh=mesh)
+    assert _spec(decoder.target.layers[0].attn.k_kernel[...])[1] == "tensor"
+    assert _spec(decoder.draft.self_attn.q_kernel[...])[1] == "tensor"
+    res = decoder.generate(prompts, max_new_tokens=MAX_NEW)
+    assert res.tokens == ref.tokens
+    assert res.stop_reason == ref.stop_reason
+    assert res.stats["accept_hist"] == ref.stats["accept_hist"]
+    assert sum(res.stats["accept_hist"][1:]) > 0  # some drafts were accepted: the commit path ran sharded
+
+
+def test_refusals():
+    with pytest.raises(sharding.ShardingError, match="tensor parallel size 9 needs 9 devices but only 8"):
+        sharding.tensor_parallel_mesh(9)
+    with pytest.raises(sharding.ShardingError, match=">= 1"):
+        sharding.tensor_parallel_mesh(0)
+    cfg = _cfg(num_kv_heads=2)
+    with pytest.raises(sharding.ShardingError, match=r"num_kv_heads=2 is not divisible by the tensor parallel size 4"
+                                                     r".*Use one of \[1, 2\]"):
+        sharding.check_tensor_parallel(cfg, 4)
+    sharding.check_tensor_parallel(cfg, 2)
+
+    target = _target(cfg)
+    mesh4 = sharding.tensor_parallel_mesh(4)
+    with pytest.raises(sharding.ShardingError, match="num_kv_heads=2"):
+        ar.generate_ar(target, [[3, 4, 5]], max_new_tokens=2, mesh=mesh4)
+    draft = Draft(DraftConfig.from_target(cfg, window=8), cfg.rope, rngs=nnx.Rngs(1), dtype=jnp.float32,
+                  param_dtype=jnp.float32)
+    with pytest.raises(sharding.ShardingError, match="target: num_kv_heads=2"):
+        spec.SpeculativeDecoder(target, draft, tree_shape=TREE, mesh=mesh4)
+
+
+def test_rules_replicate_what_they_cannot_split():
+    """The rules table itself (training, `shard_model`) falls back to replication for a dimension the
+    mesh axis does not divide; only the inference entry points refuse undivisible heads."""
+    target = _target(_cfg(num_kv_heads=2))
+    mesh4 = sharding.tensor_parallel_mesh(4)
+    sharding.shard_model(target, mesh4)
+    attn = target.layers[0].attn
+    assert _spec(attn.k_kernel[...])[1] is None  # 2 kv heads on tensor=4: replicated
+    assert _spec(attn.q_kernel[...])[1] == "tensor"  # 8 query heads: split
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor-parallel", "16"], "--tensor-parallel 16 needs 16 devices but JAX sees 8"),
+    (["--tensor-parallel", "0"], "--tensor-parallel must be >= 1"),
+    (["--tensor-parallel", "4", "--method", "ar"], "num_kv_heads=2 is not divisible by the tensor parallel size 4"),
+])
+def test_cli_refusals(argv, message, capsys):
+    assert generate.main(["--model", "tiny-random", "--max-new-tokens", "2"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_tensor_parallel_runs(capsys):
+    assert generate.main(["--model", "tiny-random", "--method", "ar", "--max-new-tokens", "4", "--dtype", "f32",
+                          "--tensor-parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "x 2 (tensor parallel)" in out and "decode:" in out
