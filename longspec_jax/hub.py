@@ -16,53 +16,49 @@ TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")  # either one suffices
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
 
-def missing_files(directory: str) -> list[str]:
-    """Files a complete checkpoint directory lacks (config, weights incl. every indexed shard, tokenizer)."""
-    missing = []
-    have = lambda name: os.path.exists(os.path.join(directory, name))  # noqa: E731
-    if not have(CONFIG_FILE):
-        missing.append(CONFIG_FILE)
-    if have(INDEX_FILE):
+def _missing(find) -> list[str]:
+    """Files a complete checkpoint lacks (config, weights incl. every indexed shard, tokenizer).
+
+    `find(name)` returns a readable path for a file of the checkpoint, or None.
+    """
+    missing = [] if find(CONFIG_FILE) else [CONFIG_FILE]
+    index = find(INDEX_FILE)
+    if index:
         try:
-            with open(os.path.join(directory, INDEX_FILE)) as f:
+            with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError):
             shards = []
             missing.append(f"{INDEX_FILE} (unreadable)")
-        missing += [s for s in shards if not have(s)]
-    elif not have(SINGLE_FILE):
+        missing += [s for s in shards if not find(s)]
+    elif not find(SINGLE_FILE):
         missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
-    if not have(TOKENIZER_CONFIG):
+    if not find(TOKENIZER_CONFIG):
         missing.append(TOKENIZER_CONFIG)
-    if not any(have(t) for t in TOKENIZER_MODELS):
+    if not any(find(t) for t in TOKENIZER_MODELS):
         missing.append(" or ".join(TOKENIZER_MODELS))
     return missing
+
+
+def missing_files(directory: str) -> list[str]:
+    """Files a complete checkpoint directory lacks."""
+
+    def find(name):
+        path = os.path.join(directory, name)
+        return path if os.path.exists(path) else None
+
+    return _missing(find)
 
 
 def _cached_missing(repo_id: str, cache_dir, revision) -> list[str]:
     """Like `missing_files`, file by file in the HF cache (used when no complete snapshot exists)."""
     from huggingface_hub import try_to_load_from_cache
 
-    def cached(name):
+    def find(name):
         p = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
         return p if isinstance(p, str) else None
 
-    missing = [] if cached(CONFIG_FILE) else [CONFIG_FILE]
-    index = cached(INDEX_FILE)
-    if index:
-        try:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError):
-            shards, missing = [], missing + [f"{INDEX_FILE} (unreadable)"]
-        missing += [s for s in shards if not cached(s)]
-    elif not cached(SINGLE_FILE):
-        missing.append(f"{SINGLE_FILE} (or {INDEX_FILE} and its shards)")
-    if not cached(TOKENIZER_CONFIG):
-        missing.append(TOKENIZER_CONFIG)
-    if not any(cached(t) for t in TOKENIZER_MODELS):
-        missing.append(" or ".join(TOKENIZER_MODELS))
-    return missing
+    return _missing(find)
 
 
 def _looks_like_repo_id(name: str) -> bool:
