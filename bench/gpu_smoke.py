@@ -26,10 +26,7 @@ def stage(name, fn):
 def main():
     faulthandler.dump_traceback_later(int(sys.argv[1]) if len(sys.argv) > 1 else 200, exit=True)
     key = jax.random.split(jax.random.key(0), 6)
-    from longspec_jax.tree import top_k_rows
-
     x = jax.random.normal(key[5], (1, 16, 128256), jnp.float32)
-    stage("top_k_rows [1,16,128256] k=16 compile+run", lambda: jax.jit(top_k_rows, static_argnums=1)(x, 16))
     stage("lax.top_k  [1,16,128256] k=16 compile+run", lambda: jax.jit(jax.lax.top_k, static_argnums=1)(x, 16))
     for S, L, T in ((5120, 4096, 69), (5120, 4000, 69), (33792, 32768, 69), (640, 600, 16)):
         q = jax.random.normal(key[0], (1, T, 32, 128), jnp.bfloat16)

@@ -165,27 +165,6 @@ def init_tree(shape: TreeShape, root_tokens: jax.Array) -> Tree:
     return Tree(tokens=tokens, parents=jnp.zeros((B, Nn), jnp.int32), mask=mask, scores=scores)
 
 
-def top_k_rows(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k along the last axis, in lax.top_k's order (value descending, lower index first).
-
-    For small k over a long last axis (a 128k vocabulary) it runs k masked argmax passes, which
-    compile in seconds on every backend and cost k reads of the input (memory-bound; ~16 x 8 MB
-    for a level of 16 nodes over 128k tokens). Otherwise it is lax.top_k.
-    """
-    if k > 16 or x.shape[-1] < 4096:
-        return jax.lax.top_k(x, k)
-    # A floor keeps every entry above -inf, so a taken entry (set to -inf) is never picked again,
-    # even in a row with fewer than k finite values; the returned values are the original ones.
-    work = jnp.maximum(x, jnp.finfo(x.dtype).min)
-    idx = []
-    for _ in range(k):
-        i = jnp.argmax(work, axis=-1)  # first (lowest) index of the maximum
-        idx.append(i)
-        work = jnp.where(jnp.arange(x.shape[-1]) == i[..., None], -jnp.inf, work)
-    idx = jnp.stack(idx, axis=-1).astype(jnp.int32)
-    return jnp.take_along_axis(x, idx, axis=-1), idx
-
-
 def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids: jax.Array | None = None) -> Tree:
     """Add level `level + 1` by one global beam-search step.
 
@@ -215,7 +194,7 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids:
     # compile on GPU and is slow to run. Ties resolve as in the flat top-k: lower parent first,
     # then lower token, since lax.top_k is stable and the survivors stay in parent-major order.
     k = min(n_child, V)
-    row_best, row_tok = top_k_rows(logq.astype(jnp.float32), k)  # [B, n_par, k]
+    row_best, row_tok = jax.lax.top_k(logq.astype(jnp.float32), k)  # [B, n_par, k]
     cand = (par_scores[:, :, None] + row_best).reshape(B, n_par * k)
     best, idx = jax.lax.top_k(cand, n_child)  # [B, n_child]; (parent, token) pairs are distinct
     parents = (o_par + idx // k).astype(jnp.int32)

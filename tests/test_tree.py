@@ -113,14 +113,3 @@ def test_two_stage_topk_equals_flat_topk_with_ties():
             np.testing.assert_array_equal(tree.parents[:, o_child:o_child + n_child], o_par + idx // V)
             np.testing.assert_allclose(tree.scores[:, o_child:o_child + n_child], best)
 
-
-def test_top_k_rows_matches_lax_top_k_including_ties_and_neg_inf():
-    from longspec_jax.tree import top_k_rows
-
-    x = jnp.round(jax.random.normal(jax.random.key(3), (2, 3, 5000)) * 2) / 2
-    x = x.at[1, 2, :].set(-jnp.inf).at[1, 2, 7].set(0.5)  # a row with a single finite value
-    for k in (1, 5, 16):
-        v, i = top_k_rows(x, k)
-        rv, ri = jax.lax.top_k(x, k)
-        np.testing.assert_array_equal(i, ri)
-        np.testing.assert_array_equal(v, rv)
