@@ -147,3 +147,28 @@ def test_hf_tokenizer_from_directory(tmp_path):
     check_tokenizer(tok, 6)
     with pytest.raises(DataError, match="not the target's tokenizer"):
         check_tokenizer(tok, 5)
+
+
+def test_batched_encoding_and_token_cache(tmp_path):
+    """The demo tokenizer: batched "raw" encoding == record-by-record encoding; the cache returns the
+    same documents, is reused, and is rebuilt when the data or the settings change."""
+    tok = HFTokenizer(os.path.join(os.path.dirname(__file__), "..", "longspec_jax", "demo", "tokenizer"))
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "    ", "\n", "x", "=", "(", ")", ":", "import", "numpy", "é", "λ"]
+    recs = [{"text": "".join(rng.choice(words, size=int(rng.integers(5, 60))))} for _ in range(40)]
+    path = write_jsonl(tmp_path / "a.jsonl", recs)
+    cache = tmp_path / "cache"
+    cfg = data_cfg(paths=[path], cache_dir=str(cache))
+    one_by_one = [encode_record(r, data_cfg(paths=[path]), tok, "r") for r in recs]
+    first = load_documents(cfg, tok)
+    files = sorted(os.listdir(cache))
+    assert len(files) == 1 and files[0].endswith(".npz")
+    second = load_documents(cfg, tok)
+    for a, b, c in zip(one_by_one, first, second):
+        assert a.ids.tolist() == b.ids.tolist() == c.ids.tolist()
+        assert a.mask.tolist() == b.mask.tolist() == c.mask.tolist()
+    assert [d.where for d in second] == [d.where for d in first]
+    load_documents(data_cfg(paths=[path], cache_dir=str(cache), add_bos=False), tok)
+    assert len(os.listdir(cache)) == 2  # other settings: another entry
+    write_jsonl(tmp_path / "a.jsonl", recs[:5])
+    assert len(load_documents(cfg, tok)) == 5  # the file changed: not served from the old entry

@@ -203,3 +203,22 @@ def test_lm_objective_exports_a_loadable_target(tmp_path):
     model, cfg, tok = weights.load_target(str(tmp_path / "lm"), dtype=jnp.float32)
     assert cfg.vocab_size == 256 and tok.eos_token_id == 1
     assert tok.encode("abc", add_special_tokens=False) == [97, 98, 99]
+
+
+def test_time_limit_stops_checkpoints_and_exports(tmp_path, capsys):
+    """--time-limit: the run stops early, leaves a checkpoint at the step it reached and exports."""
+    from longspec_jax import weights
+
+    over = tiny_overrides(tmp_path, **{"train.objective": "lm", "train.steps": 1000,
+                                       "checkpoint.async_save": "false", "checkpoint.every": 1000,
+                                       "checkpoint.dir": str(tmp_path / "ck"),
+                                       "log.metrics": str(tmp_path / "m.jsonl"),
+                                       "checkpoint.export_dir": str(tmp_path / "lm")})
+    assert run_lib.main(["--config", TINY, "--time-limit", "0.0001"] + over) == 0
+    assert "--time-limit reached" in capsys.readouterr().err
+    last = [json.loads(line) for line in open(tmp_path / "m.jsonl")][-1]
+    assert last["stopped_early"] and last["step"] < 1000
+    assert Checkpointer(str(tmp_path / "ck")).latest_step() == last["step"]
+    weights.load_target(str(tmp_path / "lm"), dtype=jnp.float32)
+    assert run_lib.main(["--config", TINY, "--time-limit", "-1"] + over) == 2
+    assert "--time-limit must be a positive" in capsys.readouterr().err

@@ -184,8 +184,9 @@ def test_remat_changes_memory_not_maths(policy):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_chunked_forwards_match_the_models():
-    """train/chunked.py (memory-bounded, for 32k) == Transformer / Draft forward_train."""
+@pytest.mark.parametrize("impl,lag", [("chunked", 3), ("flash", 3), ("flash", 1)])
+def test_chunked_forwards_match_the_models(impl, lag):
+    """train/chunked.py (memory-bounded, for 32k; chunked and flash cores) == Transformer / Draft forward_train."""
     from train import chunked
 
     tcfg = tiny_config()
@@ -198,10 +199,35 @@ def test_chunked_forwards_match_the_models():
     @jax.jit
     def both(tokens, positions):
         h0, (k0, v0) = target.forward_train(tokens, positions)
-        h1, (k1, v1) = chunked.target_forward_train(target, tokens, positions, chunk=8)
-        d0 = draft.forward_train(tokens, positions, k0, v0, 3, embed=target.embed)
-        d1 = chunked.draft_forward_train(draft, tokens, positions, k0, v0, 3, embed=target.embed, chunk=8)
+        h1, (k1, v1) = chunked.target_forward_train(target, tokens, positions, chunk=8, impl=impl)
+        d0 = draft.forward_train(tokens, positions, k0, v0, lag, embed=target.embed)
+        d1 = chunked.draft_forward_train(draft, tokens, positions, k0, v0, lag, embed=target.embed, chunk=8,
+                                         impl=impl)
         return (h0, k0, v0, d0), (h1, k1, v1, d1)
 
     for a, b in zip(*both(tokens, positions)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flash_training_attention_on_gpu_matches_float32_reference():
+    """cuDNN flash attention (bf16) in the training forwards against the float32 dense forward."""
+    from train import chunked
+
+    tcfg = tiny_config(hidden_size=128, num_heads=2, num_kv_heads=1, head_dim=64, intermediate_size=256)
+    target = Transformer(tcfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    target16 = Transformer(tcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    draft = Draft(DraftConfig.from_target(tcfg, window=64), tcfg.rope, rngs=nnx.Rngs(1), dtype=jnp.float32,
+                  param_dtype=jnp.float32)
+    draft16 = Draft(DraftConfig.from_target(tcfg, window=64), tcfg.rope, rngs=nnx.Rngs(1), dtype=jnp.bfloat16,
+                    param_dtype=jnp.float32)
+    tokens = jax.random.randint(jax.random.key(2), (2, 256), 0, 256)
+    positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    h0, (k0, v0) = jax.jit(target.forward_train)(tokens, positions)
+    h1, (k1, v1) = jax.jit(lambda t, p: chunked.target_forward_train(target16, t, p, chunk=64, impl="flash"))(
+        tokens, positions)
+    np.testing.assert_allclose(np.asarray(h1, np.float32), h0, atol=5e-2, rtol=5e-2)
+    d0 = jax.jit(lambda: draft.forward_train(tokens, positions, k0, v0, 2, embed=target.embed))()
+    d1 = jax.jit(lambda: chunked.draft_forward_train(draft16, tokens, positions, k1, v1, 2, embed=target16.embed,
+                                                     chunk=64, impl="flash"))()
+    np.testing.assert_allclose(np.asarray(d1, np.float32), d0, atol=5e-2, rtol=5e-2)

@@ -1,4 +1,4 @@
-"""Memory-bounded training forwards for long sequences (train.attention = "chunked").
+"""Memory-bounded training forwards for long sequences (train.attention = "chunked" or "flash").
 
 `Transformer.forward_train` and `Draft.forward_train` attend with dense [T, T] masks and scores,
 which at T = 32k is ~128 GiB per layer for a 32-head model. These twins compute the same maths
@@ -6,6 +6,13 @@ with query-chunked attention: `lax.map` over query blocks of `chunk` rows, each 
 `jax.checkpoint`, so at most [B, N, chunk, T] float32 scores are alive (also in the backward pass).
 They reuse the models' own submodules (projections, norms, MLP, `Draft._block`), so only the
 attention core differs; tests/test_train_step.py checks them against the models' forward_train.
+
+Two attention cores:
+  "chunked"  pure-JAX query blocks (above); runs anywhere, float32 scores.
+  "flash"    `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs with bf16/f16
+             inputs, XLA elsewhere): causal, sliding-window (`local_window_size`) and lagged
+             cross-attention, the last by rolling the queries so that it becomes plain causal
+             attention (row i sees keys <= i - lag  <=>  row i - lag of the rolled queries is causal).
 
 Visibility (by sequence index i, key index s): target causal s <= i; draft self-attention
 i - W <= s <= i; draft cross-attention s <= i - lag (rows i < lag output zeros, spec 1.3).
@@ -58,33 +65,76 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Callabl
     return out.swapaxes(0, 1).reshape(B, n * chunk, N, H)[:, :T]
 
 
-def target_forward_train(target, tokens: jax.Array, positions: jax.Array, *, chunk: int):
-    """`Transformer.forward_train` with chunked causal attention: (hidden, (k_last, v_last))."""
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | None = None,
+                    lag=None) -> jax.Array:
+    """Causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention where it applies).
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, T, K, H] (same length: training sequences).
+      window: sliding window W: row i sees keys i - W .. i (None = all keys <= i).
+      lag: cross-attention lag j (traced int): row i sees keys <= i - j; rows i < j are zeros.
+    """
+    impl = "cudnn" if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
+    if lag is not None:
+        T = q.shape[1]
+        lag = jnp.asarray(lag, jnp.int32)
+        q = jnp.roll(q, -lag, axis=1)
+    local = None if window is None else (int(window), 0)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation=impl)
+    if lag is not None:
+        o = jnp.roll(o, lag, axis=1)
+        o = jnp.where((jnp.arange(T) >= lag)[None, :, None, None], o, jnp.zeros((), o.dtype))
+    return o
+
+
+def _core(impl: str, chunk: int):
+    """(q, k, v, window, lag) -> attention output, for impl "chunked" or "flash"."""
+    if impl == "flash":
+        return lambda q, k, v, window=None, lag=None: flash_attention(q, k, v, window=window, lag=lag)
+    if impl != "chunked":
+        raise ValueError(f"unknown training attention {impl!r}; expected 'chunked' or 'flash'")
+
+    def attend(q, k, v, window=None, lag=None):
+        if lag is not None:
+            lag = jnp.asarray(lag, jnp.int32)
+            rule = lambda i, s: s <= i - lag  # noqa: E731
+        elif window is not None:
+            rule = lambda i, s: (s <= i) & (s >= i - window)  # noqa: E731
+        else:
+            rule = lambda i, s: s <= i  # noqa: E731
+        return chunked_attention(q, k, v, rule, chunk=chunk)
+
+    return attend
+
+
+def target_forward_train(target, tokens: jax.Array, positions: jax.Array, *, chunk: int, impl: str = "chunked"):
+    """`Transformer.forward_train` with chunked or flash causal attention: (hidden, (k_last, v_last))."""
     cos, sin = target.rope(positions)
     h = target.embed(tokens)
     kv = None
-    causal = lambda i, s: s <= i  # noqa: E731
+    attend = _core(impl, chunk)
     for layer in target.layers:
         q, k, v = layer.attn.qkv(layer.input_norm(h), cos, sin)
-        h = h + layer.attn.out(chunked_attention(q, k, v, causal, chunk=chunk))
+        h = h + layer.attn.out(attend(q, k, v))
         h = h + layer.mlp(layer.post_attn_norm(h))
         kv = (k, v)
     return target.final_norm(h), kv
 
 
 def draft_forward_train(draft, tokens: jax.Array, positions: jax.Array, k_last: jax.Array, v_last: jax.Array,
-                        lag, *, embed: Callable, chunk: int) -> jax.Array:
-    """`Draft.forward_train` with chunked window self-attention and lagged cross-attention."""
+                        lag, *, embed: Callable, chunk: int, impl: str = "chunked") -> jax.Array:
+    """`Draft.forward_train` with chunked or flash window self-attention and lagged cross-attention."""
     x = embed(tokens)
     cos, sin = draft.cos_sin(positions)
     W = draft.cfg.window
     lag = jnp.asarray(lag, jnp.int32)
+    attend = _core(impl, chunk)
 
     def self_attend(q):
         k, v = draft.self_attn.kv(draft.input_layernorm(x.astype(draft.dtype)), cos, sin)
-        return chunked_attention(q, k, v, lambda i, s: (s <= i) & (s >= i - W), chunk=chunk)
+        return attend(q, k, v, window=W)
 
     def cross_attend(q):
-        return chunked_attention(q, k_last, v_last, lambda i, s: s <= i - lag, chunk=chunk)
+        return attend(q, k_last.astype(q.dtype), v_last.astype(q.dtype), lag=lag)
 
     return draft._block(x, cos, sin, self_attend, cross_attend)

@@ -36,8 +36,9 @@ class ModelSection:
     """Target and draft models.
 
     target: "tiny" (random tiny target built from `tiny` overrides, for CPU runs), the exact name of a
-      preset in `longspec_jax.configs.PRESETS` (random weights, for benchmarks), or a Hugging Face
-      checkpoint directory (config.json + safetensors + tokenizer).
+      preset in `longspec_jax.configs.PRESETS` (random weights, for benchmarks), a Hugging Face
+      config.json file (random weights of that shape: train.objective=lm from scratch), or a Hugging
+      Face checkpoint directory (config.json + safetensors + tokenizer).
     tiny: field overrides for `configs.tiny_config` when target == "tiny" (e.g. {num_layers: 2}).
     target_dtype: dtype of the frozen target ("bfloat16" as in the paper's fp16 target; "float32" for tests).
     compute_dtype: compute dtype of the trained model (the draft, or the target for "lm"); its
@@ -81,6 +82,8 @@ class DataSection:
     add_eos: append the tokenizer's EOS to every document / answer.
     add_bos: prepend the tokenizer's BOS (when it has one, e.g. Llama; Qwen has none).
     shuffle: shuffle document order per epoch, deterministically from `seed`.
+    cache_dir: directory for the encoded-token cache ("" = none): keyed by the files, the tokenizer and
+      the settings above, so a second run over the same data skips tokenization.
     """
 
     paths: Sequence[str] = ()
@@ -101,6 +104,7 @@ class DataSection:
     add_bos: bool = True
     shuffle: bool = True
     seed: int = 42
+    cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,8 @@ class TrainSection:
       (save matmul outputs) or "dots_no_batch".
     attention: "model" (the models' own forward_train: dense [T, T] attention on the xla path) or
       "chunked" (train/chunked.py: query blocks of attention_chunk rows, memory O(chunk x T); use it
-      for 32k sequences).
+      for 32k sequences) or "flash" (jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA
+      GPUs with bf16/f16 compute, XLA elsewhere; the fastest choice on GPUs).
     log_target_loss: also compute the frozen target's CE on the same tokens (logged only, as the
       original's "train/large_loss"; costs one more LM-head pass).
     seed: RNG seed for initialisation, lags and positions.
@@ -245,7 +250,7 @@ _CHOICES = {
     "data.chat_format": ("qwen", "llama_pseudo", "custom"),
     "train.objective": ("draft", "lm"),
     "train.remat": ("none", "full", "dots", "dots_no_batch"),
-    "train.attention": ("model", "chunked"),
+    "train.attention": ("model", "chunked", "flash"),
     "model.target_dtype": ("bfloat16", "float16", "float32"),
     "model.compute_dtype": ("bfloat16", "float16", "float32"),
 }

@@ -58,6 +58,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b if b > 1 else 2 for b in text.encode("utf-8")]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def fingerprint(self) -> str:
+        return "bytes-v1"
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if 1 < i < 256).decode("utf-8", errors="replace")
 
@@ -119,8 +125,17 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
-    def decode(self, ids):
-        return self.tok.decode(list(ids))
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once: the Rust tokenizer spreads them over the CPU cores."""
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def fingerprint(self) -> str:
+        """Identity of the tokenizer for the token cache (its full serialized form)."""
+        import hashlib
+
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        blob = backend.to_str() if backend is not None else repr(sorted(self.tok.get_vocab().items()))
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def hf_tokenizer(tok):
@@ -293,19 +308,81 @@ def encode_record(record: dict, cfg: DataSection, tok, where: str) -> Document:
 
 
 def load_documents(cfg: DataSection, tok) -> list[Document]:
-    """Read every file and encode every record, in a deterministic (sorted file) order."""
+    """Read every file and encode every record, in a deterministic (sorted file) order.
+
+    With the "raw" template the texts are encoded in batches (the Rust tokenizer uses every core).
+    With `data.cache_dir` set, the encoded documents are stored there under a key made of the files
+    (path, size, modification time), the tokenizer and the encoding settings, and later runs (the
+    draft stages after the target, a resumed job) read them back instead of tokenizing again.
+    """
+    files = list_files(cfg.paths, cfg.format)
+    cache = _cache_path(cfg, tok, files) if cfg.cache_dir else None
+    if cache is not None and os.path.exists(cache):
+        return _read_cache(cache)
     docs = []
-    for path, kind in list_files(cfg.paths, cfg.format):
-        for i, rec in enumerate(read_records(path, kind, cfg.text_field)):
+    for path, kind in files:
+        records = read_records(path, kind, cfg.text_field)
+        for i, rec in enumerate(records):
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{i + 1}: each record must be a JSON object, got {type(rec).__name__}")
+        if cfg.template == "raw" and hasattr(tok, "encode_batch"):
+            texts = [_field(rec, cfg.text_field, f"{path}:{i + 1}") for i, rec in enumerate(records)]
+            bos = [tok.bos_token_id] if cfg.add_bos and tok.bos_token_id is not None else []
+            eos = [tok.eos_token_id] if cfg.add_eos else []
+            for start in range(0, len(texts), 256):
+                for j, ids in enumerate(tok.encode_batch(texts[start:start + 256])):
+                    ids = np.asarray(bos + list(ids) + eos, np.int32)
+                    if len(ids):
+                        docs.append(Document(ids, np.ones(len(ids), np.uint8), f"{path}:{start + j + 1}"))
+            continue
+        for i, rec in enumerate(records):
             doc = encode_record(rec, cfg, tok, f"{path}:{i + 1}")
             if len(doc.ids):
                 docs.append(doc)
     if not docs:
         raise DataError(f"the dataset {list(cfg.paths)} is empty (no non-empty records); check data.paths "
                         "and data.text_field")
+    if cache is not None:
+        _write_cache(cache, docs)
     return docs
+
+
+_CACHE_FIELDS = ("format", "template", "text_field", "prompt_field", "answer_field", "chat_format",
+                 "prompt_template", "answer_template", "system_prompt", "seq_len", "truncate", "answer_reserve",
+                 "add_eos", "add_bos")
+
+
+def _cache_path(cfg: DataSection, tok, files: list[tuple[str, str]]) -> str:
+    import hashlib
+
+    fingerprint = getattr(tok, "fingerprint", None)
+    key = {
+        "version": 1,
+        "tokenizer": fingerprint() if fingerprint else f"{type(tok).__name__}:{len(tok)}",
+        # seq_len / truncate / answer_reserve shape only chat prompts: "raw" entries serve every length.
+        "settings": {f: getattr(cfg, f) for f in _CACHE_FIELDS
+                     if cfg.template == "chat" or f not in ("seq_len", "truncate", "answer_reserve")},
+        "files": [(os.path.abspath(p), k, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p, k in files],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return os.path.join(cfg.cache_dir, f"tokens-{digest}.npz")
+
+
+def _write_cache(path: str, docs: list[Document]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    lengths = np.asarray([len(d.ids) for d in docs], np.int64)
+    tmp = path + ".tmp.npz"
+    # Written to a temporary name, then renamed: an interrupted write never leaves a half cache.
+    np.savez(tmp, ids=np.concatenate([d.ids for d in docs]), mask=np.concatenate([d.mask for d in docs]),
+             lengths=lengths, where=np.asarray([d.where for d in docs]))
+    os.replace(tmp, path)
+
+
+def _read_cache(path: str) -> list[Document]:
+    with np.load(path) as z:
+        ids, mask, lengths, where = z["ids"], z["mask"], z["lengths"], z["where"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [Document(ids[a:b], mask[a:b], str(w)) for a, b, w in zip(bounds[:-1], bounds[1:], where)]
 
 
 # --------------------------------------------------------------------------------------------

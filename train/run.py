@@ -68,12 +68,18 @@ def export(cfg, trained_graphdef, params, tcfg, tokenizer):
     return out
 
 
-def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          time_limit_s: float | None = None) -> dict:
     """Run training to `train.steps` (or one epoch); returns the last logged metrics.
 
     stop_after: leave after this many steps of *this* invocation (checkpointing there), e.g. for a
     time-boxed job that resumes later; the LR schedule still spans `train.steps`.
+    time_limit_s: wall-clock budget of this invocation (from its start, compilation included). When
+    it runs out the run stops after the current step, checkpoints, and still exports the model (the
+    metrics record `stopped_early`); the LR schedule still spans `train.steps`, so choose the steps
+    to fit the budget and treat the limit as a safety net.
     """
+    t_start = time.perf_counter()
     setup.maybe_initialize_distributed(cfg.mesh.distributed)
     mesh = setup.build_mesh(cfg)
     t, lead = cfg.train, jax.process_index() == 0
@@ -158,14 +164,27 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
         if bar is not None:
             bar.update(1)
-        if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == end):
+        out_of_time = time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and s + 1 < end
+        if out_of_time:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": step_lib.learning_rate(cfg, total, s),
+                    "epoch": loader.epoch, "compile_s": compile_s, "stopped_early": True}
+            writer.write(last)
+            if lead:
+                print(f"\n--time-limit reached after step {s + 1} of {total}: checkpointing and exporting "
+                      "the model as it is", file=sys.stderr)
+        if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == end or out_of_time):
             ckpt.save(s + 1, state, {"data": loader.position(), "config": cfg.to_dict()})
+        if out_of_time:
+            end = s + 1
+            break
     if bar is not None:
         bar.close()
     if ckpt is not None:
         ckpt.close()
     writer.close()
-    out = export(cfg, trained_graphdef, state.params, tcfg, tok) if end == total else None
+    finished = end == total or last.get("stopped_early", False)
+    out = export(cfg, trained_graphdef, state.params, tcfg, tok) if finished else None
     if lead and out:
         print(f"exported the trained {'draft' if t.objective == 'draft' else 'target'} to {out}", file=sys.stderr)
     return last
@@ -186,11 +205,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see train/configs/)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in checkpoint.dir")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes (checkpoint + export), even before train.steps")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
     args = p.parse_args(argv)
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
-        train(cfg, resume=args.resume)
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise config_lib.TrainConfigError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+        train(cfg, resume=args.resume, time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit)
     except _USER_ERRORS as e:
         # Config / data / checkpoint / model-loading refusals carry an actionable message: print it
         # without a traceback (anything else is a bug and keeps its traceback).

@@ -87,7 +87,7 @@ def init_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nnx.
 
 
 def target_config(cfg: TrainConfig) -> tuple[configs.ModelConfig, str | None]:
-    """(ModelConfig, checkpoint dir or None) for model.target = tiny | preset name | directory."""
+    """(ModelConfig, checkpoint dir or None) for model.target = tiny | preset name | config.json | directory."""
     name = cfg.model.target
     if name == "tiny":
         try:
@@ -98,9 +98,16 @@ def target_config(cfg: TrainConfig) -> tuple[configs.ModelConfig, str | None]:
         return configs.get_preset(name).config, None
     if os.path.isdir(name):
         return configs.from_hf_config(name), name
+    if os.path.isfile(name) and name.endswith(".json"):
+        # A bare Hugging Face config.json: random weights of that shape (to train from scratch).
+        if cfg.train.objective != "lm":
+            raise TrainConfigError(
+                f"model.target={name!r} is a config file without weights; the draft objective needs a trained "
+                "target checkpoint directory (a config file is only for train.objective=lm from scratch)")
+        return configs.from_hf_config(name), None
     raise TrainConfigError(
-        f"model.target={name!r} is neither 'tiny', a preset ({', '.join(sorted(configs.PRESETS))}) nor an "
-        "existing checkpoint directory")
+        f"model.target={name!r} is neither 'tiny', a preset ({', '.join(sorted(configs.PRESETS))}), a "
+        "config.json (random init, for train.objective=lm) nor an existing checkpoint directory")
 
 
 def build_target(cfg: TrainConfig, mesh: Mesh) -> tuple[Transformer, configs.ModelConfig, str | None]:

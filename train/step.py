@@ -97,9 +97,10 @@ def lm_forward(graphdef, params, tokens, positions, remat: str, attention: str =
     where remat pays for a multi-layer model (activations of one layer live at a time).
     """
     model = nnx.merge(graphdef, params)
-    if attention == "chunked":
-        # Query-chunked attention is checkpointed block by block already.
-        return chunked.target_forward_train(model, tokens, positions, chunk=attention_chunk)[0]
+    if attention in ("chunked", "flash"):
+        # Query-chunked attention is checkpointed block by block already; flash attention keeps no
+        # [T, T] scores either.
+        return chunked.target_forward_train(model, tokens, positions, chunk=attention_chunk, impl=attention)[0]
     if remat == "none":
         return model.forward_train(tokens, positions)[0]
     cos, sin = model.rope(positions)
@@ -139,9 +140,9 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
     def draft_loss(params, frozen, tokens, mask, positions, lag):
         target = nnx.merge(frozen_graphdef, frozen)
         # The frozen target: no gradient flows into it (it is not an argument of the grad).
-        if t.attention == "chunked":
+        if t.attention in ("chunked", "flash"):
             tgt_h, (k_last, v_last) = chunked.target_forward_train(target, tokens, positions,
-                                                                   chunk=t.attention_chunk)
+                                                                   chunk=t.attention_chunk, impl=t.attention)
         else:
             tgt_h, (k_last, v_last) = target.forward_train(tokens, positions)
         k_last, v_last, tgt_h = jax.lax.stop_gradient((k_last, v_last, tgt_h))
@@ -149,9 +150,10 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
 
         def draft_hidden(params, tokens, positions, k_last, v_last, lag):
             draft = nnx.merge(trained_graphdef, params)
-            if t.attention == "chunked":
+            if t.attention in ("chunked", "flash"):
                 return chunked.draft_forward_train(draft, tokens, positions, k_last, v_last, lag,
-                                                   embed=target.embed, chunk=t.attention_chunk)
+                                                   embed=target.embed, chunk=t.attention_chunk,
+                                                   impl=t.attention)
             return draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed)
 
         h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
