@@ -13,9 +13,9 @@
 set -euo pipefail
 RUNS=${1:-runs/demo}
 CORPUS=${CORPUS:-data/corpus/train.jsonl}
-TARGET_MIN=${TARGET_MIN:-10}
-S1_MIN=${S1_MIN:-3.5}
-S2_MIN=${S2_MIN:-4.5}
+TARGET_MIN=${TARGET_MIN:-9.5}
+S1_MIN=${S1_MIN:-3}
+S2_MIN=${S2_MIN:-4}
 EXTRA=${EXTRA:-}
 PY=${PYTHON:-python3}
 mkdir -p "$RUNS"

@@ -136,7 +136,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
 
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
     last: dict = {}
-    tokens_since, t_since = 0.0, time.perf_counter()
+    tokens_since, t_since, tok_acc = 0.0, time.perf_counter(), None
     compile_s = None
     end = total if stop_after is None else min(total, start + stop_after)
     for s in range(start, end):
@@ -145,10 +145,13 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
                  for k, v in local.items()}
         t0 = time.perf_counter()
         state, metrics = step_fn(state, frozen, batch)
+        # Counted on the device, so steps between two logged ones add their tokens without a sync.
+        tok_acc = metrics["tokens"] if tok_acc is None else tok_acc + metrics["tokens"]
         if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
-            tokens_since += m["tokens"]
+            tokens_since += float(tok_acc)
+            tok_acc = None
             if compile_s is None:
                 # The first step includes compilation: report it apart, keep it out of tokens/s.
                 compile_s = now - t0

@@ -1,0 +1,220 @@
+"""The demo pair on held-out code: acceptance, speed and exactness against the target alone.
+
+What the paper measures, on repositories no model saw (`longspec_jax/demo/heldout_prompts.jsonl`,
+cut by `scripts/make_demo_prompts.py` from held-out packages): for each prompt length (default
+2k, 4k, 8k, 16k tokens) and each prompt, the target alone (AR) and the speculative decoder with a
+chain and with tree shapes, at temperature 0 and 1, each generating the same number of tokens
+(EOS ignored, so every run produces exactly --new-tokens).
+
+Reported per (context, method, temperature), pooled over the prompts:
+  tau                 emitted tokens / target forwards (prefill forward and its token included)
+  accept_by_depth     fraction of iterations that accepted a drafted token at depth d
+  decode_tok_s        generated tokens / decode-loop seconds (prefill and compilation excluded)
+  speedup             decode_tok_s / the AR decode_tok_s of the same context and temperature,
+                      measured in the same process
+  greedy_equal        (T = 0) the speculative tokens equal AR's on every prompt: checked here,
+                      the benchmark exits with status 1 after writing its JSON when one differs
+and, per context, the draft's cache bytes (its constant ring + tree buffer) against the bytes a
+full-length draft cache and the target's cache need at that length.
+
+Ablation (--ablation NAME=DIR ...): more drafts run with the default tree at T = 0 only.
+
+    python -m bench.bench_demo --out bench/results/demo_cpu.json
+    python -m bench.bench_demo --ablation draft_noao=runs/demo/pack/draft_noao --out ...
+
+Plots: `python -m bench.plot_demo bench/results/demo_*.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer import ar
+from infer.speculative import SpeculativeDecoder
+from longspec_jax import draft_weights, weights
+from longspec_jax.sampling import SamplingParams
+from longspec_jax.tree import TreeShape, default_tree_for_context
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "longspec_jax", "demo")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_prompts(path: str, tokenizer, count: int) -> list[tuple[str, list[int]]]:
+    """(package, token ids with BOS) of the first `count` held-out prompt records."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            ids = [tokenizer.bos_token_id] + tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+            out.append((r["package"], ids))
+    return out[:count]
+
+
+def parse_tree(spec: str) -> tuple[str, TreeShape | None]:
+    """"default" (by context, as the decoder picks it), or NAME=W1,W2,... (e.g. chain=1,1,1,1,1)."""
+    if spec == "default":
+        return "default", None
+    name, _, widths = spec.partition("=")
+    if not widths:
+        raise SystemExit(f"--trees: {spec!r} is neither 'default' nor NAME=W1,W2,... (e.g. chain=1,1,1,1,1)")
+    return name, TreeShape(tuple(int(w) for w in widths.split(",")))
+
+
+def cache_bytes(tcfg, ring_slots: int, tree_nodes: int, context: int, itemsize: int) -> dict:
+    """Draft ring + tree buffer bytes against a full-length draft cache and the target cache."""
+    per_token = 2 * tcfg.num_kv_heads * tcfg.head_dim * itemsize  # K and V of one layer
+    return {"draft_ring_and_tree": (ring_slots + tree_nodes) * per_token,
+            "draft_full_cache_would_be": context * per_token,
+            "target_cache": context * per_token * tcfg.num_layers}
+
+
+def summarize(runs: list[dict], ar_rate: float | None) -> dict:
+    toks = sum(r["tokens"] for r in runs)
+    secs = sum(r["decode_s"] for r in runs)
+    out = {"prompts": len(runs), "tokens": toks, "decode_s": secs, "decode_tok_s": toks / secs if secs else None,
+           "ms_per_token": 1e3 * secs / toks if toks else None}
+    if "forwards" in runs[0]:
+        forwards = sum(r["forwards"] for r in runs)
+        # The paper's tau: (emitted + prefill token) / (verification forwards + the prefill forward).
+        out["tau"] = (toks + len(runs)) / (forwards + len(runs))
+        depth = np.sum([r["accepted_by_depth"] for r in runs], axis=0)
+        out["accept_by_depth"] = (depth / max(forwards, 1)).round(4).tolist()
+        out["tau_per_prompt"] = [round(r["tau"], 3) for r in runs]
+        out["greedy_equal"] = all(r.get("greedy_equal", True) for r in runs)
+    if ar_rate:
+        out["speedup"] = out["decode_tok_s"] / ar_rate
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default=os.path.join(DEMO, "target"))
+    p.add_argument("--draft", default=os.path.join(DEMO, "draft"))
+    p.add_argument("--prompts", default=os.path.join(DEMO, "heldout_prompts.jsonl"))
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--trees", nargs="+", default=["chain=1,1,1,1,1", "default", "wide=4,16,16,16,16"],
+                   help="'default' (chosen by the decoder from the context) or NAME=W1,W2,...")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DIR",
+                   help="more drafts, run with the default tree at T = 0")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="compute dtype (float32: greedy equality is exact up to reduction order)")
+    p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/demo_<device>.json)")
+    a = p.parse_args(argv)
+
+    dtype = DTYPES[a.dtype]
+    dev = jax.devices()[0]
+    device = dev.device_kind if dev.platform != "cpu" else f"cpu ({platform.processor() or platform.machine()}, " \
+        f"{os.cpu_count()} cores)"
+    out = a.out or os.path.join(ROOT, "bench", "results",
+                                f"demo_{'cpu' if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')}.json")
+    target, tcfg, tok = weights.load_target(a.target, dtype=dtype, attention_impl=a.attention_impl)
+    drafts = {"draft": a.draft}
+    for spec in a.ablation:
+        name, _, path = spec.partition("=")
+        drafts[name] = path
+    loaded = {name: draft_weights.load_draft(path, tcfg, dtype=dtype, attention_impl=a.attention_impl)
+              for name, path in drafts.items()}
+    prompts = load_prompts(a.prompts, tok, a.num_prompts)
+    short = [(n, len(ids)) for n, ids in prompts if len(ids) < max(a.contexts)]
+    if short:
+        raise SystemExit(f"prompts shorter than the longest context {max(a.contexts)}: {short}")
+    trees = [parse_tree(s) for s in a.trees]
+    result = {
+        "benchmark": "demo pair on held-out packages",
+        "device": device, "platform": dev.platform, "jax_version": jax.__version__,
+        "command": "python -m bench.bench_demo " + " ".join(sys.argv[1:] if argv is None else argv),
+        "target": os.path.relpath(a.target, ROOT), "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts.items()},
+        "dtype": a.dtype, "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
+        "prompts": [n for n, _ in prompts], "rows": [], "cache_bytes": {},
+    }
+
+    def save():
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    decoders = {}
+
+    def decoder(draft_name, shape):
+        key = (draft_name, None if shape is None else shape.widths)
+        if key not in decoders:
+            decoders[key] = SpeculativeDecoder(target, loaded[draft_name], tree_shape=shape)
+        return decoders[key]
+
+    mismatches = []
+    print(f"{device} | jax {jax.__version__} | {a.dtype} | {len(prompts)} prompts x {a.new_tokens} tokens",
+          flush=True)
+    for ctx in a.contexts:
+        for temp in a.temperatures:
+            sampling = SamplingParams(temperature=temp)
+            ar_runs, ar_tokens = [], []
+            for name, ids in prompts:
+                r = ar.generate_ar(target, ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
+                                   seed=a.seed)
+                ar_tokens.append(r.sequences()[0])
+                ar_runs.append({"tokens": int(r.timings.decode_tokens), "decode_s": r.timings.decode_s})
+            ar_sum = summarize(ar_runs, None)
+            result["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_sum})
+            print(f"ctx {ctx:6d} T={temp:g} ar            {ar_sum['decode_tok_s']:9.1f} tok/s", flush=True)
+            save()
+            combos = [("draft", n, s) for n, s in trees]
+            if temp == 0.0:
+                combos += [(d, "default", None) for d in drafts if d != "draft"]
+            for draft_name, tree_name, shape in combos:
+                dec = decoder(draft_name, shape)
+                runs = []
+                for (name, ids), ref in zip(prompts, ar_tokens):
+                    res = dec.generate(ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
+                                       seed=a.seed)
+                    s = res.stats
+                    # The loop's decode time covers every token after the prefill's first one, as AR's does.
+                    run = {"tokens": len(res.tokens[0]) - 1, "decode_s": s["decode_time_s"], "tau": s["tau"],
+                           "forwards": int(np.sum(s["target_forwards"])),
+                           "accepted_by_depth": list(s["accepted_by_depth"])}
+                    if temp == 0.0:
+                        run["greedy_equal"] = res.tokens[0] == ref
+                        if not run["greedy_equal"]:
+                            first = next(i for i, (x, y) in enumerate(zip(res.tokens[0], ref)) if x != y)
+                            mismatches.append((ctx, draft_name, tree_name, name, first))
+                    runs.append(run)
+                shape_used = dec.tree_shape_for(ctx, a.new_tokens)
+                summ = summarize(runs, ar_sum["decode_tok_s"])
+                result["rows"].append({"context": ctx, "temperature": temp, "method": tree_name, "draft": draft_name,
+                                       "tree_shape": list(shape_used.widths), "tree_nodes": shape_used.num_nodes,
+                                       **summ})
+                if draft_name == "draft" and tree_name == "default" and temp == a.temperatures[0]:
+                    result["cache_bytes"][str(ctx)] = cache_bytes(
+                        tcfg, dec._ring_slots(shape_used), shape_used.num_nodes, ctx + a.new_tokens,
+                        jnp.dtype(dec.cache_dtype).itemsize)
+                print(f"ctx {ctx:6d} T={temp:g} {draft_name[:10]:10s} {tree_name:8s} tau {summ['tau']:5.2f} "
+                      f"{summ['decode_tok_s']:9.1f} tok/s  x{summ['speedup']:.2f}"
+                      + ("" if temp else f"  greedy==AR {summ['greedy_equal']}"), flush=True)
+                save()
+    result["greedy_mismatches"] = [dict(zip(("context", "draft", "tree", "prompt", "first_diff"), m))
+                                   for m in mismatches]
+    save()
+    print(f"wrote {out}")
+    if mismatches:
+        print(f"GREEDY MISMATCH on {len(mismatches)} runs: {mismatches}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
