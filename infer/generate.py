@@ -1,12 +1,15 @@
 """`python -m infer.generate`: generate text with a target model, autoregressively or with the
 LongSpec tree speculative decoder, and report honest timings.
 
-    python -m infer.generate                                   # tiny-random, offline, CPU is fine
+    python -m infer.generate                                   # the embedded demo pair, offline, CPU is fine
+    python -m infer.generate --prompt-tokens 8192 --compare-ar # 8k tokens of held-out code, speedup vs AR
     python -m infer.generate --model llama3-8b --prompt "..." --max-new-tokens 256
     python -m infer.generate --model llama3-8b --method tree --tree-shape 4 16 16 16 16
 
 --model takes an exact preset name (`longspec_jax.configs.PRESETS`; weights come from --checkpoint
-DIR or the preset's Hugging Face repo in the local cache) or `tiny-random`. Timings are taken after
+DIR or the preset's Hugging Face repo in the local cache), `longspec-demo` (the small code model and
+draft trained here and shipped in longspec_jax/demo; its default prompt is the start of a held-out
+package) or `tiny-random`. Timings are taken after
 `block_until_ready`; compile time is reported apart from prefill and decode.
 """
 
@@ -20,11 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from infer import prompts, tiny_random
+from longspec_jax import demo
 from longspec_jax.sampling import SamplingParams
 
-# The model used when --model is not given. A later issue ships a trained demo pair; switching the
-# default to it is this one line.
-DEFAULT_MODEL = tiny_random.NAME
+# The model used when --model is not given: the demo pair shipped in the package.
+DEFAULT_MODEL = demo.NAME
+# Its default prompt: the first DEMO_PROMPT_TOKENS tokens of a held-out package's code.
+DEMO_PROMPT_TOKENS = 4096
 
 # Streaming is opt-in: its measured cost on a CPU with the tiny model was +4% to +23% ms/token even
 # with adaptive slices (see STREAMING_NOTE in infer/ar.py); not negligible, so not the default.
@@ -32,6 +37,13 @@ STREAM_BY_DEFAULT = False
 STREAM_EVERY = 8
 STREAM_INTERVAL_S = 0.25
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def resolve_dtype(name: str) -> str:
+    """--dtype auto: bf16 on accelerators, f32 on CPUs (most CPUs have no fast bf16 matmul)."""
+    if name != "auto":
+        return name
+    return "f32" if jax.default_backend() == "cpu" else "bf16"
 
 
 class UsageError(ValueError):
@@ -44,19 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"preset name ({', '.join(sorted(PRESETS))}) or {tiny_random.NAME!r}")
+                   help=f"preset name ({', '.join(sorted(PRESETS))}), {demo.NAME!r} or {tiny_random.NAME!r}")
     p.add_argument("--checkpoint", default=None,
                    help="local HF checkpoint directory to load instead of the preset's repo")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help=f"prompt text (default: {prompts.DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt", default=None,
+                     help=f"prompt text (default: {prompts.DEFAULT_PROMPT!r}; for {demo.NAME}, the start of a "
+                          "held-out package's code)")
     src.add_argument("--prompt-file", default=None, help="read the prompt from this text file")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help=f"keep the first N tokens of the prompt (default for {demo.NAME}'s own prompt: "
+                        f"{DEMO_PROMPT_TOKENS}); a way to try context lengths with one long prompt")
+    p.add_argument("--compare-ar", action="store_true",
+                   help="--method tree: also run the target alone with the same settings and report the speedup "
+                        "and whether the two outputs are identical")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens to generate (EOS included)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt text")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="parameter and compute dtype")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="parameter and compute dtype (auto: f32 on CPU, bf16 on GPUs)")
     p.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto",
                    help="attention kernels: pallas (Hopper GPUs), xla (anywhere), auto picks")
     p.add_argument("--method", choices=("ar", "tree"), default=None,
@@ -89,6 +110,14 @@ def load_model(args, dtype):
         model, cfg, tok = tiny_random.build(dtype=dtype, attention_impl=args.attention_impl, seed=0)
         return model, cfg, tok, None
     from longspec_jax import hub, weights
+
+    if args.model == demo.NAME:
+        if not demo.available():
+            raise UsageError(f"the demo pair is missing from {demo.HERE} (target/ and draft/); reinstall the "
+                             f"package, or pass --model {tiny_random.NAME} or a preset")
+        path = args.checkpoint or demo.TARGET_DIR
+        model, cfg, tok = weights.load_target(path, dtype=dtype, attention_impl=args.attention_impl)
+        return model, cfg, tok, path
     from longspec_jax.configs import get_preset
 
     preset = get_preset(args.model)  # ConfigError listing every valid name
@@ -109,6 +138,8 @@ def read_prompt(args) -> str:
                 return f.read()
         except OSError as e:
             raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
+    if args.prompt is None and args.model == demo.NAME:
+        return demo.heldout_prompts()[0]["text"]
     return args.prompt if args.prompt is not None else prompts.DEFAULT_PROMPT
 
 
@@ -124,6 +155,8 @@ def _load_draft(args, cfg, dtype):
         print("[tiny-random] using a random-weight draft as well: expect almost no accepted tokens.")
         return Draft(DraftConfig.from_target(cfg), cfg.rope, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype,
                      attention_impl=args.attention_impl)
+    if args.draft is None and args.model == demo.NAME:
+        args.draft = demo.DRAFT_DIR
     if args.draft is None:
         from longspec_jax.configs import get_preset
 
@@ -206,7 +239,7 @@ def choose_method(args) -> str:
     found in the local Hugging Face cache), else the AR baseline."""
     if args.method is not None:
         return args.method
-    if args.draft is not None:
+    if args.draft is not None or args.model == demo.NAME:
         return "tree"
     from longspec_jax.configs import PRESETS
 
@@ -233,7 +266,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+        args.dtype = resolve_dtype(args.dtype)
         dtype = DTYPES[args.dtype]
+        if args.prompt_tokens is not None and args.prompt_tokens < 1:
+            raise UsageError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
         if args.model == tiny_random.NAME:
             print(tiny_random.BANNER, flush=True)
         text = read_prompt(args)
@@ -245,6 +281,11 @@ def main(argv=None) -> int:
 
             sharding.check_tensor_parallel(cfg, args.tensor_parallel, what=f"--tensor-parallel with {args.model}")
         ids, templated = prompts.encode_prompt(tokenizer, text, chat_template=not args.no_chat_template)
+        limit = args.prompt_tokens
+        if limit is None and args.model == demo.NAME and args.prompt is None and args.prompt_file is None:
+            limit = DEMO_PROMPT_TOKENS
+        if limit is not None:
+            ids = ids[:limit]
         eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
         print(f"model {args.model} | {args.dtype} | attention {args.attention_impl} | method {args.method} | "
               f"device {jax.devices()[0].device_kind}"
@@ -262,9 +303,27 @@ def main(argv=None) -> int:
             print(f"compile {stats['compile_time_s']:.2f} s | prefill {stats['prefill_time_s']:.3f} s "
                   f"({_rate(len(ids), stats['prefill_time_s'])} tok/s) | decode {n} tokens in "
                   f"{stats['decode_time_s']:.3f} s ({stats['decode_tokens_per_s']:,.1f} tok/s, prefill excluded)")
+            forwards = sum(stats['target_forwards'])
+            by_depth = ", ".join(f"{a / max(forwards, 1):.2f}" for a in stats["accepted_by_depth"])
             print(f"tau (tokens per target forward, bonus included) {stats['tau']:.3f} | tree {stats['tree_shape']} "
-                  f"| draft vocab {stats['draft_vocab_size']} | accepted drafts by depth {stats['accepted_by_depth']} over "
-                  f"{sum(stats['target_forwards'])} verifications")
+                  f"| draft vocab {stats['draft_vocab_size']}")
+            print(f"accepted drafts by depth (share of {forwards} verifications): {by_depth}")
+            if args.compare_ar:
+                from infer.ar import generate_ar
+
+                res = generate_ar(model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                                  seed=args.seed, cache_capacity=args.cache_capacity,
+                                  prefill_chunk=args.prefill_chunk, mesh=mesh)
+                t = res.timings
+                # Tree decode time covers the tokens after the prefill's first one, like AR's decode loop.
+                tree_rate = (n - 1) / stats["decode_time_s"] if stats["decode_time_s"] > 0 else float("nan")
+                ar_rate = t.decode_tokens / t.decode_s if t.decode_s > 0 else float("nan")
+                same = res.sequences()[0] == list(tokens)
+                print(f"AR (target alone): decode {t.decode_tokens} tokens at {ar_rate:,.1f} tok/s "
+                      f"({t.ms_per_step:.2f} ms/token) | tree {tree_rate:,.1f} tok/s = {tree_rate / ar_rate:.2f}x AR | "
+                      + ("outputs identical" if same else
+                         ("outputs differ (expected: sampling at T > 0 draws other tokens)" if args.temperature > 0
+                          else "OUTPUTS DIFFER at temperature 0")))
             return 0
 
         from infer.ar import generate_ar

@@ -98,7 +98,7 @@ def build_tokenizer(vocab_size: int, min_frequency: int, chunks: Iterator[str]):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = bos_post_processor()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -107,6 +107,17 @@ def build_tokenizer(vocab_size: int, min_frequency: int, chunks: Iterator[str]):
         if tok.token_to_id(t) != i:
             raise TokenizerError(f"special token {t} got id {tok.token_to_id(t)}, expected {i}")
     return tok
+
+
+def bos_post_processor():
+    """Byte-level offsets, and BOS before every encoded text (add_special_tokens=True), as the
+    models are trained (train.data adds BOS explicitly) and as Llama tokenizers behave."""
+    from tokenizers import processors
+
+    return processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)]),
+    ])
 
 
 def save_hf(tok, out_dir: str) -> None:

@@ -34,8 +34,11 @@ def test_cli_tiny_random_smoke():
     (["--model", "tiny-random", "--checkpoint", "somewhere"], "--checkpoint cannot be combined"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--max-new-tokens", "64", "--cache-capacity", "32"], "raise --cache-capacity to at least"),
+    (["--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
 ])
 def test_cli_refusals(argv, message, capsys):
+    if "--model" not in argv:
+        argv = ["--model", "tiny-random", *argv]  # the refusals do not depend on the model
     assert generate.main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -60,8 +63,17 @@ def test_method_defaults_to_tree_only_when_a_draft_is_available(monkeypatch, cap
     assert "not in the local cache" in capsys.readouterr().out
 
 
-def test_default_model_is_one_line():
-    assert generate.build_parser().parse_args([]).model == generate.DEFAULT_MODEL == "tiny-random"
+def test_default_model_is_the_demo_pair():
+    assert generate.build_parser().parse_args([]).model == generate.DEFAULT_MODEL == "longspec-demo"
+    parse = generate.build_parser().parse_args
+    assert generate.choose_method(parse([])) == "tree"  # the demo ships its draft
+
+
+def test_dtype_auto_is_f32_on_cpu():
+    import jax
+
+    assert generate.resolve_dtype("auto") == ("f32" if jax.default_backend() == "cpu" else "bf16")
+    assert generate.resolve_dtype("bf16") == "bf16"
 
 
 def test_text_streamer_prints_exactly_the_final_text():
