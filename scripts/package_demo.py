@@ -21,10 +21,12 @@ import jax.numpy as jnp  # noqa: E402
 from longspec_jax import draft_weights, weights  # noqa: E402
 
 
-def package(runs: str, out: str, *, shard_mib: float, drafts: list[str]) -> None:
-    model, cfg, tok = weights.load_target(os.path.join(runs, "target"), dtype=jnp.bfloat16)
-    weights.save_target(model, cfg, os.path.join(out, "target"), tok, max_shard_bytes=int(shard_mib * 2**20))
-    weights.load_target(os.path.join(out, "target"), dtype=jnp.bfloat16)
+def package(runs: str, out: str, *, shard_mib: float, drafts: list[str], target: str | None = None,
+            skip_target: bool = False) -> None:
+    model, cfg, tok = weights.load_target(target or os.path.join(runs, "target"), dtype=jnp.bfloat16)
+    if not skip_target:
+        weights.save_target(model, cfg, os.path.join(out, "target"), tok, max_shard_bytes=int(shard_mib * 2**20))
+        weights.load_target(os.path.join(out, "target"), dtype=jnp.bfloat16)
     for name in drafts:
         d = draft_weights.load_draft(os.path.join(runs, name), cfg, dtype=jnp.bfloat16)
         draft_weights.save_draft(d, os.path.join(out, name), target_cfg=cfg, dtype=jnp.bfloat16)
@@ -41,8 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="longspec_jax/demo")
     p.add_argument("--shard-mib", type=float, default=15.0)
     p.add_argument("--drafts", nargs="+", default=["draft"], help="draft exports under RUNS to package")
+    p.add_argument("--target", default=None, help="the target the drafts belong to (default RUNS/target)")
+    p.add_argument("--skip-target", action="store_true", help="package the drafts only")
     a = p.parse_args(argv)
-    package(a.runs, a.out, shard_mib=a.shard_mib, drafts=a.drafts)
+    package(a.runs, a.out, shard_mib=a.shard_mib, drafts=a.drafts, target=a.target, skip_target=a.skip_target)
     return 0
 
 
