@@ -118,6 +118,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     dtype = DTYPES[a.dtype]
+    if a.dtype == "float32":
+        # True float32 matmuls (GPUs otherwise may round f32 dots to TF32): the tree verification and
+        # the AR step compute the same logits with different row counts, so only full-precision
+        # arithmetic keeps near-ties from flipping the greedy token between the two.
+        jax.config.update("jax_default_matmul_precision", "highest")
     dev = jax.devices()[0]
     device = dev.device_kind if dev.platform != "cpu" else f"cpu ({platform.processor() or platform.machine()}, " \
         f"{os.cpu_count()} cores)"
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
         "device": device, "platform": dev.platform, "jax_version": jax.__version__,
         "command": "python -m bench.bench_demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": os.path.relpath(a.target, ROOT), "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts.items()},
-        "dtype": a.dtype, "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
+        "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision,
+        "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
         "prompts": [n for n, _ in prompts], "rows": [], "cache_bytes": {},
     }
 

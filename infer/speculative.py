@@ -309,7 +309,8 @@ class SpeculativeDecoder:
       draft: `Draft` matching the target (checked).
       tree_shape: nodes per depth, e.g. (4, 16, 16, 16, 16); (1, 1, 1, 1) is a chain. None (the
         default): picked per `generate` call by `tree.default_tree_for_context(longest prompt +
-        max_new_tokens)`, a measured-cost heuristic (smaller trees at long context).
+        max_new_tokens, platform)`, a measured-cost heuristic (smaller trees at long context; a
+        short chain on CPUs).
       draft_vocab: None, or int32 ids [V'] of a draft vocabulary (e.g. the V' most frequent tokens,
         `scripts/draft_vocab.py`): the draft scores only those tokens (its LM head cost shrinks by
         V / V'); the sub-head is gathered once here. Lossless: verification uses the full
@@ -362,7 +363,8 @@ class SpeculativeDecoder:
         prompt_len + max_new_tokens tokens."""
         if self.shape is not None:
             return self.shape
-        shape = default_tree_for_context(prompt_len + max_new_tokens)
+        platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
+        shape = default_tree_for_context(prompt_len + max_new_tokens, platform)
         shape.check_vocab(self._draft_vocab_size)
         return shape
 

@@ -121,12 +121,22 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max c
 )
 
 
-def default_tree_for_context(context_len: int) -> TreeShape:
+# On a CPU the verification is compute-bound from the first extra node (every node costs a full row
+# through every matmul), so the default there is a short chain: measured with the demo pair on a
+# 2-core CPU at 8k context (bench/results/demo_cpu.json), (1, 1, 1, 1) gave 1.35x AR where the
+# 69-node tree gave 0.39x and (2, 2, 2, 2) 1.07x.
+CPU_TREE = (1, 1, 1, 1)
+
+
+def default_tree_for_context(context_len: int, platform: str | None = None) -> TreeShape:
     """The tree shape used when the user fixes none, for a decode that runs at up to
-    `context_len` tokens of context (prompt + new tokens). See `CONTEXT_TREE_TABLE`."""
+    `context_len` tokens of context (prompt + new tokens). See `CONTEXT_TREE_TABLE`; on
+    `platform == "cpu"` it is `CPU_TREE` at every length."""
     context_len = int(context_len)
     if context_len < 0:
         raise ValueError(f"context length must be >= 0, got {context_len}")
+    if platform == "cpu":
+        return TreeShape(CPU_TREE)
     for limit, widths in CONTEXT_TREE_TABLE:
         if limit is None or context_len <= limit:
             return TreeShape(widths)

@@ -124,6 +124,9 @@ def test_default_tree_for_context_table():
     assert sizes == sorted(sizes, reverse=True)  # never a bigger tree at a longer context
     with pytest.raises(ValueError, match=">= 0"):
         f(-1)
+    # CPUs: verification is compute-bound, a short chain at every length
+    assert f(100, "cpu").widths == f(10**6, "cpu").widths == tree_lib.CPU_TREE == (1, 1, 1, 1)
+    assert f(100, "gpu").widths == (4, 16, 16, 16, 16)
 
 
 def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
@@ -131,7 +134,7 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     prompts = _prompts(1, (7,))
     seen = []
 
-    def fake_default(context_len):
+    def fake_default(context_len, platform=None):
         seen.append(context_len)
         return tree_lib.TreeShape((2, 2))
 
@@ -147,8 +150,9 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     # without the monkeypatch a short context gets the LongSpec default
     monkeypatch.undo()
     dec = spec.SpeculativeDecoder(target, draft)
-    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == (4, 16, 16, 16, 16)
-    assert dec.tree_shape_for(100_000, 1000).widths == (2, 4, 4, 4, 4)
+    want = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else (4, 16, 16, 16, 16)
+    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == want
+    assert dec.tree_shape_for(100_000, 1000).widths == (want if want == tree_lib.CPU_TREE else (2, 4, 4, 4, 4))
 
 
 # ---------------------------------------------------------------------------------------------
