@@ -221,7 +221,7 @@ def _check_tokenizer(tok):
     for text in ROUND_TRIP:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
-        assert tok(text)["input_ids"] == ids  # nothing added automatically
+        assert tok(text)["input_ids"] == [tok.bos_token_id] + ids  # BOS first, as in training (like Llama)
     # A literal special-token string in source code is text, not the EOS id.
     assert 0 not in tok(ROUND_TRIP[2])["input_ids"]
     assert tok.decode([5, 0]).endswith("<|endoftext|>")
@@ -238,7 +238,8 @@ def test_demo_tokenizer_loads_and_round_trips():
     heldout_doc = os.path.join(REPO, "data", "corpus", "heldout", "yaml.txt")  # present once collected
     with open(heldout_doc if os.path.exists(heldout_doc) else __file__, encoding="utf-8", newline="") as f:
         text = f.read()
-    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
 
 
 def test_train_tiny_tokenizer(tmp_path):

@@ -74,7 +74,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | N
       window: sliding window W: row i sees keys i - W .. i (None = all keys <= i).
       lag: cross-attention lag j (traced int): row i sees keys <= i - j; rows i < j are zeros.
     """
-    impl = "cudnn" if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and q.dtype not in (jnp.bfloat16, jnp.float16):
+        # cuDNN takes bf16/f16 only, and XLA's dense fallback would hold [B, N, T, T] float32 scores
+        # (24 GiB at 4 x 16k): use the memory-bounded query-chunked core instead.
+        return _core("chunked", 1024)(q, k, v, window=window, lag=lag)
+    impl = "cudnn" if on_gpu else "xla"
     if lag is not None:
         T = q.shape[1]
         lag = jnp.asarray(lag, jnp.int32)

@@ -138,9 +138,10 @@ def build_draft(cfg: TrainConfig, tcfg: configs.ModelConfig, mesh: Mesh) -> Draf
     if cfg.model.draft_init:
         from longspec_jax import draft_weights
 
-        # Loaded drafts compute in float32, their storage dtype (the master weights). The HF-format
-        # config does not record the window, so it comes from model.window.
-        draft = draft_weights.load_draft(cfg.model.draft_init, tcfg, dtype=jnp.float32,
+        # float32 master weights computing in model.compute_dtype, like a fresh draft (computing in
+        # float32 would send train.attention=flash to a dense [T, T] fallback). The HF-format config
+        # does not record the window, so it comes from model.window.
+        draft = draft_weights.load_draft(cfg.model.draft_init, tcfg, dtype=dtype, param_dtype=jnp.float32,
                                          attention_impl=cfg.model.attention_impl, window=cfg.model.window)
         return sharding.shard_model(draft, mesh)
     seed = cfg.train.seed + 1
