@@ -166,7 +166,9 @@ def test_ring_capacity_does_not_change_results_and_is_context_independent():
         ring = draft.init_ring(target.embed(jnp.take_along_axis(hist, tail, 1)), tail, tail >= 0, R, jnp.float32)
         outs.append(_draft_tree(target, draft, ring, c, shape, k_last, k_last, hist[:, 33], seed=0)[2])
     for a, b in zip(*outs):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        # Same maths; the float32 softmax sums run over different (masked) key counts, so the two
+        # ring sizes round differently in the last bits (1.3e-6 seen).
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     # The ring's shape depends on window and tree only, never on the context length.
     small = jax.eval_shape(lambda: DraftCache.init(draft.cfg, 2, ring_capacity(512, 6)))
     assert small.k.shape == (2, 640, cfg.num_kv_heads, cfg.head_dim)
