@@ -49,15 +49,20 @@ DEMO = os.path.join(ROOT, "longspec_jax", "demo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_prompts(path: str, tokenizer, count: int) -> list[tuple[str, list[int]]]:
-    """(package, token ids with BOS) of the first `count` held-out prompt records."""
+def load_prompts(path: str, tokenizer, count: int, packages=None) -> list[tuple[str, list[int]]]:
+    """(package, token ids with BOS) of the first `count` held-out prompt records (or of `packages`)."""
     out = []
     with open(path) as f:
         for line in f:
             r = json.loads(line)
+            if packages and r["package"] not in packages:
+                continue
             ids = [tokenizer.bos_token_id] + tokenizer(r["text"], add_special_tokens=False)["input_ids"]
             out.append((r["package"], ids))
-    return out[:count]
+    missing = set(packages or ()) - {name for name, _ in out}
+    if missing:
+        raise SystemExit(f"--packages: {sorted(missing)} not in {path} (it holds {[n for n, _ in out]})")
+    return out if packages else out[:count]
 
 
 def parse_tree(spec: str) -> tuple[str, TreeShape | None]:
@@ -87,6 +92,7 @@ def summarize(runs: list[dict], ar_rate: float | None) -> dict:
         forwards = sum(r["forwards"] for r in runs)
         # The paper's tau: (emitted + prefill token) / (verification forwards + the prefill forward).
         out["tau"] = (toks + len(runs)) / (forwards + len(runs))
+        out["ms_per_iteration"] = 1e3 * secs / forwards if forwards else None
         depth = np.sum([r["accepted_by_depth"] for r in runs], axis=0)
         out["accept_by_depth"] = (depth / max(forwards, 1)).round(4).tolist()
         out["tau_per_prompt"] = [round(r["tau"], 3) for r in runs]
@@ -103,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--draft", default=os.path.join(DEMO, "draft"))
     p.add_argument("--prompts", default=os.path.join(DEMO, "heldout_prompts.jsonl"))
     p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--packages", nargs="*", default=None, help="use these held-out prompts (by package name)")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--trees", nargs="+", default=["chain=1,1,1,1,1", "default", "wide=4,16,16,16,16"],
@@ -114,6 +121,9 @@ def main(argv=None) -> int:
                    help="compute dtype (float32: greedy equality is exact up to reduction order)")
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of the first prompt per configuration before the timed ones (a fresh "
+                        "executable's first run pays allocation and set-up costs)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/demo_<device>.json)")
     a = p.parse_args(argv)
 
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
         drafts[name] = path
     loaded = {name: draft_weights.load_draft(path, tcfg, dtype=dtype, attention_impl=a.attention_impl)
               for name, path in drafts.items()}
-    prompts = load_prompts(a.prompts, tok, a.num_prompts)
+    prompts = load_prompts(a.prompts, tok, a.num_prompts, a.packages)
     short = [(n, len(ids)) for n, ids in prompts if len(ids) < max(a.contexts)]
     if short:
         raise SystemExit(f"prompts shorter than the longest context {max(a.contexts)}: {short}")
@@ -146,7 +156,7 @@ def main(argv=None) -> int:
         "device": device, "platform": dev.platform, "jax_version": jax.__version__,
         "command": "python -m bench.bench_demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": os.path.relpath(a.target, ROOT), "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts.items()},
-        "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision,
+        "warmup_runs": a.warmup, "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision,
         "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
         "prompts": [n for n, _ in prompts], "rows": [], "cache_bytes": {},
     }
@@ -171,6 +181,9 @@ def main(argv=None) -> int:
         for temp in a.temperatures:
             sampling = SamplingParams(temperature=temp)
             ar_runs, ar_tokens = [], []
+            for _ in range(a.warmup):
+                ar.generate_ar(target, prompts[0][1][:ctx], max_new_tokens=a.new_tokens, sampling=sampling,
+                               eos_ids=(), seed=a.seed)
             for name, ids in prompts:
                 r = ar.generate_ar(target, ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
                                    seed=a.seed)
@@ -185,6 +198,9 @@ def main(argv=None) -> int:
                 combos += [(d, "default", None) for d in drafts if d != "draft"]
             for draft_name, tree_name, shape in combos:
                 dec = decoder(draft_name, shape)
+                for _ in range(a.warmup):
+                    dec.generate(prompts[0][1][:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
+                                 seed=a.seed)
                 runs = []
                 for (name, ids), ref in zip(prompts, ar_tokens):
                     res = dec.generate(ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
@@ -207,7 +223,7 @@ def main(argv=None) -> int:
                                        **summ})
                 if draft_name == "draft" and tree_name == "default" and temp == a.temperatures[0]:
                     result["cache_bytes"][str(ctx)] = cache_bytes(
-                        tcfg, dec._ring_slots(shape_used), shape_used.num_nodes, ctx + a.new_tokens,
+                        tcfg, int(res.stats["ring_capacity"]), shape_used.num_nodes, ctx + a.new_tokens,
                         jnp.dtype(dec.cache_dtype).itemsize)
                 print(f"ctx {ctx:6d} T={temp:g} {draft_name[:10]:10s} {tree_name:8s} tau {summ['tau']:5.2f} "
                       f"{summ['decode_tok_s']:9.1f} tok/s  x{summ['speedup']:.2f}"

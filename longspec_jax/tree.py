@@ -122,9 +122,9 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max c
 
 
 # On a CPU the verification is compute-bound from the first extra node (every node costs a full row
-# through every matmul), so the default there is a short chain: measured with the demo pair on a
-# 2-core CPU at 8k context (bench/results/demo_cpu.json), (1, 1, 1, 1) gave 1.35x AR where the
-# 69-node tree gave 0.39x and (2, 2, 2, 2) 1.07x.
+# through every matmul), so the default there is a short chain: with the demo pair on a 2-core CPU
+# at 8k context (bench/results/demo_cpu_trees_8k.json), (1, 1, 1, 1) gave 1.73x AR, (1, 1, 1, 1, 1)
+# 1.48x, (2, 2, 2, 2) 1.24x and the 69-node tree 0.57x.
 CPU_TREE = (1, 1, 1, 1)
 
 

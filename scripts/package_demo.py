@@ -3,8 +3,8 @@
     python scripts/package_demo.py --runs runs/demo --out longspec_jax/demo
 
 Writes OUT/target (sharded bfloat16 safetensors, each file under --shard-mib, config.json and the
-tokenizer) and OUT/draft (the sail-format draft, bfloat16), plus any ablation drafts found in RUNS
-(draft_noao -> OUT/draft_noao when --with-ablation). Both are re-read with the inference loaders
+tokenizer; skipped with --skip-target) and OUT/NAME for every draft export RUNS/NAME named in
+--drafts (the sail format, bfloat16). Everything written is re-read with the inference loaders
 before the command returns, so a broken package fails here, not at a user's first run.
 """
 

@@ -4,7 +4,8 @@
 #   2. the draft, the paper's recipe scaled down: stage 1 (1024 tokens, Anchor-Offset indices),
 #      then stage 2 (16k tokens) from the stage-1 export
 #   3. the ablation: the same two stages with Anchor-Offset indices off in stage 1 (same budget),
-#      run at the same time as 2 on the same GPU (each process takes under half its memory)
+#      run at the same time as 2 on the same GPU (each process takes under half its memory; the
+#      shipped stage 2 ran the two drafts one after the other, see longspec_jax/demo/MODEL_CARD.md)
 #   4. bfloat16 packaging (scripts/package_demo.py)
 #
 # Usage: bash scripts/train_demo.sh [RUNS_DIR]     (default runs/demo)

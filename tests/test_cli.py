@@ -69,6 +69,25 @@ def test_default_model_is_the_demo_pair():
     assert generate.choose_method(parse([])) == "tree"  # the demo ships its draft
 
 
+def test_compare_ar_reports_identical_greedy_output(capsys):
+    """--compare-ar runs the target alone too; at T = 0 the two outputs must be identical."""
+    assert generate.main(["--model", "tiny-random", "--method", "tree", "--tree-shape", "2", "2",
+                          "--max-new-tokens", "12", "--compare-ar", "--no-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs identical" in out and "x AR" in out
+
+
+def test_demo_pair_default_run(capsys):
+    """The default model (the shipped demo pair) on a short slice of its held-out prompt."""
+    from longspec_jax import demo
+
+    assert demo.available(), "the demo pair is missing from longspec_jax/demo"
+    assert generate.main(["--prompt-tokens", "256", "--max-new-tokens", "16", "--compare-ar"]) == 0
+    out = capsys.readouterr().out
+    assert "model longspec-demo" in out and "prompt: 256 tokens" in out
+    assert "tau (tokens per target forward" in out and "outputs identical" in out
+
+
 def test_dtype_auto_is_f32_on_cpu():
     import jax
 

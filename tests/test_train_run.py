@@ -222,3 +222,20 @@ def test_time_limit_stops_checkpoints_and_exports(tmp_path, capsys):
     weights.load_target(str(tmp_path / "lm"), dtype=jnp.float32)
     assert run_lib.main(["--config", TINY, "--time-limit", "-1"] + over) == 2
     assert "--time-limit must be a positive" in capsys.readouterr().err
+
+
+def test_lm_from_a_bare_config_json_and_its_refusal_for_the_draft_objective(tmp_path, capsys):
+    """model.target=config.json: random init of that shape for the lm objective; refused for draft."""
+    from longspec_jax import configs, weights
+
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(configs.to_hf_config(configs.tiny_config(num_layers=1))))
+    over = tiny_overrides(tmp_path, **{"train.objective": "lm", "train.steps": 2, "model.tokenizer": "bytes",
+                                       "model.target": str(cfg_path),
+                                       "checkpoint.export_dir": str(tmp_path / "lm")})
+    assert run_lib.main(["--config", TINY] + over) == 0
+    _, cfg, _ = weights.load_target(str(tmp_path / "lm"), dtype=jnp.float32)
+    assert cfg.num_layers == 1 and cfg.hidden_size == 64
+    draft_over = tiny_overrides(tmp_path, **{"model.target": str(cfg_path), "train.steps": 1})
+    assert run_lib.main(["--config", TINY] + draft_over) == 2
+    assert "config file without weights" in capsys.readouterr().err

@@ -66,19 +66,20 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Callabl
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | None = None,
-                    lag=None) -> jax.Array:
+                    lag=None, chunk: int = 1024) -> jax.Array:
     """Causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention where it applies).
 
     Args:
       q: [B, T, N, H]; k, v: [B, T, K, H] (same length: training sequences).
       window: sliding window W: row i sees keys i - W .. i (None = all keys <= i).
       lag: cross-attention lag j (traced int): row i sees keys <= i - j; rows i < j are zeros.
+      chunk: query block of the chunked core used where cuDNN cannot run (float32 on a GPU).
     """
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu and q.dtype not in (jnp.bfloat16, jnp.float16):
         # cuDNN takes bf16/f16 only, and XLA's dense fallback would hold [B, N, T, T] float32 scores
         # (24 GiB at 4 x 16k): use the memory-bounded query-chunked core instead.
-        return _core("chunked", 1024)(q, k, v, window=window, lag=lag)
+        return _core("chunked", chunk)(q, k, v, window=window, lag=lag)
     impl = "cudnn" if on_gpu else "xla"
     if lag is not None:
         T = q.shape[1]
@@ -95,7 +96,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | N
 def _core(impl: str, chunk: int):
     """(q, k, v, window, lag) -> attention output, for impl "chunked" or "flash"."""
     if impl == "flash":
-        return lambda q, k, v, window=None, lag=None: flash_attention(q, k, v, window=window, lag=lag)
+        return lambda q, k, v, window=None, lag=None: flash_attention(q, k, v, window=window, lag=lag, chunk=chunk)
     if impl != "chunked":
         raise ValueError(f"unknown training attention {impl!r}; expected 'chunked' or 'flash'")
 

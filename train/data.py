@@ -274,14 +274,26 @@ class Document:
     where: str         # file:record, for error messages
 
 
-def encode_record(record: dict, cfg: DataSection, tok, where: str) -> Document:
-    """Apply the template to one record -> token ids and per-token loss mask."""
+def _specials(cfg: DataSection, tok) -> tuple[list[int], list[int]]:
+    """(BOS ids, EOS ids) the settings add around a document."""
     bos = [tok.bos_token_id] if cfg.add_bos and tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if cfg.add_eos else []
+    return bos, eos
+
+
+def _text_document(text_ids, cfg: DataSection, tok, where: str) -> Document:
+    """A plain-text document: BOS + ids + EOS, loss on every token."""
+    bos, eos = _specials(cfg, tok)
+    ids = bos + list(text_ids) + eos
+    return Document(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), where)
+
+
+def encode_record(record: dict, cfg: DataSection, tok, where: str) -> Document:
+    """Apply the template to one record -> token ids and per-token loss mask."""
     use_text = cfg.template == "raw" or (cfg.template == "long" and cfg.text_field in record)
     if use_text:
-        ids = bos + tok.encode(_field(record, cfg.text_field, where)) + eos
-        return Document(np.asarray(ids, np.int32), np.ones(len(ids), np.uint8), where)
+        return _text_document(tok.encode(_field(record, cfg.text_field, where)), cfg, tok, where)
+    bos, eos = _specials(cfg, tok)
     pre, post, ans_t = _chat_parts(cfg)
     prompt = _field(record, cfg.prompt_field, where)
     answer = _field(record, cfg.answer_field, where)
@@ -325,15 +337,13 @@ def load_documents(cfg: DataSection, tok) -> list[Document]:
         for i, rec in enumerate(records):
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{i + 1}: each record must be a JSON object, got {type(rec).__name__}")
-        if cfg.template == "raw" and hasattr(tok, "encode_batch"):
+        if cfg.template == "raw":
             texts = [_field(rec, cfg.text_field, f"{path}:{i + 1}") for i, rec in enumerate(records)]
-            bos = [tok.bos_token_id] if cfg.add_bos and tok.bos_token_id is not None else []
-            eos = [tok.eos_token_id] if cfg.add_eos else []
             for start in range(0, len(texts), 256):
                 for j, ids in enumerate(tok.encode_batch(texts[start:start + 256])):
-                    ids = np.asarray(bos + list(ids) + eos, np.int32)
-                    if len(ids):
-                        docs.append(Document(ids, np.ones(len(ids), np.uint8), f"{path}:{start + j + 1}"))
+                    doc = _text_document(ids, cfg, tok, f"{path}:{start + j + 1}")
+                    if len(doc.ids):
+                        docs.append(doc)
             continue
         for i, rec in enumerate(records):
             doc = encode_record(rec, cfg, tok, f"{path}:{i + 1}")
@@ -355,10 +365,9 @@ _CACHE_FIELDS = ("format", "template", "text_field", "prompt_field", "answer_fie
 def _cache_path(cfg: DataSection, tok, files: list[tuple[str, str]]) -> str:
     import hashlib
 
-    fingerprint = getattr(tok, "fingerprint", None)
     key = {
         "version": 1,
-        "tokenizer": fingerprint() if fingerprint else f"{type(tok).__name__}:{len(tok)}",
+        "tokenizer": tok.fingerprint(),
         # seq_len / truncate / answer_reserve shape only chat prompts: "raw" entries serve every length.
         "settings": {f: getattr(cfg, f) for f in _CACHE_FIELDS
                      if cfg.template == "chat" or f not in ("seq_len", "truncate", "answer_reserve")},

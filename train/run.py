@@ -137,7 +137,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
     last: dict = {}
     tokens_since, t_since, tok_acc = 0.0, time.perf_counter(), None
-    compile_s = None
+    compile_s, stopped_early = None, False
     end = total if stop_after is None else min(total, start + stop_after)
     for s in range(start, end):
         local = loader.next_batch(t.grad_accum)
@@ -147,7 +147,8 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
         state, metrics = step_fn(state, frozen, batch)
         # Counted on the device, so steps between two logged ones add their tokens without a sync.
         tok_acc = metrics["tokens"] if tok_acc is None else tok_acc + metrics["tokens"]
-        if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None:
+        out_of_time = time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and s + 1 < end
+        if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None or out_of_time:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             tokens_since += float(tok_acc)
@@ -162,32 +163,27 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
                 tokens_since, t_since = 0.0, now
             last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": step_lib.learning_rate(cfg, total, s),
                     "tokens_per_s": tps, "epoch": loader.epoch, "compile_s": compile_s}
+            if out_of_time:
+                last["stopped_early"] = True
             writer.write(last)
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:.0f}")
         if bar is not None:
             bar.update(1)
-        out_of_time = time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and s + 1 < end
-        if out_of_time:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": step_lib.learning_rate(cfg, total, s),
-                    "epoch": loader.epoch, "compile_s": compile_s, "stopped_early": True}
-            writer.write(last)
-            if lead:
-                print(f"\n--time-limit reached after step {s + 1} of {total}: checkpointing and exporting "
-                      "the model as it is", file=sys.stderr)
+        if out_of_time and lead:
+            print(f"\n--time-limit reached after step {s + 1} of {total}: checkpointing and exporting "
+                  "the model as it is", file=sys.stderr)
         if ckpt is not None and ((s + 1) % cfg.checkpoint.every == 0 or s + 1 == end or out_of_time):
             ckpt.save(s + 1, state, {"data": loader.position(), "config": cfg.to_dict()})
         if out_of_time:
-            end = s + 1
+            end, stopped_early = s + 1, True
             break
     if bar is not None:
         bar.close()
     if ckpt is not None:
         ckpt.close()
     writer.close()
-    finished = end == total or last.get("stopped_early", False)
-    out = export(cfg, trained_graphdef, state.params, tcfg, tok) if finished else None
+    out = export(cfg, trained_graphdef, state.params, tcfg, tok) if end == total or stopped_early else None
     if lead and out:
         print(f"exported the trained {'draft' if t.objective == 'draft' else 'target'} to {out}", file=sys.stderr)
     return last
