@@ -275,6 +275,8 @@ def main(argv=None) -> int:
         text = read_prompt(args)
         mesh = tensor_parallel_mesh(args.tensor_parallel)  # before loading: fail fast on too few devices
         args.method = choose_method(args)
+        if args.compare_ar and args.method != "tree":
+            raise UsageError("--compare-ar compares the tree decoder with AR; it needs --method tree (and a draft)")
         model, cfg, tokenizer, ckpt = load_model(args, dtype)
         if mesh is not None:
             from longspec_jax import sharding
@@ -317,7 +319,7 @@ def main(argv=None) -> int:
                 t = res.timings
                 # Tree decode time covers the tokens after the prefill's first one, like AR's decode loop.
                 tree_rate = (n - 1) / stats["decode_time_s"] if stats["decode_time_s"] > 0 else float("nan")
-                ar_rate = t.decode_tokens / t.decode_s if t.decode_s > 0 else float("nan")
+                ar_rate = t.decode_tokens_per_s
                 same = res.sequences()[0] == list(tokens)
                 print(f"AR (target alone): decode {t.decode_tokens} tokens at {ar_rate:,.1f} tok/s "
                       f"({t.ms_per_step:.2f} ms/token) | tree {tree_rate:,.1f} tok/s = {tree_rate / ar_rate:.2f}x AR | "

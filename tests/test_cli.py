@@ -35,6 +35,7 @@ def test_cli_tiny_random_smoke():
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--max-new-tokens", "64", "--cache-capacity", "32"], "raise --cache-capacity to at least"),
     (["--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
+    (["--method", "ar", "--compare-ar"], "--compare-ar compares the tree decoder with AR"),
 ])
 def test_cli_refusals(argv, message, capsys):
     if "--model" not in argv:
