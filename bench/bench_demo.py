@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DIR",
                    help="more drafts, run with the default tree at T = 0")
+    p.add_argument("--draft-vocab", nargs="*", default=[], metavar="NAME=PATH",
+                   help="draft vocabularies (scripts/draft_vocab.py .npy files): the main draft runs with each "
+                        "and the default tree at T = 0")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype (float32: greedy equality is exact up to reduction order)")
     p.add_argument("--attention-impl", default="auto")
@@ -166,12 +169,22 @@ def main(argv=None) -> int:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
+    vocabs = {}
+    for spec in a.draft_vocab:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--draft-vocab: {spec!r} is not NAME=PATH")
+        vocabs[name] = np.load(path)
+    result["draft_vocabs"] = {k: {"path": os.path.relpath(v, ROOT), "size": int(vocabs[k].size)}
+                              for k, v in (s.partition("=")[::2] for s in a.draft_vocab)}
+
     decoders = {}
 
-    def decoder(draft_name, shape):
-        key = (draft_name, None if shape is None else shape.widths)
+    def decoder(draft_name, shape, vocab_name=None):
+        key = (draft_name, None if shape is None else shape.widths, vocab_name)
         if key not in decoders:
-            decoders[key] = SpeculativeDecoder(target, loaded[draft_name], tree_shape=shape)
+            decoders[key] = SpeculativeDecoder(target, loaded[draft_name], tree_shape=shape,
+                                               draft_vocab=None if vocab_name is None else vocabs[vocab_name])
         return decoders[key]
 
     mismatches = []
@@ -193,11 +206,12 @@ def main(argv=None) -> int:
             result["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_sum})
             print(f"ctx {ctx:6d} T={temp:g} ar            {ar_sum['decode_tok_s']:9.1f} tok/s", flush=True)
             save()
-            combos = [("draft", n, s) for n, s in trees]
+            combos = [("draft", n, s, None) for n, s in trees]
             if temp == 0.0:
-                combos += [(d, "default", None) for d in drafts if d != "draft"]
-            for draft_name, tree_name, shape in combos:
-                dec = decoder(draft_name, shape)
+                combos += [(d, "default", None, None) for d in drafts if d != "draft"]
+                combos += [("draft", "default", None, v) for v in vocabs]
+            for draft_name, tree_name, shape, vocab_name in combos:
+                dec = decoder(draft_name, shape, vocab_name)
                 for _ in range(a.warmup):
                     dec.generate(prompts[0][1][:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
                                  seed=a.seed)
@@ -214,18 +228,21 @@ def main(argv=None) -> int:
                         run["greedy_equal"] = res.tokens[0] == ref
                         if not run["greedy_equal"]:
                             first = next(i for i, (x, y) in enumerate(zip(res.tokens[0], ref)) if x != y)
-                            mismatches.append((ctx, draft_name, tree_name, name, first))
+                            mismatches.append((ctx, draft_name, tree_name + (f"+{vocab_name}" if vocab_name else ""),
+                                               name, first))
                     runs.append(run)
                 shape_used = dec.tree_shape_for(ctx, a.new_tokens)
                 summ = summarize(runs, ar_sum["decode_tok_s"])
                 result["rows"].append({"context": ctx, "temperature": temp, "method": tree_name, "draft": draft_name,
                                        "tree_shape": list(shape_used.widths), "tree_nodes": shape_used.num_nodes,
-                                       **summ})
-                if draft_name == "draft" and tree_name == "default" and temp == a.temperatures[0]:
+                                       "draft_vocab": vocab_name,
+                                       "draft_vocab_size": int(s["draft_vocab_size"]), **summ})
+                if draft_name == "draft" and tree_name == "default" and vocab_name is None and temp == a.temperatures[0]:
                     result["cache_bytes"][str(ctx)] = cache_bytes(
                         tcfg, int(res.stats["ring_capacity"]), shape_used.num_nodes, ctx + a.new_tokens,
                         jnp.dtype(dec.cache_dtype).itemsize)
-                print(f"ctx {ctx:6d} T={temp:g} {draft_name[:10]:10s} {tree_name:8s} tau {summ['tau']:5.2f} "
+                label = tree_name if vocab_name is None else f"{tree_name}+{vocab_name}"
+                print(f"ctx {ctx:6d} T={temp:g} {draft_name[:10]:10s} {label:8s} tau {summ['tau']:5.2f} "
                       f"{summ['decode_tok_s']:9.1f} tok/s  x{summ['speedup']:.2f}"
                       + ("" if temp else f"  greedy==AR {summ['greedy_equal']}"), flush=True)
                 save()

@@ -35,7 +35,7 @@ from infer import ar, speculative  # noqa: E402
 from infer.state import ARState  # noqa: E402
 from longspec_jax import kv_cache as kvc  # noqa: E402
 from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
-from longspec_jax.draft import Draft, DraftCache, ring_capacity  # noqa: E402
+from longspec_jax.draft import Draft, DraftCache, head_columns, ring_capacity  # noqa: E402
 from longspec_jax.sampling import SamplingParams  # noqa: E402
 from longspec_jax.transformer import Transformer  # noqa: E402
 from longspec_jax.tree import TreeShape, expand, init_tree  # noqa: E402
@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--draft-levels", action="store_true",
                    help="time every draft level separately (one compile per level) instead of the whole draft")
     p.add_argument("--deadline", type=int, default=0, help="dump stacks and exit after this many seconds")
+    p.add_argument("--draft-vocab-sizes", type=int, nargs="*", default=[],
+                   help="also time the draft and the whole iteration of the loop trees with a draft vocabulary "
+                        "of this many ids (FR-Spec style LM-head cut; which ids does not change the cost)")
     args = p.parse_args(argv)
     if args.deadline:
         import faulthandler
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
                 sub = TreeShape(shape.widths[:lvl]) if lvl < shape.depth else shape
 
                 @jax.jit
-                def draft_levels(t_state, d_state, cache, ring, sub=sub):
+                def draft_levels(t_state, d_state, cache, ring, vocab=None, sub=sub):
                     tgt = nnx.merge(t_graph, t_state)
                     dr = nnx.merge(d_graph, d_state)
                     st = speculative.SpecState(
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
                         max_new=jnp.int32(1), eos_ids=jnp.full((4,), -1, jnp.int32), done=jnp.zeros((1,), bool),
                         stop_reason=jnp.zeros((1,), jnp.int32), key=jax.random.key(0),
                         iters=jnp.zeros((1,), jnp.int32), accept_hist=jnp.zeros((1, 8), jnp.int32))
-                    tree, *_ = speculative._draft_tree(tgt, dr, st, sub)
+                    tree, *_ = speculative._draft_tree(tgt, dr, st, sub, vocab)
                     return tree.tokens
 
                 t0 = time.perf_counter()
@@ -307,12 +310,53 @@ def main(argv=None) -> int:
                   flush=True)
             write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
 
+            # ---- the commit alone: accept + KV compaction + ring write, as in the loop body.
+            commit_fn = commit_step(shape, cfg.vocab_size)
+            t_commit, (cache, ring) = chain_time(lambda cr: commit_fn(cr[0], cr[1], tree, jax.random.key(3))[:2],
+                                                 (cache, ring))
+            spec_state = spec_state.replace(cache=cache, ring=ring)
+            tr["commit_ms"] = t_commit * 1e3
+            print(f"  tree {tree_str:>16}: commit (target choices + accept + compaction + ring write) "
+                  f"{t_commit * 1e3:.3f} ms", flush=True)
+
             if args.profile_dir and tree_str == args.trees[0] and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
-                jax.profiler.start_trace(args.profile_dir)
+                jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
                 spec_state = spec_once(spec_state)
                 jax.block_until_ready(spec_state)
                 jax.profiler.stop_trace()
                 cache, ring = spec_state.cache, spec_state.ring
+                tr["profile"] = {"dir": args.profile_dir, "iterations": int(spec_state.iters[0]),
+                                 "top_ops": summarize_trace(args.profile_dir, int(spec_state.iters[0]))}
+                write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
+            # ---- draft vocabulary cuts: the draft and the whole iteration with V' head columns.
+            for vsize in args.draft_vocab_sizes:
+                ids = jnp.arange(vsize, dtype=jnp.int32) * (cfg.vocab_size // vsize)
+                vocab = (ids, jax.jit(lambda ts, i: head_columns(nnx.merge(t_graph, ts), i))(t_state, ids))
+                t0 = time.perf_counter()
+                jax.block_until_ready(draft_levels(t_state, d_state, cache, ring, vocab))
+                print(f"  [draft V'={vsize} compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
+                t_dv = timeit(draft_levels, t_state, d_state, cache, ring, vocab)
+
+                def spec_once_v(st, vocab=vocab):
+                    st = st.replace(committed=jnp.full((1,), ctx, jnp.int32), out_len=jnp.ones((1,), jnp.int32),
+                                    done=jnp.zeros((1,), bool), stop_reason=jnp.zeros((1,), jnp.int32),
+                                    iters=jnp.zeros((1,), jnp.int32))
+                    return speculative._decode_loop(t_state, d_state, st, vocab, t_graph=t_graph, d_graph=d_graph,
+                                                    st=spec_static)
+
+                spec_state = jax.block_until_ready(spec_once_v(spec_state))
+                t_sv, spec_state = chain_time(spec_once_v, spec_state)
+                cache, ring = spec_state.cache, spec_state.ring
+                t_iv = t_sv / max(int(spec_state.iters[0]), 1)
+                dv = tr.setdefault("draft_vocab", {})
+                dv[str(vsize)] = dict(draft_ms=t_dv * 1e3, iteration_ms=t_iv * 1e3, iteration_vs_ar=t_iv / t_ar,
+                                      head_bytes=cfg.hidden_size * vsize * 2,
+                                      modelled_speedup={str(tau): tau * t_ar / t_iv for tau in (3.0, 3.5, 4.0)})
+                del vocab
+                print(f"  tree {tree_str:>16}: draft vocab {vsize}: draft {t_dv * 1e3:.3f} ms, iteration "
+                      f"{t_iv * 1e3:.3f} ms ({t_iv / t_ar:.2f}x AR)", flush=True)
+                write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
+
         rows.append(row)
         del cache
 
@@ -325,6 +369,58 @@ def main(argv=None) -> int:
                   f"{tr['verify_vs_ar']:5.2f} {tr.get('draft_ms', math.nan):9.2f} {it:8.2f} "
                   f"{it / r['ar_ms']:7.2f} {3.4 * r['ar_ms'] / it:8.2f}")
     return 0
+
+
+def commit_step(shape, vocab_size):
+    """jit(cache, ring, tree, key): the loop body's work after the verification forward: target
+    choices from (random) logits, acceptance, KV compaction of the accepted path, ring write."""
+    greedy = SamplingParams()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # caches updated in place, as in the loop
+    def run(cache, ring, tree, key):
+        B, Nn = tree.tokens.shape
+        logits = jax.random.normal(key, (B, Nn, vocab_size), jnp.float32)
+        ch = verify.target_choices(key, logits, greedy)
+        acc = verify.accept(tree, shape, ch)
+        k = acc.num_accepted
+        c = jnp.full((B,), cache.capacity // 2, jnp.int32)
+        cache = kvc.compact(cache, c, acc.path, k + 1)
+        K, H = ring.k.shape[-2:]
+        tree_kv = jax.random.normal(key, (B, Nn, K, H), ring.k.dtype)
+        path_kv = jnp.take_along_axis(tree_kv, acc.path[:, :, None, None], axis=1)
+        j = jnp.arange(shape.max_accept)[None, :]
+        ring = ring.write(path_kv, path_kv, c[:, None] + j, j <= k[:, None])
+        return cache, ring, acc.tokens
+
+    return run
+
+
+def summarize_trace(profile_dir, iterations, top=25):
+    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration)."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
+                   + glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not files:
+        return {"error": f"no trace file under {profile_dir}"}
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n}
+    per = {}
+    for e in events:
+        if e.get("ph") != "X" or (gpu_pids and e.get("pid") not in gpu_pids):
+            continue
+        name = e.get("name", "?")
+        per[name] = per.get(name, 0.0) + float(e.get("dur", 0.0))
+    total = sum(per.values())
+    rows = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    return {"file": os.path.relpath(files[-1], profile_dir), "device_ms_per_iteration": total / 1e3 / max(iterations, 1),
+            "ops": [{"name": n[:120], "ms_per_iteration": d / 1e3 / max(iterations, 1), "share": d / total}
+                    for n, d in rows]}
 
 
 def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):

@@ -164,7 +164,23 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
 
 def default_config(T, G, K, B, S, H):
-    """Static tuning knobs: (num_wg, block_kv, stages, num_splits) for a problem shape."""
+    """Static tuning knobs: (num_wg, block_kv, stages, num_splits) for a problem shape: the
+    device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
+    has the shape, else `heuristic_config`."""
+    from pallas_kernels import tuning
+
+    return tuning.lookup(T, G, K, B, S, H) or heuristic_config(T, G, K, B, S, H)
+
+
+def smem_stages(num_wg, block_kv, H):
+    """The most K/V pipeline stages that fit in 227 KiB of SMEM next to the q tiles (max 4)."""
+    per_stage = 2 * block_kv * H * 2
+    q_bytes = num_wg * ROWS_PER_WG * H * 2 + num_wg * ROWS_PER_WG * 4
+    return max(1, min(4, (227 * 1024 - q_bytes - 1024) // per_stage))
+
+
+def heuristic_config(T, G, K, B, S, H):
+    """Static tuning knobs from rules of thumb (used where no measured table entry exists)."""
     rows = T * G
     num_wg = 1 if rows <= ROWS_PER_WG else 2
     block_kv = 128

@@ -1,0 +1,223 @@
+"""Sweep the prefix kernel's tuning knobs on this GPU and write its measured tuning table.
+
+For each attention shape (G query heads per KV head, K KV heads, head dim H, batch 1), query count
+T (the AR step, the draft levels and the verification trees) and cache capacity S (holding S - 200
+tokens), every valid (num_wg, block_kv, stages, num_splits) of `prefix_decode.prefix_attention` is
+checked against the float32 reference and timed (U invocations per jitted call, cycling over enough
+caches to exceed L2; median of repeats). The fastest valid config per shape goes to
+
+    pallas_kernels/tuning/prefix_<device kind>.json   (with --install; else only bench/results)
+
+which `prefix_decode.default_config` reads. The JSON also keeps every variant's time, the
+heuristic's time and the max(bytes / bandwidth, flops / matmul peak) floor, with bandwidth and
+peak measured in the same run.
+
+    python bench/tune_prefix.py --install                       # H100: Llama-3-8B heads (G=4, K=8)
+    python bench/tune_prefix.py --G 4 5 --install               # + QwQ-32B heads (G=5)
+    python bench/tune_prefix.py --interpret --T 5 --S 512       # CPU smoke run (interpret mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import prefix_decode, tuning  # noqa: E402
+from pallas_kernels import reference as ref  # noqa: E402
+
+U = 8
+SM_COUNT = 132  # H100 SXM / H200; only used to propose split counts (waves of CTAs)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timeit(fn, args, reps=5, min_time=0.05):
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    inner = max(1, int(min_time / max(one, 1e-6) / reps))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return float(np.median(times))
+
+
+def measure_ceilings(interpret):
+    if interpret:
+        return float("nan"), float("nan")
+    x = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)
+    bw = 2 * x.nbytes / timeit(jax.jit(lambda a: a * 2), (x,))
+    del x
+    m = 8192
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    peak = 2 * m**3 / timeit(jax.jit(lambda a, b: a @ b), (a, b))
+    return bw, peak
+
+
+def variants(T, G, K, B, S, H):
+    """Valid knob sets for a shape: num_wg (1, or 2 where rows > 64), block_kv 64 / 128, the
+    deepest pipeline that fits SMEM, and split counts giving 1, 2, 3 and 4 waves of CTAs."""
+    rows = T * G
+    out = []
+    for num_wg in ((1,) if rows <= 64 else (1, 2)):
+        for block_kv in (64, 128):
+            if S % block_kv:
+                continue
+            stages = prefix_decode.smem_stages(num_wg, block_kv, H)
+            m_tiles = -(-rows // (num_wg * prefix_decode.ROWS_PER_WG))
+            ctas = K * m_tiles * B
+            # Two CTAs fit on an SM when the SMEM of one is at most half: count waves against that.
+            smem = stages * 2 * block_kv * H * 2 + num_wg * prefix_decode.ROWS_PER_WG * H * 2
+            slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
+            splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
+            for sp in splits:
+                out.append((num_wg, block_kv, stages, sp))
+    return out
+
+
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps):
+    B = 1
+    N = G * K
+    length = S - 200 if S > 400 else S - 3
+    key = jax.random.key(S * 7919 + T * 31 + G)
+    ks = jax.random.split(key, 2 + 2 * U)
+    qs = [jax.random.normal(k_, (B, T, N, H), jnp.bfloat16) for k_ in jax.random.split(ks[0], U)]
+    nbuf = 1 if interpret else U
+    caches = [(jax.random.normal(ks[2 + 2 * i], (B, S, K, H), jnp.bfloat16),
+               jax.random.normal(ks[3 + 2 * i], (B, S, K, H), jnp.bfloat16)) for i in range(nbuf)]
+    lengths = jnp.full((B,), length, jnp.int32)
+    bytes_read = 2 * B * length * K * H * 2 + 2 * qs[0].size * 2
+    flops = 4 * B * T * N * length * H
+    floor = max(bytes_read / bw, flops / peak)
+    r_out, r_lse = ref.prefix_attention_ref(qs[0], *caches[0], lengths)
+    r_out, r_lse = np.asarray(r_out, np.float32), np.asarray(r_lse)
+
+    def run_fn(cfg):
+        wg, bk, st, sp = cfg
+
+        def run(qs, caches, lengths):
+            outs = []
+            for i in range(U if not interpret else 1):
+                kc, vc = caches[i % nbuf]
+                outs.append(prefix_decode.prefix_attention(qs[i], kc, vc, lengths, num_wg=wg, block_kv=bk,
+                                                           stages=st, num_splits=sp, interpret=interpret))
+            return outs
+        return jax.jit(run)
+
+    heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
+    cands = variants(T, G, K, B, S, H)
+    if heur not in cands:
+        cands.append(heur)
+    results = []
+    for cfg in cands:
+        rec = {"config": list(cfg)}
+        try:
+            fn = run_fn(cfg)
+            out, lse = fn(qs, caches, lengths)[0]
+            err = float(np.max(np.abs(np.asarray(out, np.float32) - r_out)))
+            lse_err = float(np.max(np.abs(np.asarray(lse) - r_lse)))
+            rec.update(max_abs_err=err, lse_max_abs_err=lse_err)
+            if not (err < 2e-2 and lse_err < 1e-2):  # bf16 output tolerance (tests/test_kernels.py)
+                rec["error"] = f"wrong result: max|out - ref| {err:.3g}, max|lse - ref| {lse_err:.3g}"
+            elif not interpret:
+                rec["t_us"] = timeit(fn, (qs, caches, lengths), reps=reps) / U * 1e6
+        except Exception as e:  # a config the compiler refuses (SMEM, registers): record, go on
+            rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        results.append(rec)
+    ok = [r for r in results if "t_us" in r] or [r for r in results if "error" not in r]
+    best = min(ok, key=lambda r: r.get("t_us", 0.0)) if ok else None
+    h = next(r for r in results if tuple(r["config"]) == heur)
+    entry = {"G": G, "K": K, "B": B, "H": H, "T": T, "S": S, "length": length,
+             "config": best["config"] if best else None, "t_us": best.get("t_us") if best else None,
+             "heuristic_config": list(heur), "heuristic_t_us": h.get("t_us"),
+             "floor_us": floor * 1e6, "variants": results}
+    return entry
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--G", type=int, nargs="+", default=[4], help="query heads per KV head (4: Llama-3-8B, 5: QwQ-32B)")
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--H", type=int, default=128)
+    ap.add_argument("--T", type=int, nargs="+", default=[1, 5, 16, 19, 37, 69, 74])
+    ap.add_argument("--S", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--interpret", action="store_true", help="check the variants in interpret mode (CPU), no timing")
+    ap.add_argument("--install", action="store_true", help="also write pallas_kernels/tuning/<device>.json")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    kind = "interpret" if args.interpret else dev.device_kind
+    bw, peak = measure_ceilings(args.interpret)
+    meta = dict(device=kind, platform=dev.platform, jax=jax.__version__, python=platform.python_version(),
+                command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+                copy_bw_Bps=bw, bf16_peak_flops=peak, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    log(json.dumps(meta))
+    entries = []
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, "tune_" + tuning.device_file_name(kind))
+
+    def save():
+        with open(out_path, "w") as f:
+            json.dump(dict(meta=meta, entries=entries), f, indent=1)
+        if args.install and not args.interpret:  # after every point: a time-limited run keeps its table
+            os.makedirs(tuning.TABLE_DIR, exist_ok=True)
+            keys = ("G", "K", "B", "H", "T", "S", "config", "t_us", "heuristic_config", "heuristic_t_us", "floor_us")
+            table = dict(meta=meta, entries=[{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]])
+            with open(os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind)), "w") as f:
+                json.dump(table, f, indent=1)
+
+    for G in args.G:
+        for S in args.S:
+            for T in args.T:
+                t0 = time.perf_counter()
+                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps)
+                entries.append(e)
+                save()
+                fails = sum("error" in v for v in e["variants"])
+                if args.interpret:
+                    log(f"G={G} S={S:6d} T={T:3d}: {len(e['variants']) - fails}/{len(e['variants'])} variants "
+                        f"match the reference ({time.perf_counter() - t0:.0f} s)")
+                else:
+                    log(f"G={G} S={S:6d} T={T:3d}: best {e['config']} {e['t_us'] or math.nan:8.1f} us, heuristic "
+                        f"{e['heuristic_config']} {e['heuristic_t_us'] or math.nan:8.1f} us, floor {e['floor_us']:7.1f} us"
+                        f" ({fails} failed, {time.perf_counter() - t0:.0f} s)")
+    log(f"wrote {out_path}")
+    bad = [(e["G"], e["S"], e["T"], v["config"], v["error"]) for e in entries for v in e["variants"]
+           if v.get("error", "").startswith("wrong result")]
+    if args.install and not args.interpret:
+        log(f"installed {os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind))}")
+    log("\n   G      S    T  best config         best_us  heur_us  floor_us  best/floor  heur/best")
+    for e in entries:
+        if e["t_us"]:
+            log(f"{e['G']:4d} {e['S']:6d} {e['T']:4d}  {str(e['config']):18s} {e['t_us']:8.1f} "
+                f"{e['heuristic_t_us'] or math.nan:8.1f} {e['floor_us']:9.1f} {e['t_us'] / e['floor_us']:10.2f} "
+                f"{(e['heuristic_t_us'] or math.nan) / e['t_us']:9.2f}")
+    if bad:
+        log(f"WRONG RESULTS: {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Measured tuning tables of the prefix kernel, per GPU model (vLLM / SGLang style config files).
+
+`bench/tune_prefix.py` times every valid (num_wg, block_kv, stages, num_splits) of
+`prefix_decode.prefix_attention` at the attention shapes of real models (batch 1, several query
+counts T and cache capacities S) and writes the fastest per shape to
+`pallas_kernels/tuning/prefix_<device kind>.json`. `prefix_decode.default_config` asks `lookup`
+first and falls back to its heuristic where no table or no matching entry exists (another GPU,
+another head grouping, batch > 1, caches shorter than the smallest tuned capacity).
+
+Matching: same G = N / K, K, H and B; among those, the entry with the smallest tuned capacity
+>= S (the largest otherwise) and, within it, the smallest tuned row count T * G >= the asked
+rows (the largest otherwise). Tuned knobs change speed only, never results: every config is the
+same exact algorithm, checked against the float32 reference in the sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+
+TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning")
+MIN_TUNED_CAPACITY = 4096  # below this the heuristic decides (the draft's 640-slot ring, tests)
+
+
+def device_file_name(device_kind: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'prefix_NVIDIA_H100_80GB_HBM3.json'."""
+    return "prefix_" + re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_") + ".json"
+
+
+@functools.cache
+def load_table(device_kind: str, table_dir: str = TABLE_DIR) -> tuple[dict, ...]:
+    path = os.path.join(table_dir, device_file_name(device_kind))
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        data = json.load(f)
+    return tuple(data.get("entries", ()))
+
+
+def current_device_kind() -> str | None:
+    import jax
+
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return None
+    return dev.device_kind if dev.platform == "gpu" else None
+
+
+def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | None = None,
+           table_dir: str = TABLE_DIR) -> tuple[int, int, int, int] | None:
+    """(num_wg, block_kv, stages, num_splits) from the device's table, or None."""
+    device_kind = device_kind if device_kind is not None else current_device_kind()
+    if device_kind is None or S < MIN_TUNED_CAPACITY:
+        return None
+    entries = [e for e in load_table(device_kind, table_dir)
+               if (e["G"], e["K"], e["B"], e["H"]) == (G, K, B, H)]
+    if not entries:
+        return None
+    caps = sorted({e["S"] for e in entries})
+    cap = next((c for c in caps if c >= S), caps[-1])
+    at_cap = [e for e in entries if e["S"] == cap]
+    rows = T * G
+    by_rows = sorted(at_cap, key=lambda e: e["T"] * e["G"])
+    e = next((e for e in by_rows if e["T"] * e["G"] >= rows), by_rows[-1])
+    num_wg, block_kv, stages, num_splits = e["config"]
+    if S % block_kv:
+        return None
+    # A deeper tiling than the rows need, or more splits than blocks, is never useful.
+    if rows <= 64:
+        num_wg = 1
+    num_splits = max(1, min(num_splits, S // block_kv))
+    return int(num_wg), int(block_kv), int(stages), int(num_splits)
