@@ -10,19 +10,21 @@ phase=${1:?phase}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 case "$phase" in
-  tune)
+  tune)  # prefix-kernel tuning table (installed into pallas_kernels/tuning/)
     timeout 260 python bench/tune_prefix.py --install --T 69 37 16 5 --S 32768 131072 4096 --reps 3 \
       --out "$OUT" > "$OUT/tune.log" 2>&1; echo "tune rc=$?"; tail -22 "$OUT/tune.log"
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
-    timeout 300 python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
-      --loop-trees "4 16 16 16 16" --steps 16 --draft-vocab-sizes 32768 --profile-dir "$OUT/profile" \
-      --out "$OUT" > "$OUT/e2e32k.log" 2>&1; echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2e32k.log" | tail -25
     ;;
-  e2e)
-    timeout 330 python bench/bench_e2e.py --contexts 4096 131072 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
-      --loop-trees "4 16 16 16 16" "1 1 1 1" --steps 16 --draft-vocab-sizes 32768 \
+  e2e32k)  # 8B e2e at 32k: verification per tree, draft, commit, iteration, draft vocabulary, profile
+    timeout 560 python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
+      --loop-trees "4 16 16 16 16" "2 4 4 4 4" --steps 16 --draft-vocab-sizes 32768 --profile-dir "$OUT/profile" \
+      --out "$OUT" > "$OUT/e2e_32k.log" 2>&1; echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2e_32k.log" | tail -25
+    ;;
+  e2e4k128k)  # PyTorch baseline, then 8B e2e at 4k and 128k
+    timeout 200 python bench/bench_torch_baseline.py --contexts 4096 32768 131072 --new-tokens 64 \
+      --out "$OUT" > "$OUT/torch.log" 2>&1; echo "torch rc=$?"; grep -v Warning "$OUT/torch.log" | tail -8
+    timeout 360 python bench/bench_e2e.py --contexts 4096 131072 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
+      --loop-trees "4 16 16 16 16" --steps 16 --draft-vocab-sizes 32768 \
       --out "$OUT" > "$OUT/e2e_4k_128k.log" 2>&1; echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2e_4k_128k.log" | tail -25
-    timeout 240 python bench/bench_torch_baseline.py --contexts 4096 32768 131072 --new-tokens 64 \
-      --out "$OUT" > "$OUT/torch.log" 2>&1; echo "torch rc=$?"; tail -8 "$OUT/torch.log"
     ;;
 esac

@@ -175,6 +175,31 @@ def init_tree(shape: TreeShape, root_tokens: jax.Array) -> Tree:
     return Tree(tokens=tokens, parents=jnp.zeros((B, Nn), jnp.int32), mask=mask, scores=scores)
 
 
+TOPK_CHUNK = 4096  # vocabulary chunk of `row_top_k`'s first stage
+
+
+def row_top_k(x: jax.Array, k: int, chunk: int = TOPK_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis, exact (same values, same indices, same tie order), in
+    two stages for long rows: the top k of each `chunk`-wide slice of the row, then the top k of
+    those survivors. XLA's GPU top-k runs one row per thread block, so 16 rows of a 128k vocabulary
+    keep 16 SMs busy (0.2 ms per draft level at Llama-3-8B shapes on an H100); cut into 4k-wide
+    slices the first stage has 32x the parallelism. Ties: lax.top_k is stable (lower index first)
+    and the survivors stay in index order, so the result equals the one-stage top-k."""
+    V = x.shape[-1]
+    if V <= 2 * chunk or k > chunk:
+        return jax.lax.top_k(x, k)
+    C = -(-V // chunk)
+    pad = C * chunk - V
+    if pad:  # -inf padding sorts after every real entry (and after real -inf entries: higher index)
+        x = jnp.concatenate([x, jnp.full(x.shape[:-1] + (pad,), -jnp.inf, x.dtype)], axis=-1)
+    xs = x.reshape(x.shape[:-1] + (C, chunk))
+    v1, i1 = jax.lax.top_k(xs, k)  # [..., C, k]
+    i1 = i1 + (jnp.arange(C, dtype=i1.dtype) * chunk)[:, None]
+    v2, j = jax.lax.top_k(v1.reshape(x.shape[:-1] + (C * k,)), k)
+    idx = jnp.take_along_axis(i1.reshape(x.shape[:-1] + (C * k,)), j, axis=-1)
+    return v2, idx
+
+
 def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids: jax.Array | None = None) -> Tree:
     """Add level `level + 1` by one global beam-search step.
 
@@ -204,7 +229,7 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids:
     # compile on GPU and is slow to run. Ties resolve as in the flat top-k: lower parent first,
     # then lower token, since lax.top_k is stable and the survivors stay in parent-major order.
     k = min(n_child, V)
-    row_best, row_tok = jax.lax.top_k(logq.astype(jnp.float32), k)  # [B, n_par, k]
+    row_best, row_tok = row_top_k(logq.astype(jnp.float32), k)  # [B, n_par, k]
     cand = (par_scores[:, :, None] + row_best).reshape(B, n_par * k)
     best, idx = jax.lax.top_k(cand, n_child)  # [B, n_child]; (parent, token) pairs are distinct
     parents = (o_par + idx // k).astype(jnp.int32)

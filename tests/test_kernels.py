@@ -256,3 +256,28 @@ def test_tree_gpu(kind, T, N, K, H, dtype):
 ])
 def test_hybrid_gpu(kind, T, N, lengths, window):
     check_hybrid("pallas", jnp.bfloat16, 2, T, N, 8, 128, 32768, lengths, window, kind)
+
+
+def test_tuning_table_lookup(tmp_path):
+    """Measured tables are matched by head grouping, then the smallest tuned capacity and row count
+    that cover the shape; anything else (other device, grouping, batch, short caches) gets None."""
+    import json
+
+    from pallas_kernels import tuning
+
+    kind = "Test GPU 80GB"
+    entries = [dict(G=4, K=8, B=1, H=128, T=T, S=S, config=cfg) for T, S, cfg in [
+        (16, 32768, [1, 64, 4, 33]), (69, 32768, [2, 128, 2, 11]), (69, 131072, [1, 128, 3, 22])]]
+    (tmp_path / tuning.device_file_name(kind)).write_text(json.dumps({"entries": entries}))
+    look = lambda T, S, **kw: tuning.lookup(T, kw.get("G", 4), 8, kw.get("B", 1), S, 128, device_kind=kind,  # noqa: E731
+                                            table_dir=str(tmp_path))
+    assert look(69, 32768) == (2, 128, 2, 11)
+    assert look(37, 20480) == (2, 128, 2, 11)   # rows 148 -> the 276-row entry of the 32k table
+    assert look(5, 33536) == (1, 128, 3, 22)    # capacity above 32k -> 128k table, largest rows
+    assert look(1, 32768) == (1, 64, 4, 33)
+    assert look(69, 1 << 20) == (1, 128, 3, 22)  # beyond every tuned capacity: the largest
+    assert look(69, 4096 + 64) is None           # 4160 % 128 != 0: the table's block does not tile it
+    assert look(1, 32768)[3] <= 32768 // 64
+    assert look(69, 2048) is None                # below MIN_TUNED_CAPACITY
+    assert look(69, 32768, G=5) is None and look(69, 32768, B=2) is None
+    assert tuning.lookup(69, 4, 8, 1, 32768, 128, device_kind="Other GPU", table_dir=str(tmp_path)) is None

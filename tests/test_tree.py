@@ -113,3 +113,18 @@ def test_two_stage_topk_equals_flat_topk_with_ties():
             np.testing.assert_array_equal(tree.parents[:, o_child:o_child + n_child], o_par + idx // V)
             np.testing.assert_allclose(tree.scores[:, o_child:o_child + n_child], best)
 
+
+
+@pytest.mark.parametrize("V,k,chunk", [(128256, 16, 4096), (10000, 4, 1024), (9000, 16, 4096), (2000, 5, 128)])
+def test_row_top_k_equals_lax_top_k(V, k, chunk):
+    """The two-stage top-k returns exactly lax.top_k's values and indices, ties and -inf included."""
+    from longspec_jax.tree import row_top_k
+
+    rng = np.random.default_rng(V + k)
+    x = np.round(rng.standard_normal((2, 3, V)), 1).astype(np.float32)  # coarse values: many ties
+    x[0, 0, : V // 3] = -np.inf
+    x[1, 2, :] = -np.inf  # a row of -inf only: indices 0..k-1, as lax.top_k gives
+    ref_v, ref_i = jax.lax.top_k(jnp.asarray(x), k)
+    v, i = row_top_k(jnp.asarray(x), k, chunk)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ref_i))
