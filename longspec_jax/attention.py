@@ -72,7 +72,7 @@ class Attention(nnx.Module):
         cache = kvc.write_layer(cache, layer, k, v, lengths)
         o, _ = pallas_kernels.hybrid_attention(
             q, cache.k[layer], cache.v[layer], lengths, k.astype(cache.dtype), v.astype(cache.dtype), mask,
-            window=None, implementation=self.attention_impl)
+            window=None, implementation=self.attention_impl, mesh=getattr(self, "mesh", None))
         return self.out(o), cache
 
     def forward_train(self, x, cos, sin):

@@ -232,15 +232,16 @@ class Draft(nnx.Module):
         tree_k = jax.lax.dynamic_update_slice_in_dim(tree_k, k.astype(tree_k.dtype), offset, axis=1)
         tree_v = jax.lax.dynamic_update_slice_in_dim(tree_v, v.astype(tree_v.dtype), offset, axis=1)
         impl = self.attention_impl
+        mesh = getattr(self, "mesh", None)  # set by sharding.place_for_inference
 
         def self_attend(q):
             o, _ = pallas_kernels.hybrid_attention(q, ring.k, ring.v, committed, tree_k, tree_v, tree_mask,
-                                                   window=self.cfg.window, implementation=impl)
+                                                   window=self.cfg.window, implementation=impl, mesh=mesh)
             return o
 
         def cross_attend(q):
             o, _ = pallas_kernels.prefix_attention(q, k_last, v_last.astype(k_last.dtype), t_last,
-                                                   window=None, implementation=impl)
+                                                   window=None, implementation=impl, mesh=mesh)
             return o
 
         h = self._block(x, cos, sin, self_attend, cross_attend)

@@ -172,4 +172,18 @@ def place_for_inference(model: nnx.Module, mesh: Mesh, rules=None, *, what: str 
     """
     check_tensor_parallel(model.cfg, mesh.shape.get("tensor", 1), what=what)
     graphdef, state = nnx.split(model)
-    return shard_model(nnx.merge(graphdef, state, copy=True), mesh, rules)
+    placed = shard_model(nnx.merge(graphdef, state, copy=True), mesh, rules)
+    set_attention_mesh(placed, mesh)
+    return placed
+
+
+def set_attention_mesh(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """Tell the model's attention (target layers, draft) which mesh splits its heads, so the Pallas
+    kernels run per device under shard_map (`pallas_kernels.api`); None undoes it."""
+    from longspec_jax.attention import Attention
+    from longspec_jax.draft import Draft
+
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, (Attention, Draft)):
+            node.mesh = mesh
+    return model

@@ -5,12 +5,22 @@
 "auto" picks "pallas" on a Hopper GPU for the shapes and dtypes the kernels support (bf16/f16,
 head dim 64 or 128, cache capacity a multiple of 128) and "xla" for everything else, so a float32
 model or an odd-sized cache still runs on a Hopper GPU.
+
+Tensor parallelism: with `mesh` (a mesh whose `head_axis` splits the query and KV heads, as
+`longspec_jax.sharding.tensor_parallel_mesh` builds), the kernels run under `jax.shard_map`, each
+device on its own heads (GQA groups stay whole: query head n uses KV head n // G, and both head
+axes are split into the same number of contiguous blocks). XLA cannot partition a Mosaic GPU
+custom call by itself: without this it would gather the whole KV cache onto every device.
+The "xla" references need no wrapper (XLA partitions them).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import reference as ref
 
@@ -43,8 +53,32 @@ def _resolve(implementation: str, q=None, kv=None, capacity_multiple: int | None
     return impl
 
 
-def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, implementation="xla"):
+def _heads_split(mesh, head_axis: str) -> bool:
+    """True where the kernels must run per device: a mesh whose head axis has > 1 device."""
+    if mesh is None or dict(mesh.shape).get(head_axis, 1) == 1:
+        return False
+    others = [a for a, n in dict(mesh.shape).items() if a != head_axis and n > 1]
+    if others:
+        raise ValueError(f"the attention kernels shard over heads only ({head_axis!r}); the mesh also splits "
+                         f"{others}: use a tensor-parallel mesh (longspec_jax.sharding.tensor_parallel_mesh)")
+    return True
+
+
+def _per_device_heads(fn, mesh, head_axis, n_in_heads, n_plain):
+    """shard_map fn over the head axis: `n_in_heads` leading [B, T|S, heads, H] inputs split on axis 2,
+    `n_plain` trailing inputs replicated; returns (out [B, T, N, H], lse [B, T, N]) split on heads."""
+    heads = P(None, None, head_axis, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(heads,) * n_in_heads + (P(),) * n_plain,
+                         out_specs=(heads, P(None, None, head_axis)), check_vma=False)
+
+
+def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, implementation="xla",
+                     mesh=None, head_axis="tensor"):
     impl = _resolve(implementation, q, k_cache, capacity_multiple=128)
+    if impl != "xla" and _heads_split(mesh, head_axis):
+        fn = functools.partial(prefix_attention, window=window, sm_scale=sm_scale, implementation=impl)
+        return _per_device_heads(lambda q, kc, vc, ln: fn(q, kc, vc, ln), mesh, head_axis, 3, 1)(
+            q, k_cache, v_cache, lengths)
     if impl == "xla":
         return ref.prefix_attention_ref(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
     from pallas_kernels import prefix_decode  # the Mosaic GPU kernel
@@ -53,8 +87,11 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
                                           interpret=impl == "pallas_interpret")
 
 
-def tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla"):
+def tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla", mesh=None, head_axis="tensor"):
     impl = _resolve(implementation, q, k)
+    if impl != "xla" and _heads_split(mesh, head_axis):
+        fn = functools.partial(tree_attention, sm_scale=sm_scale, implementation=impl)
+        return _per_device_heads(lambda q, k, v, m: fn(q, k, v, m), mesh, head_axis, 3, 1)(q, k, v, mask)
     if impl == "xla":
         return ref.tree_attention_ref(q, k, v, mask, sm_scale=sm_scale)
     from pallas_kernels import tree_attn  # the Mosaic GPU kernel
@@ -63,8 +100,15 @@ def tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla"):
 
 
 def hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, sm_scale=None,
-                     implementation="xla"):
+                     implementation="xla", mesh=None, head_axis="tensor"):
     """Prefix (unmasked, optional window) + tree (masked) attention, merged exactly by LSE."""
+    impl = _resolve(implementation, q, k_cache, capacity_multiple=128)
+    if impl != "xla" and _heads_split(mesh, head_axis):
+        heads = P(None, None, head_axis, None)
+        fn = functools.partial(hybrid_attention, window=window, sm_scale=sm_scale, implementation=impl)
+        return jax.shard_map(lambda q, kc, vc, k, v, ln, m: fn(q, kc, vc, ln, k, v, m), mesh=mesh,
+                             in_specs=(heads,) * 5 + (P(), P()), out_specs=(heads, P(None, None, head_axis)),
+                             check_vma=False)(q, k_cache, v_cache, k, v, lengths, mask)
     prefix = prefix_attention(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale,
                               implementation=implementation)
     tree = tree_attention(q, k, v, mask, sm_scale=sm_scale, implementation=implementation)

@@ -1,0 +1,212 @@
+"""Tensor parallelism on one host: step times of one model over 1 and over N GPUs, and exactness.
+
+1. Speed, random bf16 weights at a preset's real shapes (QwQ-32B by default): the AR decode step
+   (the real `infer.ar` while_loop) and the whole speculative iteration (the real
+   `infer.speculative` while_loop, random draft) at each context, on one GPU and with the target
+   and draft split over N GPUs (`sharding.place_for_inference`: heads and MLP over "tensor",
+   Pallas attention per device under shard_map, KV cache split over kv heads).
+2. Exactness: greedy tokens of AR on one device against AR and the tree decoder on the N-device
+   mesh, (a) for the shipped demo pair in float32 on a held-out prompt (a trained model: clear
+   logit gaps) and (b) for the random bf16 model (near-uniform logits: a summation-order flip at a
+   near-tie is possible and is reported, not hidden).
+
+    python bench/bench_tp.py --model qwq-32b --tensor 2 --contexts 4096 32768
+
+Writes bench/results/tp_<model>_<device>x<N>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from bench.bench_e2e import chain_time, random_cache, random_models  # noqa: E402
+from infer import ar, speculative  # noqa: E402
+from infer.state import ARState  # noqa: E402
+from longspec_jax import sharding  # noqa: E402
+from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
+from longspec_jax.draft import DraftCache, ring_capacity  # noqa: E402
+from longspec_jax.sampling import SamplingParams  # noqa: E402
+from longspec_jax.tree import TreeShape  # noqa: E402
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh):
+    """(AR ms per token, speculative iteration ms) with the models where they are (mesh or not)."""
+    t_graph, t_state = nnx.split(target)
+    d_graph, d_state = nnx.split(draft)
+    rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, rep))
+    cap = ctx + 2 * steps * 8 + 512
+    cache = random_cache(cfg, cap, jax.random.key(ctx))
+    if mesh is not None:
+        cs = sharding.cache_sharding(mesh, shape=cache.k[0].shape)
+        cache = jax.device_put(cache, cs)
+    greedy = SamplingParams()
+    st = ARState(tokens=put(jnp.zeros((1, steps + 1), jnp.int32)), num_tokens=put(jnp.ones((1,), jnp.int32)),
+                 step=put(jnp.int32(1)), limit=put(jnp.int32(steps + 1)), last_token=put(jnp.full((1,), 7, jnp.int32)),
+                 lengths=put(jnp.full((1,), ctx, jnp.int32)), done=put(jnp.zeros((1,), bool)),
+                 key=put(jax.random.key(0)), cache=cache)
+
+    def ar_once(s):
+        s = s.replace(step=put(jnp.int32(1)), lengths=put(jnp.full((1,), ctx, jnp.int32)),
+                      done=put(jnp.zeros((1,), bool)))
+        return ar._decode_jit(t_graph, t_state, s, put(jnp.int32(steps + 1)), sampling=greedy, eos_ids=(), pad_id=0)
+
+    t0 = time.perf_counter()
+    st = jax.block_until_ready(ar_once(st))
+    log(f"  [AR compile+run {time.perf_counter() - t0:.1f} s]")
+    t_loop, st = chain_time(ar_once, st)
+    cache = st.cache
+    t_ar = t_loop / steps
+
+    K, H = cfg.num_kv_heads, cfg.head_dim
+    ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), jnp.bfloat16)
+    kv = jax.random.normal(jax.random.key(9), (1, ring.capacity, K, H), jnp.bfloat16)
+    ring = ring.write(kv, kv, ctx - ring.capacity + jnp.arange(ring.capacity)[None], jnp.ones((1, ring.capacity), bool))
+    if mesh is not None:
+        ring = jax.device_put(ring, sharding.cache_sharding(mesh, shape=ring.k.shape))
+    G = shape.max_accept
+    spec_static = speculative._Static(shape, greedy, 64, 4)
+    state = speculative.SpecState(
+        cache=cache, ring=ring, committed=put(jnp.full((1,), ctx, jnp.int32)), root=put(jnp.full((1,), 5, jnp.int32)),
+        out=put(jnp.zeros((1, 64 + G), jnp.int32)), out_len=put(jnp.ones((1,), jnp.int32)),
+        max_new=put(jnp.int32(steps + 1)), eos_ids=put(jnp.full((4,), -1, jnp.int32)),
+        done=put(jnp.zeros((1,), bool)), stop_reason=put(jnp.zeros((1,), jnp.int32)), key=put(jax.random.key(0)),
+        iters=put(jnp.zeros((1,), jnp.int32)), accept_hist=put(jnp.zeros((1, G), jnp.int32)))
+
+    def spec_once(s):
+        s = s.replace(committed=put(jnp.full((1,), ctx, jnp.int32)), out_len=put(jnp.ones((1,), jnp.int32)),
+                      done=put(jnp.zeros((1,), bool)), stop_reason=put(jnp.zeros((1,), jnp.int32)),
+                      iters=put(jnp.zeros((1,), jnp.int32)))
+        return speculative._decode_loop(t_state, d_state, s, t_graph=t_graph, d_graph=d_graph, st=spec_static)
+
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(spec_once(state))
+    log(f"  [spec loop compile+run {time.perf_counter() - t0:.1f} s]")
+    t_spec, state = chain_time(spec_once, state)
+    t_iter = t_spec / max(int(state.iters[0]), 1)
+    del state, cache, ring
+    return t_ar * 1e3, t_iter * 1e3
+
+
+def exactness(target, draft, prompt, new_tokens, shape, mesh, label):
+    ref = ar.generate_ar(target, [prompt], max_new_tokens=new_tokens, eos_ids=()).sequences()[0]
+    tp_ar = ar.generate_ar(target, [prompt], max_new_tokens=new_tokens, eos_ids=(), mesh=mesh).sequences()[0]
+    dec = speculative.SpeculativeDecoder(target, draft, tree_shape=shape, mesh=mesh)
+    tp_tree = dec.generate(prompt, max_new_tokens=new_tokens, eos_ids=()).tokens[0]
+
+    def first_diff(a):
+        return next((i for i, (x, y) in enumerate(zip(a, ref)) if x != y), None if len(a) == len(ref) else min(len(a), len(ref)))
+
+    out = {"what": label, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+           "tp_ar_equal": tp_ar == ref, "tp_ar_first_diff": first_diff(tp_ar),
+           "tp_tree_equal": tp_tree == ref, "tp_tree_first_diff": first_diff(tp_tree)}
+    log(f"  exactness [{label}]: TP AR == 1-device AR: {out['tp_ar_equal']}, TP tree == 1-device AR: "
+        f"{out['tp_tree_equal']}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwq-32b")
+    p.add_argument("--tensor", type=int, default=2)
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--tree", default="4 16 16 16 16")
+    p.add_argument("--skip-single", action="store_true", help="no one-device timings (e.g. the model does not fit)")
+    p.add_argument("--exact-random", action="store_true",
+                   help="also compare greedy tokens of the random-weight model (costs two more compilations)")
+    p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test with fake devices)")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    dev = jax.devices()[0]
+    device = dev.device_kind if dev.platform != "cpu" else "cpu"
+    cfg = tiny_config(vocab_size=512, head_dim=64, num_heads=4, num_kv_heads=2) if args.tiny \
+        else get_preset(args.model).config
+    if args.tiny:
+        args.contexts = [256]
+    dcfg = DraftConfig.from_target(cfg)
+    impl = "xla" if dev.platform == "cpu" else "auto"
+    shape = TreeShape.parse(args.tree)
+    mesh = sharding.tensor_parallel_mesh(args.tensor)
+    result = {"benchmark": "tensor_parallel", "device": device, "devices": args.tensor, "jax": jax.__version__,
+              "python": platform.python_version(), "model_shapes": "tiny" if args.tiny else args.model,
+              "weights": "random bf16", "tree": args.tree,
+              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+              "rows": [], "exactness": []}
+    path = os.path.join(args.out, f"tp_{'tiny' if args.tiny else args.model}_{device.replace(' ', '_')}x{args.tensor}.json")
+
+    def save():
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    log(f"{device} x{args.tensor} jax {jax.__version__} {args.model}")
+    # (a) the demo pair, float32, held-out prompt: exactness on a trained model.
+    if not args.tiny:
+        from longspec_jax import demo, draft_weights, weights
+
+        with jax.default_matmul_precision("highest"):
+            tgt, tcfg, tok = weights.load_target(demo.TARGET_DIR, dtype=jnp.float32, attention_impl="auto")
+            dr = draft_weights.load_draft(demo.DRAFT_DIR, tcfg, dtype=jnp.float32, attention_impl="auto")
+            text = demo.heldout_prompts()[0]["text"]
+            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:4095]
+            result["exactness"].append(exactness(tgt, dr, ids, 128, TreeShape.parse("4 16 16 16 16"), mesh,
+                                                 "demo pair, float32, held-out asyncio prompt 4096 tokens"))
+        del tgt, dr
+        save()
+
+    target, draft = random_models(cfg, dcfg, impl)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(10, cfg.vocab_size - 10, 512).tolist()
+    if args.exact_random or args.tiny:
+        result["exactness"].append(exactness(target, draft, prompt, 32, shape, mesh,
+                                             f"{result['model_shapes']} random bf16, random 512-token prompt"))
+        save()
+    for ctx in args.contexts:
+        row = {"context": ctx}
+        if not args.skip_single:
+            row["single_ar_ms"], row["single_iteration_ms"] = step_times(target, draft, cfg, dcfg, ctx, args.steps,
+                                                                         shape, None)
+            log(f"ctx {ctx}: 1 GPU: AR {row['single_ar_ms']:.3f} ms, iteration {row['single_iteration_ms']:.3f} ms")
+        result["rows"].append(row)
+        save()
+    tp_target = sharding.place_for_inference(target, mesh)
+    tp_draft = sharding.place_for_inference(draft, mesh, what="draft")
+    del target, draft
+    for row in result["rows"]:
+        ctx = row["context"]
+        row["tp_ar_ms"], row["tp_iteration_ms"] = step_times(tp_target, tp_draft, cfg, dcfg, ctx, args.steps, shape, mesh)
+        if "single_ar_ms" in row:
+            row["ar_speedup"] = row["single_ar_ms"] / row["tp_ar_ms"]
+            row["iteration_speedup"] = row["single_iteration_ms"] / row["tp_iteration_ms"]
+        log(f"ctx {ctx}: {args.tensor} GPUs: AR {row['tp_ar_ms']:.3f} ms, iteration {row['tp_iteration_ms']:.3f} ms")
+        save()
+    log(f"wrote {path}")
+    log("\ncontext  1gpu_AR  1gpu_iter  tp_AR  tp_iter  AR_x  iter_x")
+    for r in result["rows"]:
+        log(f"{r['context']:7d} {r.get('single_ar_ms', float('nan')):8.2f} {r.get('single_iteration_ms', float('nan')):9.2f} "
+            f"{r['tp_ar_ms']:6.2f} {r['tp_iteration_ms']:8.2f} {r.get('ar_speedup', float('nan')):5.2f} "
+            f"{r.get('iteration_speedup', float('nan')):6.2f}")
+    ok = all(e["tp_ar_equal"] and e["tp_tree_equal"] for e in result["exactness"][:1])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
