@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                    help="more drafts, run with the default tree at T = 0")
     p.add_argument("--draft-vocab", nargs="*", default=[], metavar="NAME=PATH",
                    help="draft vocabularies (scripts/draft_vocab.py .npy files): the main draft runs with each "
-                        "and the default tree at T = 0")
+                        "and every --trees shape at T = 0")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype (float32: greedy equality is exact up to reduction order)")
     p.add_argument("--attention-impl", default="auto")
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
             combos = [("draft", n, s, None) for n, s in trees]
             if temp == 0.0:
                 combos += [(d, "default", None, None) for d in drafts if d != "draft"]
-                combos += [("draft", "default", None, v) for v in vocabs]
+                combos += [("draft", n, s, v) for v in vocabs for n, s in trees]
             for draft_name, tree_name, shape, vocab_name in combos:
                 dec = decoder(draft_name, shape, vocab_name)
                 for _ in range(a.warmup):

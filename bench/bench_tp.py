@@ -10,7 +10,11 @@
    logit gaps) and (b) for the random bf16 model (near-uniform logits: a summation-order flip at a
    near-tie is possible and is reported, not hidden).
 
-    python bench/bench_tp.py --model qwq-32b --tensor 2 --contexts 4096 32768
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
+        --contexts 4096 32768
+
+At 32B the one-device model (65 GB) and its split copy live side by side on device 0: raise JAX's
+preallocation (default 75% of the GPU) as above, or pass --skip-single.
 
 Writes bench/results/tp_<model>_<device>x<N>.json.
 """
@@ -35,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from bench.bench_e2e import chain_time, random_cache, random_models  # noqa: E402
 from infer import ar, speculative  # noqa: E402
 from infer.state import ARState  # noqa: E402
+from longspec_jax import kv_cache as kvc  # noqa: E402
 from longspec_jax import sharding  # noqa: E402
 from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
 from longspec_jax.draft import DraftCache, ring_capacity  # noqa: E402
@@ -53,10 +58,15 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh):
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     put = (lambda x: x) if mesh is None else (lambda x: jax.device_put(x, rep))
     cap = ctx + 2 * steps * 8 + 512
-    cache = random_cache(cfg, cap, jax.random.key(ctx))
-    if mesh is not None:
-        cs = sharding.cache_sharding(mesh, shape=cache.k[0].shape)
-        cache = jax.device_put(cache, cs)
+    if mesh is None:
+        cache = random_cache(cfg, cap, jax.random.key(ctx))
+    else:  # drawn in place, split over kv heads (a whole-cache copy on device 0 first can OOM at 32B)
+        shp = (1, cap, cfg.num_kv_heads, cfg.head_dim)
+        mk = jax.jit(lambda k: jax.random.normal(k, shp, jnp.bfloat16),
+                     out_shardings=sharding.cache_sharding(mesh, shape=shp))
+        ks = jax.random.split(jax.random.key(ctx), 2 * cfg.num_layers)
+        cache = kvc.KVCache(k=tuple(mk(ks[2 * i]) for i in range(cfg.num_layers)),
+                            v=tuple(mk(ks[2 * i + 1]) for i in range(cfg.num_layers)))
     greedy = SamplingParams()
     st = ARState(tokens=put(jnp.zeros((1, steps + 1), jnp.int32)), num_tokens=put(jnp.ones((1,), jnp.int32)),
                  step=put(jnp.int32(1)), limit=put(jnp.int32(steps + 1)), last_token=put(jnp.full((1,), 7, jnp.int32)),
@@ -183,6 +193,8 @@ def main(argv=None) -> int:
     # N devices first (the new capability), then the same model on one device.
     tp_target = sharding.place_for_inference(target, mesh)
     tp_draft = sharding.place_for_inference(draft, mesh, what="draft")
+    if args.skip_single:
+        del target, draft
     for ctx in args.contexts:
         row = {"context": ctx}
         row["tp_ar_ms"], row["tp_iteration_ms"] = step_times(tp_target, tp_draft, cfg, dcfg, ctx, args.steps, shape, mesh)

@@ -96,27 +96,25 @@ class TreeShape:
         return " ".join(map(str, self.widths))
 
 
-# Tree shape by context length: a measured-cost heuristic (H100, Llama-3-8B shapes, bf16, Pallas
-# attention; bench/results/e2e_llama3-8b_H100_pallas_32k_partial.json and kernels_H100_*.json).
-#   * At 32k one verification of the 69-node default tree costs 1.63x an AR step (13.7 vs 8.4 ms)
-#     and the 37-node (4, 8, 8, 8, 8) tree 1.49x: the big tree is still cheap next to the extra
-#     tau its width buys, so it stays the default up to 32k (LongSpec's own setting).
-#   * Prefix attention over the KV cache grows with the tree: at 128k the Pallas prefix kernel runs
-#     at 1.11x its floor (90% of copy bandwidth) with T=16 queries but at 1.94x with T=74 (48%):
-#     attention turns compute-bound (arithmetic intensity 4T FLOP/byte with GQA group 4, ridge at
-#     T ~ 74), and 32 layers x ~178 us extra is ~5.7 ms per verification, about half an AR step
-#     (10.7 ms floor at 128k). Already at 32k, T=69 costs 187 us vs 73 us at T=16 per layer
-#     (~3.7 ms per verification), which the 1.63x vs 1.49x above includes.
-#     So above 32k the width shrinks (37 nodes to 64k), and above 64k the tree has 19 nodes (close
-#     to the measured, bandwidth-bound T=16 point) while keeping depth 5 (up to 6 tokens/iteration).
-# NOT measured: tau of each shape with a trained draft at each context, and verify/draft cost at
-# 64k and of the 19-node tree. A full per-context sweep (bench/bench_e2e.py over contexts x shapes,
-# with a real draft for tau) would replace this table by argmax over shapes of
-# tau(shape, ctx) / iteration_ms(shape, ctx); the breakpoints and widths here are educated guesses
-# anchored on the numbers above.
+# Tree shape by context length, from measured costs (H100, Llama-3-8B shapes, bf16, Pallas
+# attention with the H100 tuning table; bench/results/e2e_llama3-8b_H100_{4k_128k,32k}.json, each
+# part timed inside a while_loop as the decoder runs it) and the demo pair's tau per shape
+# (bench/results/demo_H100.json: 69 nodes tau 3.84, 19 nodes 3.15 at 16k). Modelled speedup =
+# tau * AR_ms / iteration_ms:
+#   * 4k: verification 1.20x AR (69 nodes) .. 0.93x (5); iteration 12.5 ms vs AR 7.1 ms.
+#   * 32k: verification 1.35x AR (69) / 1.14x (37) / 1.08x (19); iteration 15.6 ms (69 nodes) vs
+#     12.6 ms (19 nodes): 2.02x vs 2.06x modelled, a tie; 69 nodes stays the default to 32k
+#     (LongSpec's own setting; its tau grows with a better draft, the small tree's less).
+#   * 128k: the 69-node verification costs 1.65x AR (attention turns compute-bound: arithmetic
+#     intensity 4T FLOP/byte with GQA group 4, ridge at T ~ 74; the prefix kernel at T = 69 runs at
+#     2.0x its floor at 128k, at T = 16 at 1.07x): iteration 25.0 ms, 1.90x modelled. The 19-node
+#     tree's verification stays near the AR step (the T = 16 point), ~2.3x modelled.
+#   So above 32k the width shrinks: 37 nodes to 64k, 19 nodes beyond, depth 5 kept.
+# NOT measured: verification at 64k, the 19- and 37-node iterations at 128k, and tau of each
+# shape with a large trained draft; the 64k breakpoint interpolates.
 CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max context, widths)
-    (32768, (4, 16, 16, 16, 16)),  # <= 32k: 69 nodes, verify 1.63x AR at 32k (measured)
-    (65536, (4, 8, 8, 8, 8)),      # <= 64k: 37 nodes, verify 1.49x AR at 32k (measured)
+    (32768, (4, 16, 16, 16, 16)),  # <= 32k: 69 nodes, verify 1.35x AR at 32k (measured)
+    (65536, (4, 8, 8, 8, 8)),      # <= 64k: 37 nodes, verify 1.14x AR at 32k (measured)
     (None, (2, 4, 4, 4, 4)),       # beyond: 19 nodes, prefix attention near bandwidth at 128k (T=16)
 )
 

@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on tiny configs (CPU), so they do not rot between GPU
+sessions. Marked slow: they compile several decode loops each."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_e2e_tiny(tmp_path):
+    from bench import bench_e2e
+
+    assert bench_e2e.main(["--tiny", "--contexts", "256", "--trees", "2 2", "1 1", "--loop-trees", "2 2",
+                           "--steps", "4", "--draft-vocab-sizes", "128", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("e2e_tiny_*.json")
+    tr = json.loads(path.read_text())["rows"][0]["trees"]["2 2"]
+    for key in ("verify_ms", "draft_ms", "commit_ms", "iteration_ms"):
+        assert tr[key] > 0
+    assert tr["draft_vocab"]["128"]["iteration_ms"] > 0
+
+
+def test_bench_tp_tiny(tmp_path):
+    from bench import bench_tp
+
+    bench_tp.main(["--tiny", "--tensor", "2", "--steps", "4", "--tree", "2 2", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("tp_tiny_*.json")
+    row = json.loads(path.read_text())["rows"][0]
+    assert row["tp_ar_ms"] > 0 and row["single_ar_ms"] > 0
+
+
+def test_tune_prefix_interpret(tmp_path):
+    from bench import tune_prefix
+
+    assert tune_prefix.main(["--interpret", "--T", "5", "--S", "256", "--K", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("tune_*.json")
+    entry = json.loads(path.read_text())["entries"][0]
+    assert entry["variants"] and not any("error" in v for v in entry["variants"])
