@@ -3,14 +3,18 @@
 For each context length: the AR decode step (the real `infer.ar` while_loop), target verification
 of several tree shapes, every draft level (root step and tree depths), the commit, and the whole
 speculative iteration (the real `infer.speculative` while_loop with a random draft, so every
-iteration accepts ~0 drafts and the loop time / iterations is the iteration cost). Each is compared
-with its floor max(bytes / copy bandwidth, flops / matmul peak), both ceilings measured in the
-same run. Modelled speedup over AR for tau in {3.0, 3.5, 4.0} = tau * t_AR / t_iteration.
+iteration accepts ~0 drafts and the loop time / iterations is the iteration cost). Every part runs
+`--steps` times inside one while_loop, as the decoder runs it, so the parts add up to the iteration
+(separately jitted calls would each pay launch and argument set-up). Each is compared with its
+floor max(bytes / copy bandwidth, flops / matmul peak), both ceilings measured in the same run.
+Modelled speedup over AR for tau in {3.0, 3.5, 4.0} = tau * t_AR / t_iteration.
+`--draft-vocab-sizes` adds the draft and the iteration with a draft-vocabulary cut;
+`--profile-dir` keeps a Perfetto trace of one loop and a per-op summary in the JSON.
 
     python bench/bench_e2e.py --model llama3-8b --contexts 4096 32768 131072 --out bench/results
 
-Writes bench/results/e2e_<model>_<device>.json (and a PNG with --plot). `--tiny` runs a
-tiny config on CPU as a smoke test.
+Writes bench/results/e2e_<model>_<device>_<impl>.json (plot: `python -m bench.plot_e2e`).
+`--tiny` runs a tiny config on CPU as a smoke test.
 """
 
 from __future__ import annotations

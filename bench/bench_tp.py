@@ -216,7 +216,8 @@ def main(argv=None) -> int:
         log(f"{r['context']:7d} {r.get('single_ar_ms', float('nan')):8.2f} {r.get('single_iteration_ms', float('nan')):9.2f} "
             f"{r['tp_ar_ms']:6.2f} {r['tp_iteration_ms']:8.2f} {r.get('ar_speedup', float('nan')):5.2f} "
             f"{r.get('iteration_speedup', float('nan')):6.2f}")
-    ok = all(e["tp_ar_equal"] and e["tp_tree_equal"] for e in result["exactness"][:1])
+    # The gate is the trained model in float32; the random bf16 check is reported, not gated (near-ties).
+    ok = all(e["tp_ar_equal"] and e["tp_tree_equal"] for e in result["exactness"] if e["what"].startswith("demo"))
     return 0 if ok else 1
 
 

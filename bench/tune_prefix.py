@@ -34,10 +34,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import bench_kernels  # noqa: E402
 from pallas_kernels import prefix_decode, tuning  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 
-U = 8
+U = bench_kernels.U  # invocations per jitted call
 SM_COUNT = 132  # H100 SXM / H200; only used to propose split counts (waves of CTAs)
 
 
@@ -45,33 +46,8 @@ def log(*a):
     print(*a, flush=True)
 
 
-def timeit(fn, args, reps=5, min_time=0.05):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    inner = max(1, int(min_time / max(one, 1e-6) / reps))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
-
-
 def measure_ceilings(interpret):
-    if interpret:
-        return float("nan"), float("nan")
-    x = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)
-    bw = 2 * x.nbytes / timeit(jax.jit(lambda a: a * 2), (x,))
-    del x
-    m = 8192
-    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
-    peak = 2 * m**3 / timeit(jax.jit(lambda a, b: a @ b), (a, b))
-    return bw, peak
+    return (float("nan"), float("nan")) if interpret else bench_kernels.measure_ceilings()
 
 
 def variants(T, G, K, B, S, H):
@@ -140,7 +116,7 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps):
             if not (err < 2e-2 and lse_err < 1e-2):  # bf16 output tolerance (tests/test_kernels.py)
                 rec["error"] = f"wrong result: max|out - ref| {err:.3g}, max|lse - ref| {lse_err:.3g}"
             elif not interpret:
-                rec["t_us"] = timeit(fn, (qs, caches, lengths), reps=reps) / U * 1e6
+                rec["t_us"] = bench_kernels.timeit(fn, (qs, caches, lengths), reps=reps)[0] / U * 1e6
         except Exception as e:  # a config the compiler refuses (SMEM, registers): record, go on
             rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         results.append(rec)

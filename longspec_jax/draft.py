@@ -161,6 +161,7 @@ class Draft(nnx.Module):
         self.rope = rope
         self.dtype = dtype
         self.attention_impl = attention_impl
+        self.mesh = None  # a tensor-parallel mesh (sharding.set_attention_mesh): kernels run per device
         D = cfg.hidden_size
         self.input_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = _SelfAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -232,7 +233,7 @@ class Draft(nnx.Module):
         tree_k = jax.lax.dynamic_update_slice_in_dim(tree_k, k.astype(tree_k.dtype), offset, axis=1)
         tree_v = jax.lax.dynamic_update_slice_in_dim(tree_v, v.astype(tree_v.dtype), offset, axis=1)
         impl = self.attention_impl
-        mesh = getattr(self, "mesh", None)  # set by sharding.place_for_inference
+        mesh = self.mesh
 
         def self_attend(q):
             o, _ = pallas_kernels.hybrid_attention(q, ring.k, ring.v, committed, tree_k, tree_v, tree_mask,

@@ -64,11 +64,12 @@ def _heads_split(mesh, head_axis: str) -> bool:
     return True
 
 
-def _per_device_heads(fn, mesh, head_axis, n_in_heads, n_plain):
-    """shard_map fn over the head axis: `n_in_heads` leading [B, T|S, heads, H] inputs split on axis 2,
-    `n_plain` trailing inputs replicated; returns (out [B, T, N, H], lse [B, T, N]) split on heads."""
+def _per_device_heads(fn, mesh, head_axis, split):
+    """shard_map `fn` over the head axis: inputs with split[i] True are [B, T|S, heads, H] and split
+    on axis 2, the others (lengths, masks) replicated; returns (out [B, T, N, H], lse [B, T, N])
+    split on heads."""
     heads = P(None, None, head_axis, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(heads,) * n_in_heads + (P(),) * n_plain,
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(heads if h else P() for h in split),
                          out_specs=(heads, P(None, None, head_axis)), check_vma=False)
 
 
@@ -77,8 +78,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     impl = _resolve(implementation, q, k_cache, capacity_multiple=128)
     if impl != "xla" and _heads_split(mesh, head_axis):
         fn = functools.partial(prefix_attention, window=window, sm_scale=sm_scale, implementation=impl)
-        return _per_device_heads(lambda q, kc, vc, ln: fn(q, kc, vc, ln), mesh, head_axis, 3, 1)(
-            q, k_cache, v_cache, lengths)
+        return _per_device_heads(fn, mesh, head_axis, (True, True, True, False))(q, k_cache, v_cache, lengths)
     if impl == "xla":
         return ref.prefix_attention_ref(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
     from pallas_kernels import prefix_decode  # the Mosaic GPU kernel
@@ -91,7 +91,7 @@ def tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla", mesh=N
     impl = _resolve(implementation, q, k)
     if impl != "xla" and _heads_split(mesh, head_axis):
         fn = functools.partial(tree_attention, sm_scale=sm_scale, implementation=impl)
-        return _per_device_heads(lambda q, k, v, m: fn(q, k, v, m), mesh, head_axis, 3, 1)(q, k, v, mask)
+        return _per_device_heads(fn, mesh, head_axis, (True, True, True, False))(q, k, v, mask)
     if impl == "xla":
         return ref.tree_attention_ref(q, k, v, mask, sm_scale=sm_scale)
     from pallas_kernels import tree_attn  # the Mosaic GPU kernel
@@ -104,11 +104,9 @@ def hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, s
     """Prefix (unmasked, optional window) + tree (masked) attention, merged exactly by LSE."""
     impl = _resolve(implementation, q, k_cache, capacity_multiple=128)
     if impl != "xla" and _heads_split(mesh, head_axis):
-        heads = P(None, None, head_axis, None)
         fn = functools.partial(hybrid_attention, window=window, sm_scale=sm_scale, implementation=impl)
-        return jax.shard_map(lambda q, kc, vc, k, v, ln, m: fn(q, kc, vc, ln, k, v, m), mesh=mesh,
-                             in_specs=(heads,) * 5 + (P(), P()), out_specs=(heads, P(None, None, head_axis)),
-                             check_vma=False)(q, k_cache, v_cache, k, v, lengths, mask)
+        return _per_device_heads(fn, mesh, head_axis, (True, True, True, False, True, True, False))(
+            q, k_cache, v_cache, lengths, k, v, mask)
     prefix = prefix_attention(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale,
                               implementation=implementation)
     tree = tree_attention(q, k, v, mask, sm_scale=sm_scale, implementation=implementation)
