@@ -1,6 +1,7 @@
 """`implementation="pallas" | "xla"` switch over the Hybrid Tree Attention parts.
 
-"xla" runs the float32 pure-jnp references (any backend). "pallas" runs the Mosaic GPU kernels
+"xla" runs plain XLA in float32 on any backend: the pure-jnp references, except the prefix part
+for many query rows, which runs blockwise over the visible cache (`xla_attention`). "pallas" runs the Mosaic GPU kernels
 (Hopper); "pallas_interpret" runs the same kernel bodies in Mosaic GPU interpret mode on CPU.
 "auto" picks "pallas" on a Hopper GPU for the shapes and dtypes the kernels support (bf16/f16,
 head dim 64 or 128, cache capacity a multiple of 128) and "xla" for everything else, so a float32
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import reference as ref
+from pallas_kernels import xla_attention
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret", "auto")
 
@@ -80,7 +82,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         fn = functools.partial(prefix_attention, window=window, sm_scale=sm_scale, implementation=impl)
         return _per_device_heads(fn, mesh, head_axis, (True, True, True, False))(q, k_cache, v_cache, lengths)
     if impl == "xla":
-        return ref.prefix_attention_ref(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
+        return xla_attention.prefix_attention(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
     from pallas_kernels import prefix_decode  # the Mosaic GPU kernel
 
     return prefix_decode.prefix_attention(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale,

@@ -202,6 +202,52 @@ def test_xla_prefix_ring_f32(window):
         np.testing.assert_allclose(np.asarray(lse[b]), l_, atol=latol)
 
 
+BLOCKWISE = [
+    # dtype, B, T, N, K, H, S, lengths, block: lengths empty, one slot, off-block, one block,
+    # the whole capacity, and rows of different lengths (the loop runs to the longest)
+    (jnp.float32, 3, 130, 6, 2, 16, 1024, [0, 1, 1023], 256),
+    (jnp.float32, 2, 200, 4, 2, 32, 768, [768, 256], 256),
+    (jnp.float32, 1, 96, 8, 2, 64, 1536, [700], 512),
+    (jnp.bfloat16, 2, 130, 6, 2, 64, 512, [300, 512], 128),
+]
+
+
+@pytest.mark.parametrize("case", BLOCKWISE, ids=lambda c: f"{c[0].__name__}-T{c[2]}-S{c[6]}-L{c[7]}-blk{c[8]}")
+def test_xla_blockwise_prefix_matches_reference(case):
+    """The blockwise (online-softmax) XLA prefix attention against the dense float32 reference."""
+    from pallas_kernels import xla_attention
+
+    dtype, B, T, N, K, H, S, lengths, block = case
+    ks = _keys(11, 3)
+    q, k, v = _rand(ks[0], (B, T, N, H), dtype), _rand(ks[1], (B, S, K, H), dtype), _rand(ks[2], (B, S, K, H), dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out, lse = xla_attention.prefix_attention_blockwise(q, k, v, lengths, block=block)
+    r_out, r_lse = ref.prefix_attention_ref(q, k, v, lengths)
+    _assert_close(out, lse, r_out, r_lse, dtype, f"blockwise {case}")
+
+
+def test_xla_prefix_dispatch():
+    """The xla path goes blockwise for many query rows over a linear cache only: never with a window
+    (the ring's visibility is not a prefix), never for a few rows (decode and short chains), and
+    never when no block size divides the capacity; both choices give the reference's result."""
+    from pallas_kernels import xla_attention as xa
+
+    rows = xa.MIN_ROWS
+    assert xa.use_blockwise((1, rows // 2, 4, 64), (1, 1024, 2, 64), None)  # G = 2: T * G = MIN_ROWS
+    assert not xa.use_blockwise((1, rows // 2, 4, 64), (1, 1024, 2, 64), 512)  # window: dense
+    assert not xa.use_blockwise((1, rows // 2 - 1, 4, 64), (1, 1024, 2, 64), None)  # too few rows
+    assert not xa.use_blockwise((1, rows, 4, 64), (1, 1000, 2, 64), None)  # no block divides 1000
+    assert not xa.use_blockwise((1, rows, 4, 64), (1, 512, 2, 64), None)  # a single block: nothing to skip
+    B, T, N, K, H, S = 2, rows // 2, 4, 2, 16, 1024
+    ks = _keys(12, 3)
+    q, k, v = (_rand(ks[0], (B, T, N, H), jnp.float32), _rand(ks[1], (B, S, K, H), jnp.float32),
+               _rand(ks[2], (B, S, K, H), jnp.float32))
+    lengths = jnp.asarray([5, 900], jnp.int32)
+    out, lse = api.prefix_attention(q, k, v, lengths, implementation="xla")
+    r_out, r_lse = ref.prefix_attention_ref(q, k, v, lengths)
+    _assert_close(out, lse, r_out, r_lse, jnp.float32, "xla dispatch")
+
+
 @pytest.mark.parametrize("kind", ["chain", "star", "random"])
 def test_xla_hybrid_matches_dense_f32(kind):
     B, T, N, K, H, S = 2, 7, 10, 2, 16, 32

@@ -164,6 +164,27 @@ def test_chunked_prefill_equals_one_shot(ckpt_dir):
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), one, atol=ATOL_SELF, rtol=0)
 
 
+def test_long_chunked_prefill_matches_hf(ckpt_dir):
+    """Prefill chunks with enough query rows take the blockwise XLA prefix attention
+    (pallas_kernels/xla_attention.py); the whole stack still matches HF's one-shot forward."""
+    from pallas_kernels import xla_attention
+
+    _, hf, model, cfg, _ = _load(str(ckpt_dir), "llama_mqa", True, "linear")
+    G = cfg.num_heads // cfg.num_kv_heads
+    chunk = -(-xla_attention.MIN_ROWS // G)
+    n, capacity = 2 * chunk + 37, 640  # 128-slot key blocks: the loop runs several
+    assert xla_attention.use_blockwise((2, chunk, cfg.num_heads, cfg.head_dim),
+                                       (2, capacity, cfg.num_kv_heads, cfg.head_dim), None)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, n))
+    cache = KVCache.init(cfg, 2, capacity, jnp.float32)
+    logits = []
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        lg, cache = run(model, ids[:, s:e], arange_positions(2, s, e - s), cache, [s, s])
+        logits.append(lg)
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), hf_full(hf, ids), atol=ATOL_STACK, rtol=0)
+
+
 def test_forward_train_matches_call(ckpt_dir):
     _, _, model, cfg, _ = _load(str(ckpt_dir), "qwen2", True, "llama3")
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 13))
