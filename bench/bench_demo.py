@@ -11,7 +11,7 @@ Reported per (context, method, temperature), pooled over the prompts:
   accept_by_depth     fraction of iterations that accepted a drafted token at depth d
   decode_tok_s        generated tokens / decode-loop seconds (prefill and compilation excluded)
   speedup             decode_tok_s / the AR decode_tok_s of the same context and temperature,
-                      measured in the same process
+                      measured in the same process, interleaved with it prompt by prompt
   greedy_equal        (T = 0) the speculative tokens equal AR's on every prompt: checked here,
                       the benchmark exits with status 1 after writing its JSON when one differs
 and, per context, the draft's cache bytes (its constant ring + tree buffer) against the bytes a
@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -190,62 +189,67 @@ def main(argv=None) -> int:
     mismatches = []
     print(f"{device} | jax {jax.__version__} | {a.dtype} | {len(prompts)} prompts x {a.new_tokens} tokens",
           flush=True)
+
+    def run_ar(ids, sampling):
+        r = ar.generate_ar(target, ids, max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(), seed=a.seed)
+        return r.sequences()[0], {"tokens": int(r.timings.decode_tokens), "decode_s": r.timings.decode_s}
+
+    def run_spec(dec, ids, sampling):
+        res = dec.generate(ids, max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(), seed=a.seed)
+        s = res.stats
+        # The loop's decode time covers every token after the prefill's first one, as AR's does.
+        return res, {"tokens": len(res.tokens[0]) - 1, "decode_s": s["decode_time_s"], "tau": s["tau"],
+                     "forwards": int(np.sum(s["target_forwards"])), "accepted_by_depth": list(s["accepted_by_depth"])}
+
     for ctx in a.contexts:
         for temp in a.temperatures:
             sampling = SamplingParams(temperature=temp)
-            ar_runs, ar_tokens = [], []
-            for _ in range(a.warmup):
-                ar.generate_ar(target, prompts[0][1][:ctx], max_new_tokens=a.new_tokens, sampling=sampling,
-                               eos_ids=(), seed=a.seed)
-            for name, ids in prompts:
-                r = ar.generate_ar(target, ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
-                                   seed=a.seed)
-                ar_tokens.append(r.sequences()[0])
-                ar_runs.append({"tokens": int(r.timings.decode_tokens), "decode_s": r.timings.decode_s})
-            ar_sum = summarize(ar_runs, None)
-            result["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_sum})
-            print(f"ctx {ctx:6d} T={temp:g} ar            {ar_sum['decode_tok_s']:9.1f} tok/s", flush=True)
-            save()
             combos = [("draft", n, s, None) for n, s in trees]
             if temp == 0.0:
                 combos += [(d, "default", None, None) for d in drafts if d != "draft"]
                 combos += [("draft", n, s, v) for v in vocabs for n, s in trees]
-            for draft_name, tree_name, shape, vocab_name in combos:
-                dec = decoder(draft_name, shape, vocab_name)
-                for _ in range(a.warmup):
-                    dec.generate(prompts[0][1][:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
-                                 seed=a.seed)
-                runs = []
-                for (name, ids), ref in zip(prompts, ar_tokens):
-                    res = dec.generate(ids[:ctx], max_new_tokens=a.new_tokens, sampling=sampling, eos_ids=(),
-                                       seed=a.seed)
-                    s = res.stats
-                    # The loop's decode time covers every token after the prefill's first one, as AR's does.
-                    run = {"tokens": len(res.tokens[0]) - 1, "decode_s": s["decode_time_s"], "tau": s["tau"],
-                           "forwards": int(np.sum(s["target_forwards"])),
-                           "accepted_by_depth": list(s["accepted_by_depth"])}
+            decs = [decoder(d, s, v) for d, _, s, v in combos]
+            for _ in range(a.warmup):  # every executable's first run, untimed
+                run_ar(prompts[0][1][:ctx], sampling)
+                for dec in decs:
+                    run_spec(dec, prompts[0][1][:ctx], sampling)
+            # Interleaved by prompt (AR, then every configuration, on the same prompt) so that a
+            # slow drift of the machine's speed biases no configuration against AR.
+            ar_runs, runs = [], [[] for _ in combos]
+            stats_last = [None] * len(combos)
+            for name, ids in prompts:
+                ref_tokens, ar_run = run_ar(ids[:ctx], sampling)
+                ar_runs.append(ar_run)
+                for i, ((draft_name, tree_name, _, vocab_name), dec) in enumerate(zip(combos, decs)):
+                    res, run = run_spec(dec, ids[:ctx], sampling)
                     if temp == 0.0:
-                        run["greedy_equal"] = res.tokens[0] == ref
+                        run["greedy_equal"] = res.tokens[0] == ref_tokens
                         if not run["greedy_equal"]:
-                            first = next(i for i, (x, y) in enumerate(zip(res.tokens[0], ref)) if x != y)
+                            first = next((j for j, (x, y) in enumerate(zip(res.tokens[0], ref_tokens)) if x != y),
+                                         min(len(res.tokens[0]), len(ref_tokens)))
                             mismatches.append((ctx, draft_name, tree_name + (f"+{vocab_name}" if vocab_name else ""),
                                                name, first))
-                    runs.append(run)
+                    runs[i].append(run)
+                    stats_last[i] = res.stats
+            ar_sum = summarize(ar_runs, None)
+            result["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_sum})
+            print(f"ctx {ctx:6d} T={temp:g} ar            {ar_sum['decode_tok_s']:9.1f} tok/s", flush=True)
+            for (draft_name, tree_name, shape, vocab_name), dec, rs, st in zip(combos, decs, runs, stats_last):
                 shape_used = dec.tree_shape_for(ctx, a.new_tokens)
-                summ = summarize(runs, ar_sum["decode_tok_s"])
+                summ = summarize(rs, ar_sum["decode_tok_s"])
                 result["rows"].append({"context": ctx, "temperature": temp, "method": tree_name, "draft": draft_name,
                                        "tree_shape": list(shape_used.widths), "tree_nodes": shape_used.num_nodes,
                                        "draft_vocab": vocab_name,
-                                       "draft_vocab_size": int(s["draft_vocab_size"]), **summ})
+                                       "draft_vocab_size": int(st["draft_vocab_size"]), **summ})
                 if draft_name == "draft" and tree_name == "default" and vocab_name is None and temp == a.temperatures[0]:
                     result["cache_bytes"][str(ctx)] = cache_bytes(
-                        tcfg, int(res.stats["ring_capacity"]), shape_used.num_nodes, ctx + a.new_tokens,
+                        tcfg, int(st["ring_capacity"]), shape_used.num_nodes, ctx + a.new_tokens,
                         jnp.dtype(dec.cache_dtype).itemsize)
                 label = tree_name if vocab_name is None else f"{tree_name}+{vocab_name}"
                 print(f"ctx {ctx:6d} T={temp:g} {draft_name[:10]:10s} {label:8s} tau {summ['tau']:5.2f} "
                       f"{summ['decode_tok_s']:9.1f} tok/s  x{summ['speedup']:.2f}"
                       + ("" if temp else f"  greedy==AR {summ['greedy_equal']}"), flush=True)
-                save()
+            save()
     result["greedy_mismatches"] = [dict(zip(("context", "draft", "tree", "prompt", "first_diff"), m))
                                    for m in mismatches]
     save()

@@ -36,3 +36,16 @@ def test_tune_prefix_interpret(tmp_path):
     (path,) = tmp_path.glob("tune_*.json")
     entry = json.loads(path.read_text())["entries"][0]
     assert entry["variants"] and not any("error" in v for v in entry["variants"])
+
+
+def test_bench_demo_short(tmp_path):
+    """The demo benchmark on one held-out prompt cut to 256 tokens: AR and two speculative
+    configurations, interleaved by prompt, greedy output checked against AR inside."""
+    from bench import bench_demo
+
+    out = tmp_path / "demo.json"
+    assert bench_demo.main(["--contexts", "256", "--num-prompts", "1", "--new-tokens", "12", "--temperatures", "0",
+                            "--trees", "default", "small=2,2", "--warmup", "0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "default", "small"]
+    assert all(r["greedy_equal"] and r["tau"] >= 1.0 for r in rows[1:])
