@@ -1,4 +1,5 @@
-"""Where the milliseconds of a speculative iteration go, at real model shapes (random bf16 weights).
+"""Where the milliseconds of a speculative iteration go, at real model shapes (random weights, bf16
+by default).
 
 For each context length: the AR decode step (the real `infer.ar` while_loop), target verification
 of several tree shapes, every draft level (root step and tree depths), the commit, and the whole
@@ -14,7 +15,11 @@ Modelled speedup over AR for tau in {3.0, 3.5, 4.0} = tau * t_AR / t_iteration.
     python bench/bench_e2e.py --model llama3-8b --contexts 4096 32768 131072 --out bench/results
 
 Writes bench/results/e2e_<model>_<device>_<impl>.json (plot: `python -m bench.plot_e2e`).
-`--tiny` runs a tiny config on CPU as a smoke test.
+`--tiny` runs a tiny config on CPU as a smoke test. `--model longspec-demo --dtype float32` times the
+demo pair's shapes (longspec_jax/demo) as CPUs run them:
+
+    python bench/bench_e2e.py --model longspec-demo --dtype float32 --contexts 8192 \
+        --trees "1 1 1 1" "1 1 1" "2 2 2 2" --loop-trees "1 1 1 1" "2 2 2 2" --steps 16
 """
 
 from __future__ import annotations
@@ -74,31 +79,33 @@ def timeit(fn, *args, warmup=2, reps=5):
     return float(np.median(ts))
 
 
-def measure_ceilings(tiny: bool):
-    n = (1 << 20) if tiny else (1 << 30)  # bf16 elements: 2 GiB read + 2 GiB written on GPU
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+def measure_ceilings(tiny: bool, dtype=jnp.bfloat16):
+    """(copy bandwidth B/s, matmul FLOP/s) in `dtype`: GPU sizes, or CPU-sized (or tiny) ones."""
+    cpu = jax.default_backend() == "cpu"
+    n = (1 << 20) if tiny else ((1 << 26) if cpu else (1 << 30))  # GPU, bf16: 2 GiB read + 2 GiB written
+    x = jax.random.normal(jax.random.key(0), (n,), dtype)
+    copy = jax.jit(lambda a: a * jnp.asarray(1.0001, dtype))
     t = timeit(copy, x, reps=10)
     bw = 2 * x.nbytes / t
-    m = 512 if tiny else 8192
-    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    m = 512 if tiny else (2048 if cpu else 8192)
+    a = jax.random.normal(jax.random.key(1), (m, m), dtype)
+    b = jax.random.normal(jax.random.key(2), (m, m), dtype)
     mm = jax.jit(lambda p, q: p @ q)
     t = timeit(mm, a, b, reps=10)
     del x, a, b
     return bw, 2 * m ** 3 / t
 
 
-def random_models(cfg, dcfg, impl, seed=0):
-    """Random bf16 target and draft made directly on the device: the module structure from
+def random_models(cfg, dcfg, impl, seed=0, dtype=jnp.bfloat16):
+    """Random target and draft (parameters and compute in `dtype`) made directly on the device: the module structure from
     nnx.eval_shape (no initialiser compiled), then every parameter drawn by a small jitted
     generator per (shape, dtype), compiled once per distinct shape (a 64-layer model has ~10), so a
     32B model takes seconds, not the minutes a whole-model jitted initialiser takes to compile.
     Matrices ~ N(0, 0.02^2); 1-D parameters (norm scales, biases) ~ 1 + N(0, 0.02^2)."""
 
     def build():
-        t = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=impl)
-        d = Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+        t = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, attention_impl=impl)
+        d = Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), dtype=dtype, param_dtype=dtype,
                   attention_impl=impl)
         return t, d
 
@@ -116,11 +123,11 @@ def random_models(cfg, dcfg, impl, seed=0):
     return nnx.merge(graph, jax.tree_util.tree_unflatten(treedef, filled))
 
 
-def random_cache(cfg, capacity, key):
+def random_cache(cfg, capacity, key, dtype=jnp.bfloat16):
     """A target KV cache filled with random values (never time on zeros)."""
     ks = jax.random.split(key, 2 * cfg.num_layers)
     shape = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
-    mk = jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16), )
+    mk = jax.jit(lambda k: jax.random.normal(k, shape, dtype))
     return kvc.KVCache(k=tuple(mk(ks[2 * i]) for i in range(cfg.num_layers)),
                        v=tuple(mk(ks[2 * i + 1]) for i in range(cfg.num_layers)))
 
@@ -141,7 +148,9 @@ def param_count(module):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--model", default="llama3-8b", help="a preset name, or longspec-demo (the demo pair's shapes)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="parameters, compute and caches (float32: what CPUs run the demo pair in)")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     p.add_argument("--trees", nargs="+", default=list(DEFAULT_TREES), help="trees whose verification is timed")
     p.add_argument("--loop-trees", nargs="+", default=[DEFAULT_TREES[0], DEFAULT_TREES[-1]],
@@ -168,26 +177,36 @@ def main(argv=None) -> int:
     if args.tiny:
         cfg = tiny_config(vocab_size=512)
         args.contexts = [c for c in args.contexts if c <= 2048] or [256, 1024]
+    elif args.model == "longspec-demo":
+        from longspec_jax import demo
+        from longspec_jax.configs import from_hf_config
+        from longspec_jax.draft_weights import draft_config_from_hf
+
+        cfg = from_hf_config(demo.TARGET_DIR)
+        dcfg = draft_config_from_hf(demo.DRAFT_DIR)
     else:
         cfg = get_preset(args.model).config
-    dcfg = DraftConfig.from_target(cfg)
+    if args.model != "longspec-demo" or args.tiny:
+        dcfg = DraftConfig.from_target(cfg)
+    dtype = jnp.dtype(args.dtype)
+    isz = dtype.itemsize
     from pallas_kernels import default_implementation
 
     impl = default_implementation() if args.impl == "auto" else args.impl
     print(f"device={device_name} jax={jax.__version__} model={args.model} impl={impl}", flush=True)
 
-    bw, peak = measure_ceilings(args.tiny)
-    print(f"copy bandwidth {bw / 1e12:.3f} TB/s, bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
+    bw, peak = measure_ceilings(args.tiny, dtype)
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s, {args.dtype} matmul {peak / 1e12:.3f} TFLOP/s", flush=True)
 
-    target, draft = random_models(cfg, dcfg, impl)
+    target, draft = random_models(cfg, dcfg, impl, dtype=dtype)
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
     w_bytes = param_bytes(target)  # embedding table excluded: decode gathers one row
     n_params = param_count(target)
     d_bytes = param_bytes(draft, skip_embedding=False)
-    head_bytes = cfg.hidden_size * cfg.vocab_size * 2
+    head_bytes = cfg.hidden_size * cfg.vocab_size * isz
     L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
-    kv_bytes_per_token = 2 * L * K * H * 2
+    kv_bytes_per_token = 2 * L * K * H * isz
     greedy = SamplingParams()
     steps = args.steps
     rows = []
@@ -195,7 +214,7 @@ def main(argv=None) -> int:
     for ctx in args.contexts:
         row = {"context": ctx}
         cap = ctx + 2 * steps * 8 + 512
-        cache = random_cache(cfg, cap, jax.random.key(ctx))
+        cache = random_cache(cfg, cap, jax.random.key(ctx), dtype)
         lengths = jnp.full((1,), ctx, jnp.int32)
 
         # ---- AR decode: the real infer.ar while_loop, `steps` tokens from context ctx (state donated).
@@ -273,8 +292,8 @@ def main(argv=None) -> int:
                 continue
 
             # ---- draft levels: time the first l levels for l = 1..D; level cost = difference.
-            ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), jnp.bfloat16)
-            ring = ring.write(*[jax.random.normal(jax.random.key(9), (1, ring.capacity, K, H), jnp.bfloat16)] * 2,
+            ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), dtype)
+            ring = ring.write(*[jax.random.normal(jax.random.key(9), (1, ring.capacity, K, H), dtype)] * 2,
                               ctx - ring.capacity + jnp.arange(ring.capacity)[None], jnp.ones((1, ring.capacity), bool))
             prev = 0.0
             levels = []
@@ -307,7 +326,7 @@ def main(argv=None) -> int:
                 prev = t_l
             tr["draft_level_ms"] = levels
             tr["draft_ms"] = prev * 1e3
-            step_bytes = d_bytes + head_bytes + ctx * K * H * 2 * 2
+            step_bytes = d_bytes + head_bytes + ctx * K * H * 2 * isz
             tr["draft_step_floor_ms"] = step_bytes / bw * 1e3
 
             # ---- the whole iteration: the real decode loop, random draft (accepts ~0 per iteration).
@@ -383,7 +402,7 @@ def main(argv=None) -> int:
                 t_iv = t_sv / max(int(spec_state.iters[0]), 1)
                 dv = tr.setdefault("draft_vocab", {})
                 dv[str(vsize)] = dict(draft_ms=t_dv * 1e3, iteration_ms=t_iv * 1e3, iteration_vs_ar=t_iv / t_ar,
-                                      head_bytes=cfg.hidden_size * vsize * 2,
+                                      head_bytes=cfg.hidden_size * vsize * isz,
                                       modelled_speedup={str(tau): tau * t_ar / t_iv for tau in (3.0, 3.5, 4.0)})
                 del vocab
                 print(f"  tree {tree_str:>16}: draft vocab {vsize}: draft {t_dv * 1e3:.3f} ms, iteration "
@@ -471,7 +490,7 @@ def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):
         "jax": jax.__version__,
         "python": platform.python_version(),
         "model_shapes": "tiny" if args.tiny else args.model,
-        "weights": "random bf16",
+        "weights": f"random {args.dtype}",
         "attention_impl": impl,
         "copy_bandwidth_Bps": bw,
         "matmul_peak_flops": peak,

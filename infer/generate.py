@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", default=None, metavar="FILE",
                    help="--method tree: draft vocabulary, a .npy or .json list of token ids "
                         "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged")
+    p.add_argument("--sample-drafts", action=argparse.BooleanOptionalAction, default=True,
+                   help="--method tree, chain shapes at --temperature > 0: draw drafts from the draft distribution and "
+                        "accept by speculative sampling (min(1, p/q), residual draw); --no-sample-drafts takes the "
+                        "draft's argmax and accepts by sample-and-match, as trees do. Both are exact")
     p.add_argument("--cache-capacity", type=int, default=None,
                    help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
@@ -211,7 +215,7 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
                                     cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
-                                    draft_vocab=draft_vocab,
+                                    draft_vocab=draft_vocab, sample_drafts=args.sample_drafts,
                                     mesh=mesh)
     return res.tokens[0], res.stop_reason[0], res.stats
 

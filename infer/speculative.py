@@ -12,6 +12,8 @@ One iteration, per batch row (all shapes static, Nn = 1 + sum(tree_shape), G = D
      slots c + [0, Nn), prefix [0, c) + ancestor mask (hybrid tree attention).
   3. Accept (`verify.accept`): one target draw per node (argmax at T = 0), walk down the matching
      children; k accepted drafts + 1 bonus token are emitted. Lossless at any temperature.
+     A chain at T > 0 instead samples its drafts from the draft distribution q in step 1 and
+     accepts by speculative sampling (`verify.accept_sampled_chain`: min(1, p/q), residual draw).
   4. Commit: `kv_cache.compact` moves the k + 1 accepted rows (root + accepted drafts) to slots
      c .. c + k in EVERY target layer; the draft's K/V of the same nodes are copied from the tree
      buffer into the ring. Then c <- c + k + 1 and the bonus token becomes the next root.
@@ -65,7 +67,7 @@ from longspec_jax import kv_cache as kvc
 from longspec_jax import sharding as shd
 from longspec_jax import verify
 from longspec_jax.draft import Draft, DraftCache, cut_logits, head_columns, ring_capacity
-from longspec_jax.sampling import SamplingParams, sample
+from longspec_jax.sampling import SamplingParams, process_logits, sample
 from longspec_jax.tree import TreeShape, default_tree_for_context, expand, init_tree
 
 STOP_RUNNING, STOP_EOS, STOP_MAX_NEW, STOP_CACHE_FULL = 0, 1, 2, 3
@@ -118,6 +120,9 @@ class _Static:
     sampling: SamplingParams
     out_size: int  # output buffer columns before the G spare ones (ar.output_bucket)
     eos_slots: int  # E
+    # Chains at T > 0: drafts sampled from the draft distribution and verified by speculative
+    # sampling (`verify.accept_sampled_chain`) instead of the draft's argmax + sample-and-match.
+    sample_drafts: bool = False
 
 
 def _emit(state: SpecState, tokens: jax.Array, count: jax.Array, active: jax.Array, st: _Static):
@@ -143,12 +148,15 @@ def _emit(state: SpecState, tokens: jax.Array, count: jax.Array, active: jax.Arr
     return out, out_len, hit_eos, out_len >= state.max_new
 
 
-def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape, vocab=None):
+def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape, vocab=None, key=None, sampling=None):
     """Build this iteration's tree with D draft forwards (levels 0 .. D-1).
 
     vocab: None (draft over the full vocabulary) or (ids int32 [V'], head [D, V']): a draft
     vocabulary cut; logits, log_softmax and top-k run over the V' columns only and the chosen
     columns are mapped back to full-vocabulary ids in `expand`. Verification never sees it.
+    key, sampling: for a chain at T > 0 (`_Static.sample_drafts`), each draft token is drawn from
+    q = exp(process_logits(draft logits, sampling)) instead of taken by the beam search; the q
+    distributions are returned as float32 [B, D, V] (zero outside a draft vocabulary), else None.
     """
     B = state.root.shape[0]
     c = state.committed
@@ -158,18 +166,25 @@ def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape, vocab=
     tree_k = jnp.zeros((B, shape.num_nodes, K, H), state.ring.k.dtype)
     tree_v = jnp.zeros_like(tree_k)
     k_last, v_last = state.cache.k[-1], state.cache.v[-1]
+    q_probs = []
     for level in range(shape.depth):  # static unroll: each level has its own static width
         o, n = shape.offsets[level], shape.level_sizes[level]
         x = target.embed(tree.tokens[:, o:o + n])
         h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
                                             tree.mask[:, o:o + n], k_last, v_last, c)
-        if vocab is None:
-            logq = jax.nn.log_softmax(target.logits(h).astype(jnp.float32), axis=-1)  # [B, n, V]
-            tree = expand(tree, shape, level, logq)
-        else:
-            logq = jax.nn.log_softmax(cut_logits(target, h, vocab[1]), axis=-1)  # [B, n, V']
-            tree = expand(tree, shape, level, logq, vocab_ids=vocab[0])
-    return tree, positions, tree_k, tree_v
+        logits = target.logits(h).astype(jnp.float32) if vocab is None else cut_logits(target, h, vocab[1])
+        logq = jax.nn.log_softmax(logits, axis=-1)  # [B, n, V] or [B, n, V']
+        if key is not None:  # a chain (n == 1) drawing its next token from q
+            logq_s = process_logits(logits, sampling)  # [B, 1, V(')]
+            col = jax.random.categorical(jax.random.fold_in(key, level), logq_s, axis=-1)  # [B, 1]
+            cols = jnp.arange(logq.shape[-1])[None, None, :]
+            logq = jnp.where(cols == col[..., None], logq, -jnp.inf)  # the beam step keeps exactly that token
+            q = jnp.exp(logq_s[:, 0])
+            if vocab is not None:  # columns -> full vocabulary, zero elsewhere
+                q = jnp.zeros((q.shape[0], target.cfg.vocab_size), q.dtype).at[:, vocab[0]].set(q)
+            q_probs.append(q)
+        tree = expand(tree, shape, level, logq, vocab_ids=None if vocab is None else vocab[0])
+    return tree, positions, tree_k, tree_v, (jnp.stack(q_probs, axis=1) if q_probs else None)
 
 
 def _iteration(target, draft: Draft, state: SpecState, st: _Static, vocab=None) -> SpecState:
@@ -177,14 +192,17 @@ def _iteration(target, draft: Draft, state: SpecState, st: _Static, vocab=None) 
     G = shape.max_accept
     active = ~state.done
     c = state.committed
-    tree, positions, tree_k, tree_v = _draft_tree(target, draft, state, shape, vocab)
+    key, sub, k_draft = jax.random.split(state.key, 3)
+    tree, positions, tree_k, tree_v, q_probs = _draft_tree(
+        target, draft, state, shape, vocab, k_draft if st.sample_drafts else None, st.sampling)
 
     # Verification: the Nn tree tokens after the committed prefix, ancestor mask among themselves.
     hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
     logits = target.logits(hidden)  # [B, Nn, V] float32
-    key, sub = jax.random.split(state.key)
-    choices = verify.target_choices(sub, logits, st.sampling)
-    acc = verify.accept(tree, shape, choices)
+    if st.sample_drafts:
+        acc = verify.accept_sampled_chain(sub, tree, shape, logits, q_probs, st.sampling)
+    else:
+        acc = verify.accept(tree, shape, verify.target_choices(sub, logits, st.sampling))
     k = acc.num_accepted
 
     # Commit: accepted rows (root = path[0], then the accepted drafts) to slots c .. c + k.
@@ -315,6 +333,10 @@ class SpeculativeDecoder:
         `scripts/draft_vocab.py`): the draft scores only those tokens (its LM head cost shrinks by
         V / V'); the sub-head is gathered once here. Lossless: verification uses the full
         vocabulary, so a target choice outside the subset just ends acceptance at that node.
+      sample_drafts: for a chain tree at temperature > 0, draw each draft token from the draft's
+        distribution (same temperature / top-k / top-p as the target) and verify by speculative
+        sampling (`verify.accept_sampled_chain`); False keeps the draft's argmax and the
+        sample-and-match rule that trees use. Both are exact; sampling usually accepts more.
       cache_dtype: dtype of the target KV cache and draft ring (default: the target's compute dtype).
       prefill_chunk: most prompt tokens per prefill forward (`infer.ar`'s chunked, bucketed prefill).
       mesh: optional `jax.sharding.Mesh` (e.g. `sharding.tensor_parallel_mesh(n)`): copies of the
@@ -324,8 +346,10 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target, draft: Draft, *, tree_shape: Sequence[int] | str | TreeShape | None = None,
-                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None):
+                 cache_dtype=None, prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None,
+                 sample_drafts: bool = True):
         self.target, self.draft = target, draft
+        self.sample_drafts = bool(sample_drafts)
         tcfg = target.cfg
         draft.cfg.check_matches(tcfg)
         self.draft_vocab = None if draft_vocab is None else check_draft_vocab(draft_vocab, tcfg.vocab_size)
@@ -417,7 +441,8 @@ class SpeculativeDecoder:
                 f"after the prompt ({longest} + {shape.num_nodes} nodes); pass at least {min_cap} "
                 f"(at least {needed} to never stop early), or leave it unset.")
         eos_slots = max(4, -(-len(eos) // 4) * 4)
-        st = _Static(shape, sampling, ar.output_bucket(max_new_tokens), eos_slots)
+        st = _Static(shape, sampling, ar.output_bucket(max_new_tokens), eos_slots,
+                     sample_drafts=self.sample_drafts and shape.is_chain and not sampling.is_greedy)
         eos_arr = np.full((eos_slots,), -1, np.int32)
         eos_arr[:len(eos)] = eos
         compiler = ar._Compiler()
@@ -514,10 +539,13 @@ def _as_prompt_list(prompt_ids) -> list[list[int]]:
 def generate_tree(target, draft: Draft, prompt_ids, *, tree_shape=None, max_new_tokens: int,
                   sampling: SamplingParams | None = None, eos_ids: Sequence[int] | None = None, seed: int = 0,
                   cache_capacity: int | None = None, cache_dtype=None,
-                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None) -> SpecResult:
+                  prefill_chunk: int = ar.DEFAULT_PREFILL_CHUNK, draft_vocab=None, mesh=None,
+                  sample_drafts: bool = True) -> SpecResult:
     """One-shot tree speculative generation (see `SpeculativeDecoder` to reuse compilations;
-    tree_shape None = `tree.default_tree_for_context`, draft_vocab = a draft vocabulary cut)."""
+    tree_shape None = `tree.default_tree_for_context`, draft_vocab = a draft vocabulary cut,
+    sample_drafts = sampled chains at T > 0)."""
     decoder = SpeculativeDecoder(target, draft, tree_shape=tree_shape, cache_dtype=cache_dtype,
-                                 prefill_chunk=prefill_chunk, draft_vocab=draft_vocab, mesh=mesh)
+                                 prefill_chunk=prefill_chunk, draft_vocab=draft_vocab, mesh=mesh,
+                                 sample_drafts=sample_drafts)
     return decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                             seed=seed, cache_capacity=cache_capacity)

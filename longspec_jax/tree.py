@@ -60,6 +60,11 @@ class TreeShape:
         return len(self.widths)
 
     @property
+    def is_chain(self) -> bool:
+        """True for a plain chain (one node per depth): node d sits at depth d, parent d - 1."""
+        return all(w == 1 for w in self.widths)
+
+    @property
     def num_nodes(self) -> int:
         """Nn = 1 + sum(n): nodes including the root (the target verifies all of them at once)."""
         return 1 + sum(self.widths)

@@ -34,7 +34,16 @@ This is "sample from the target and match a child", the valid choice for a deter
 tree; the original's `verify_stochastic` applied SpecInfer-style min(1, p/q) rejection to
 deterministically chosen children (and indexed the vocabulary by child index), which is not
 distribution-preserving (spec 3.5). Recursive rejection over *sampled* children could accept more
-at T > 0 but needs the tree built by sampling from q; it is not implemented.
+at T > 0 but needs the tree built by sampling from q; for trees it is not implemented.
+
+Chains at T > 0 (`accept_sampled_chain`): when the tree is a chain and its drafts were *sampled*
+from the draft distribution q (processed with the same temperature / top-k / top-p as the target),
+the standard speculative-sampling rule applies (Leviathan et al. 2023, Chen et al. 2023): accept
+draft x_d with probability min(1, p_{d-1}(x_d) / q_d(x_d)); at the first rejection emit a draw from
+the residual norm(max(p_{d-1} - q_d, 0)), after D acceptances a draw from p_D. Each emitted token is
+then an exact sample of the target conditional. Its acceptance probability per depth is
+sum_x min(p(x), q(x)) = 1 - TV(p, q), against p(argmax q) for a deterministic draft: much higher
+when both distributions are spread (T = 1 with a small model), similar when they are peaked.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from longspec_jax import sampling as sampling_lib
 from longspec_jax.tree import Tree, TreeShape
 
 
@@ -68,8 +78,6 @@ def target_choices(key: jax.Array, logits: jax.Array, sampling) -> jax.Array:
     `sampling.sample` draws with a single key over all leading dimensions; jax.random.categorical
     uses independent randomness per row, which is what the losslessness argument needs.
     """
-    from longspec_jax import sampling as sampling_lib
-
     return sampling_lib.sample(key, logits, sampling).astype(jnp.int32)
 
 
@@ -98,3 +106,44 @@ def accept(tree: Tree, shape: TreeShape, choices: jax.Array) -> Acceptance:
     path = jnp.where(jnp.any(at_depth, axis=-1), node, deepest[:, None])  # [B, G]
     tokens = jnp.take_along_axis(choices, path, axis=1)
     return Acceptance(num_accepted=k.astype(jnp.int32), path=path, tokens=tokens)
+
+
+def accept_sampled_chain(key: jax.Array, tree: Tree, shape: TreeShape, logits: jax.Array, q_probs: jax.Array,
+                         sampling) -> Acceptance:
+    """Speculative sampling over a chain whose drafts were drawn from q (module docstring).
+
+    Args:
+      key: PRNG key for the acceptance draws and the bonus token (fresh every iteration).
+      tree: a chain (node d at depth d, parent d - 1); tree.tokens[:, d] = x_d ~ q_d for d >= 1.
+      shape: its static shape (`shape.is_chain`).
+      logits: float32 [B, D + 1, V] the target's logits at nodes 0..D.
+      q_probs: float32 [B, D, V] q_d, the draft distribution x_d was drawn from (probabilities over
+        the full vocabulary; zero outside a draft vocabulary).
+      sampling: SamplingParams with temperature > 0 (p = exp(process_logits(logits, sampling))).
+    """
+    if not shape.is_chain or sampling.is_greedy:
+        raise ValueError("accept_sampled_chain needs a chain tree shape and temperature > 0")
+    D, G = shape.depth, shape.max_accept
+    B = logits.shape[0]
+    p = jnp.exp(sampling_lib.process_logits(logits, sampling))  # [B, D + 1, V]
+    drafts = tree.tokens[:, 1:]  # [B, D] x_1 .. x_D
+    p_x = jnp.take_along_axis(p[:, :D], drafts[:, :, None], axis=-1)[..., 0]  # p_{d-1}(x_d)
+    q_x = jnp.take_along_axis(q_probs, drafts[:, :, None], axis=-1)[..., 0]  # q_d(x_d) > 0 (it was drawn)
+    k_u, k_bonus = jax.random.split(key)
+    u = jax.random.uniform(k_u, (B, D), jnp.float32)
+    ok = u * q_x < p_x  # u < p / q without dividing by a possibly tiny q
+    k = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)  # leading accepts
+    p_k = jnp.take_along_axis(p, k[:, None, None], axis=1)[:, 0]  # [B, V] target at node k
+    q_next = jnp.take_along_axis(q_probs, jnp.minimum(k, D - 1)[:, None, None], axis=1)[:, 0]  # q_{k+1}
+    residual = jnp.maximum(p_k - q_next, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    # After D acceptances the bonus comes from p_D itself; a residual with no mass (p == q up to
+    # rounding) can only follow a rejection of probability ~0, and p_k is then the right law.
+    use_p = (k == D)[:, None] | (mass <= 0.0)
+    bonus_p = jnp.where(use_p, p_k, residual / jnp.where(mass > 0.0, mass, 1.0))
+    bonus = jax.random.categorical(k_bonus, jnp.log(bonus_p), axis=-1).astype(jnp.int32)  # [B]
+    j = jnp.arange(G)[None, :]
+    padded = jnp.concatenate([drafts, jnp.zeros((B, 1), drafts.dtype)], axis=1)  # [B, G]
+    tokens = jnp.where(j < k[:, None], padded, bonus[:, None]).astype(jnp.int32)
+    path = jnp.minimum(j, k[:, None]).astype(jnp.int32)  # chain: the node at depth j is node j
+    return Acceptance(num_accepted=k, path=path, tokens=tokens)

@@ -83,11 +83,11 @@ def test_drafted_tokens_are_inside_the_subset():
     state = state.replace(cache=KVCache(k=tuple(jax.random.normal(jax.random.key(i), c.shape) for i, c in
                                                 enumerate(state.cache.k)), v=state.cache.v),
                           committed=jnp.array([10, 30], jnp.int32))
-    tree, _, _, _ = spec._draft_tree(target, draft, state, shape, dec._vocab)
+    tree, *_ = spec._draft_tree(target, draft, state, shape, dec._vocab)
     drafted = np.asarray(tree.tokens[:, 1:])
     assert set(drafted.ravel().tolist()) <= set(ids.tolist())
     # without the cut the same drafts use tokens outside it (the test would catch a no-op cut)
-    full, _, _, _ = spec._draft_tree(target, draft, state, shape, None)
+    full, *_ = spec._draft_tree(target, draft, state, shape, None)
     assert not set(np.asarray(full.tokens[:, 1:]).ravel().tolist()) <= set(ids.tolist())
 
 

@@ -88,9 +88,9 @@ def _ar(target, prompts, n, eos=(), capacity=CAPACITY):
     return res.sequences()
 
 
-def _spec(target, draft, shape, prompts, n, eos=(), capacity=CAPACITY, sampling=None, seed=0):
+def _spec(target, draft, shape, prompts, n, eos=(), capacity=CAPACITY, sampling=None, seed=0, sample_drafts=True):
     return spec.generate_tree(target, draft, prompts, tree_shape=shape, max_new_tokens=n, eos_ids=eos,
-                              cache_capacity=capacity, sampling=sampling, seed=seed)
+                              cache_capacity=capacity, sampling=sampling, seed=seed, sample_drafts=sample_drafts)
 
 
 def _check_equal(target, draft, shape, seed, n=40, lengths=(5, 11, 16)):
@@ -241,11 +241,12 @@ def _chi2_pvalue(counts, probs, min_expected=5.0):
     return stats.chi2.sf(chi2, len(obs_cells) - 1)
 
 
-def _check_distribution(params, models, n_samples, seed, shape=(3, 3)):
+def _check_distribution(params, models, n_samples, seed, shape=(3, 3), sample_drafts=True):
     V = 16
     target, draft = models
     prompt = _prompts(seed, (6,), vocab=V)[0]
-    res = _spec(target, draft, shape, [prompt] * n_samples, 3, sampling=params, seed=seed, capacity=64)
+    res = _spec(target, draft, shape, [prompt] * n_samples, 3, sampling=params, seed=seed, capacity=64,
+                sample_drafts=sample_drafts)
     toks = np.array(res.tokens)
     assert toks.shape == (n_samples, 3)
     joint, p3 = _exact_first_tokens(target, prompt, params, V)
@@ -273,6 +274,31 @@ def test_sampling_is_lossless_top_k_top_p():
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.3, top_k=4), SamplingParams(temperature=0.7, top_p=0.8)])
 def test_sampling_is_lossless_more(params):
     _check_distribution(params, random_models(23, vocab=16, scale=0.1), 6000, seed=3)
+
+
+def test_sampled_chain_is_lossless():
+    """Chains at T > 0 draw their drafts from q and accept by speculative sampling (min(1, p/q),
+    residual draw): the joint law of the first three tokens is still the target's."""
+    _check_distribution(SamplingParams(temperature=1.0), random_models(24, vocab=16, scale=0.1), 3000, seed=4,
+                        shape=(1, 1, 1))
+
+
+def test_sampled_chain_is_lossless_top_k_top_p():
+    """With top-k / top-p the draft's q is filtered like the target's p (drafts never leave q's
+    support; the residual then carries the target mass q lacks)."""
+    _check_distribution(SamplingParams(temperature=0.8, top_k=6, top_p=0.9), random_models(25, vocab=16, scale=0.1),
+                        3000, seed=5, shape=(1, 1))
+
+
+def test_sampled_chain_accepts_more_when_both_are_spread():
+    """At T = 1 with flat distributions the argmax draft is accepted with probability ~p(argmax q)
+    while the sampled draft is accepted with probability 1 - TV(p, q): tau must be clearly higher."""
+    target, draft = agreeing_models(26, vocab=16, scale=0.02)
+    prompts = _prompts(6, (6,) * 64, vocab=16)
+    params = SamplingParams(temperature=1.0)
+    sampled = _spec(target, draft, CHAIN, prompts, 24, sampling=params, seed=6, capacity=64)
+    matched = _spec(target, draft, CHAIN, prompts, 24, sampling=params, seed=6, capacity=64, sample_drafts=False)
+    assert sampled.stats["tau"] > 1.5 * matched.stats["tau"], (sampled.stats["tau"], matched.stats["tau"])
 
 
 def test_detects_a_biased_sampler():

@@ -75,3 +75,75 @@ def test_filtered_tokens_never_chosen():
     ch = np.asarray(verify.target_choices(jax.random.key(3), logits, params))
     top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
     assert all(ch[b, u] in top3[b, u] for b in range(4) for u in range(7))
+
+
+# ------------------------------------------------------------------------------------------------
+# Chains at T > 0 with sampled drafts: speculative sampling (min(1, p/q), residual draw)
+
+
+def _chain(tokens):
+    """A chain Tree whose node d (d >= 1) carries tokens[:, d] (built with the beam step on one-hot scores)."""
+    B, Nn = tokens.shape
+    shape = TreeShape((1,) * (Nn - 1))
+    tree = init_tree(shape, tokens[:, 0])
+    for level in range(shape.depth):
+        onehot = jnp.where(jnp.arange(8)[None, None, :] == tokens[:, level + 1, None, None], 0.0, -jnp.inf)
+        tree = expand(tree, shape, level, onehot)
+    return tree, shape
+
+
+def _chi2(counts, probs):
+    from scipy import stats
+
+    counts, probs = np.asarray(counts, float).ravel(), np.asarray(probs, float).ravel()
+    keep = probs * counts.sum() >= 5
+    exp = probs[keep] * counts.sum()
+    obs = counts[keep]
+    obs = np.append(obs, counts.sum() - obs.sum())
+    exp = np.append(exp, counts.sum() - exp.sum())
+    ok = exp > 0
+    return stats.chi2.sf(np.sum((obs[ok] - exp[ok]) ** 2 / exp[ok]), ok.sum() - 1)
+
+
+def test_sampled_chain_two_tokens_follow_the_target():
+    """Exact joint law of the first two emitted tokens, residual draws and bonus tokens included:
+    a one-draft chain at prefix (), then, for rows that emitted only one token, a second iteration
+    at prefix (y1,). Target conditionals P0, P1[y1], P2[y1, y2] and draft q's are random."""
+    V, n = 8, 40000
+    rng = np.random.default_rng(0)
+    P0, P1, P2 = rng.dirichlet(np.ones(V)), rng.dirichlet(np.ones(V), V), rng.dirichlet(np.ones(V), (V, V))
+    Q1 = rng.dirichlet(np.ones(V))
+    Q1[3] = 0.0  # the draft never proposes token 3: only the residual can emit it
+    Q1 /= Q1.sum()
+    Q2 = rng.dirichlet(np.ones(V), V)
+    params = SamplingParams(temperature=1.0)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+
+    def one_iteration(key_draft, key_acc, prefix_p, next_p, q):
+        x = jax.random.categorical(key_draft, jnp.log(q), axis=-1).astype(jnp.int32)  # [n]
+        tree, shape = _chain(jnp.stack([jnp.zeros_like(x), x], axis=1))
+        logits = jnp.log(jnp.stack([prefix_p, next_p(x)], axis=1))
+        acc = verify.accept_sampled_chain(key_acc, tree, shape, logits, q[:, None, :], params)
+        return np.asarray(acc.num_accepted), np.asarray(acc.tokens)
+
+    q1 = jnp.broadcast_to(jnp.asarray(Q1, jnp.float32), (n, V))
+    k, toks = one_iteration(k1, k2, jnp.broadcast_to(jnp.asarray(P0, jnp.float32), (n, V)),
+                            lambda x: jnp.asarray(P1, jnp.float32)[x], q1)
+    y1 = toks[:, 0]
+    y2 = toks[:, 1].copy()
+    again = k == 0  # one token emitted: the next iteration starts at prefix (y1,)
+    k_, toks_ = one_iteration(k3, k4, jnp.asarray(P1, jnp.float32)[y1], lambda x: jnp.asarray(P2, jnp.float32)[y1, x],
+                              jnp.asarray(Q2, jnp.float32)[y1])
+    y2[again] = toks_[again, 0]
+    assert 0.2 < k.mean() < 0.95  # both branches exercised
+    counts = np.zeros((V, V))
+    np.add.at(counts, (y1, y2), 1)
+    assert _chi2(counts, P0[:, None] * P1) > 1e-3
+    assert counts[3].sum() > 0  # token 3 reached through the residual
+
+
+def test_sampled_chain_refuses_trees_and_greedy():
+    tree, shape = _chain(jnp.zeros((1, 3), jnp.int32))
+    logits, q = jnp.zeros((1, 3, 8)), jnp.full((1, 2, 8), 1 / 8)
+    with pytest.raises(ValueError, match="chain"):
+        verify.accept_sampled_chain(jax.random.key(0), tree, shape, logits, q, SamplingParams())
