@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--draft-vocab", nargs="*", default=[], metavar="NAME=PATH",
                    help="draft vocabularies (scripts/draft_vocab.py .npy files): the main draft runs with each "
                         "and every --trees shape at T = 0")
+    p.add_argument("--argmax-chains", action="store_true",
+                   help="at T > 0 also run every chain configuration with argmax drafts and sample-and-match "
+                        "acceptance (the rule trees use), to measure what sampled drafts gain")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype (float32: greedy equality is exact up to reduction order)")
     p.add_argument("--attention-impl", default="auto")
@@ -179,10 +182,11 @@ def main(argv=None) -> int:
 
     decoders = {}
 
-    def decoder(draft_name, shape, vocab_name=None):
-        key = (draft_name, None if shape is None else shape.widths, vocab_name)
+    def decoder(draft_name, shape, vocab_name=None, sample_drafts=True):
+        key = (draft_name, None if shape is None else shape.widths, vocab_name, sample_drafts)
         if key not in decoders:
             decoders[key] = SpeculativeDecoder(target, loaded[draft_name], tree_shape=shape,
+                                               sample_drafts=sample_drafts,
                                                draft_vocab=None if vocab_name is None else vocabs[vocab_name])
         return decoders[key]
 
@@ -208,7 +212,13 @@ def main(argv=None) -> int:
             if temp == 0.0:
                 combos += [(d, "default", None, None) for d in drafts if d != "draft"]
                 combos += [("draft", n, s, v) for v in vocabs for n, s in trees]
+            # T > 0: chains sample their drafts (speculative sampling); --argmax-chains adds the same
+            # chains with argmax drafts and sample-and-match acceptance, labelled NAME-argmax.
             decs = [decoder(d, s, v) for d, _, s, v in combos]
+            if temp > 0.0 and a.argmax_chains:
+                extra = [(d, n, s, v) for d, n, s, v in combos if decoder(d, s, v).tree_shape_for(ctx, a.new_tokens).is_chain]
+                combos += [(d, n + "-argmax", s, v) for d, n, s, v in extra]
+                decs += [decoder(d, s, v, sample_drafts=False) for d, _, s, v in extra]
             for _ in range(a.warmup):  # every executable's first run, untimed
                 run_ar(prompts[0][1][:ctx], sampling)
                 for dec in decs:
@@ -240,6 +250,7 @@ def main(argv=None) -> int:
                 result["rows"].append({"context": ctx, "temperature": temp, "method": tree_name, "draft": draft_name,
                                        "tree_shape": list(shape_used.widths), "tree_nodes": shape_used.num_nodes,
                                        "draft_vocab": vocab_name,
+                                       "sampled_drafts": bool(dec.sample_drafts and shape_used.is_chain and temp > 0),
                                        "draft_vocab_size": int(st["draft_vocab_size"]), **summ})
                 if draft_name == "draft" and tree_name == "default" and vocab_name is None and temp == a.temperatures[0]:
                     result["cache_bytes"][str(ctx)] = cache_bytes(
