@@ -216,7 +216,8 @@ def main(argv=None) -> int:
             # chains with argmax drafts and sample-and-match acceptance, labelled NAME-argmax.
             decs = [decoder(d, s, v) for d, _, s, v in combos]
             if temp > 0.0 and a.argmax_chains:
-                extra = [(d, n, s, v) for d, n, s, v in combos if decoder(d, s, v).tree_shape_for(ctx, a.new_tokens).is_chain]
+                extra = [(d, n, s, v) for d, n, s, v in combos
+                         if decoder(d, s, v).tree_shape_for(ctx, a.new_tokens, sampling).is_chain]
                 combos += [(d, n + "-argmax", s, v) for d, n, s, v in extra]
                 decs += [decoder(d, s, v, sample_drafts=False) for d, _, s, v in extra]
             for _ in range(a.warmup):  # every executable's first run, untimed
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
             result["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_sum})
             print(f"ctx {ctx:6d} T={temp:g} ar            {ar_sum['decode_tok_s']:9.1f} tok/s", flush=True)
             for (draft_name, tree_name, shape, vocab_name), dec, rs, st in zip(combos, decs, runs, stats_last):
-                shape_used = dec.tree_shape_for(ctx, a.new_tokens)
+                shape_used = dec.tree_shape_for(ctx, a.new_tokens, sampling)
                 summ = summarize(rs, ar_sum["decode_tok_s"])
                 result["rows"].append({"context": ctx, "temperature": temp, "method": tree_name, "draft": draft_name,
                                        "tree_shape": list(shape_used.widths), "tree_nodes": shape_used.num_nodes,

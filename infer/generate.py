@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="--method tree: draft checkpoint DIR or HF repo (default: the preset's draft repo)")
     p.add_argument("--tree-shape", nargs="+", type=int, default=None,
-                   help="--method tree: nodes per depth, e.g. 4 16 16 16 16 (default: by context length, "
-                        "longspec_jax.tree.default_tree_for_context)")
+                   help="--method tree: nodes per depth, e.g. 4 16 16 16 16 (default: by context length and "
+                        "temperature, longspec_jax.tree.default_tree_for_context: a sampled chain at T > 0)")
     p.add_argument("--draft-vocab", default=None, metavar="FILE",
                    help="--method tree: draft vocabulary, a .npy or .json list of token ids "
                         "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged")

@@ -327,8 +327,8 @@ class SpeculativeDecoder:
       draft: `Draft` matching the target (checked).
       tree_shape: nodes per depth, e.g. (4, 16, 16, 16, 16); (1, 1, 1, 1) is a chain. None (the
         default): picked per `generate` call by `tree.default_tree_for_context(longest prompt +
-        max_new_tokens, platform)`, a measured-cost heuristic (smaller trees at long context; a
-        short chain on CPUs).
+        max_new_tokens, platform, temperature)`, a measured heuristic (smaller trees at long
+        context; a short chain on CPUs; a sampled chain at T > 0).
       draft_vocab: None, or int32 ids [V'] of a draft vocabulary (e.g. the V' most frequent tokens,
         `scripts/draft_vocab.py`): the draft scores only those tokens (its LM head cost shrinks by
         V / V'); the sub-head is gathered once here. Lossless: verification uses the full
@@ -382,20 +382,22 @@ class SpeculativeDecoder:
     def _ring_slots(self, shape: TreeShape) -> int:
         return ring_capacity(self.draft.cfg.window, shape.max_accept, self._ring_multiple)
 
-    def tree_shape_for(self, prompt_len: int, max_new_tokens: int) -> TreeShape:
-        """The fixed tree shape, or the context-based default for a decode up to
-        prompt_len + max_new_tokens tokens."""
+    def tree_shape_for(self, prompt_len: int, max_new_tokens: int, sampling: SamplingParams | None = None
+                       ) -> TreeShape:
+        """The fixed tree shape, or the default for a decode up to prompt_len + max_new_tokens
+        tokens with these sampling settings (a sampled chain at T > 0, see `tree.SAMPLED_CHAIN`)."""
         if self.shape is not None:
             return self.shape
         platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
-        shape = default_tree_for_context(prompt_len + max_new_tokens, platform)
+        temperature = 0.0 if sampling is None else sampling.temperature
+        shape = default_tree_for_context(prompt_len + max_new_tokens, platform, temperature, self.sample_drafts)
         shape.check_vocab(self._draft_vocab_size)
         return shape
 
-    def needed_capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+    def needed_capacity(self, prompt_len: int, max_new_tokens: int, sampling: SamplingParams | None = None) -> int:
         """Target KV slots that always suffice: while a row runs, its committed length is at most
         prompt + max_new_tokens - 2 and one verification writes Nn slots after it."""
-        return prompt_len + max_new_tokens + self.tree_shape_for(prompt_len, max_new_tokens).num_nodes
+        return prompt_len + max_new_tokens + self.tree_shape_for(prompt_len, max_new_tokens, sampling).num_nodes
 
     def generate(self, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams | None = None,
                  eos_ids: Sequence[int] | None = None, seed: int = 0, cache_capacity: int | None = None
@@ -430,9 +432,9 @@ class SpeculativeDecoder:
         lens = np.array([r.size for r in rows], np.int32)
         longest = int(lens.max())
         padded, chunk = ar.prompt_bucket(longest, self.prefill_chunk)
-        shape = self.tree_shape_for(longest, max_new_tokens)
+        shape = self.tree_shape_for(longest, max_new_tokens, sampling)
         ring_slots = self._ring_slots(shape)
-        needed = self.needed_capacity(longest, max_new_tokens)
+        needed = self.needed_capacity(longest, max_new_tokens, sampling)
         capacity = cache_capacity if cache_capacity is not None else max(ar.capacity_bucket(needed), padded)
         min_cap = max(padded, longest + shape.num_nodes)
         if capacity < min_cap:

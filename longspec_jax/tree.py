@@ -130,16 +130,29 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max c
 # 1.48x, (2, 2, 2, 2) 1.24x and the 69-node tree 0.57x.
 CPU_TREE = (1, 1, 1, 1)
 
+# At temperature > 0 a chain whose drafts are sampled from the draft distribution (speculative
+# sampling, `verify.accept_sampled_chain`) accepts far more than any beam tree, whose deterministic
+# nodes can only be matched by the target's own draw: demo pair, T = 1, held-out prompts
+# (bench/results/demo_cpu_full.json), tau at 2k / 4k: sampled chain (1, 1, 1, 1) 2.47 / 2.43,
+# the same chain with argmax drafts 1.22 / 1.24, (2, 2, 2, 2) 1.38 / 1.39, (2, 4, 4, 4, 4) 1.29 /
+# 1.43; on the H100 the 69-node tree reached 1.38-1.54 (demo_H100.json). So at T > 0 the default
+# is a chain (of the default tree's depth on GPUs, CPU_TREE on CPUs).
+SAMPLED_CHAIN = (1, 1, 1, 1, 1)
 
-def default_tree_for_context(context_len: int, platform: str | None = None) -> TreeShape:
+
+def default_tree_for_context(context_len: int, platform: str | None = None, temperature: float = 0.0,
+                             sampled_chains: bool = True) -> TreeShape:
     """The tree shape used when the user fixes none, for a decode that runs at up to
     `context_len` tokens of context (prompt + new tokens). See `CONTEXT_TREE_TABLE`; on
-    `platform == "cpu"` it is `CPU_TREE` at every length."""
+    `platform == "cpu"` it is `CPU_TREE` at every length; at `temperature > 0` with sampled
+    chains (the decoder's default) it is a chain: `SAMPLED_CHAIN`, or `CPU_TREE` on CPUs."""
     context_len = int(context_len)
     if context_len < 0:
         raise ValueError(f"context length must be >= 0, got {context_len}")
     if platform == "cpu":
         return TreeShape(CPU_TREE)
+    if temperature > 0 and sampled_chains:
+        return TreeShape(SAMPLED_CHAIN)
     for limit, widths in CONTEXT_TREE_TABLE:
         if limit is None or context_len <= limit:
             return TreeShape(widths)

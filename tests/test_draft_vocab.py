@@ -14,6 +14,7 @@ import pytest
 from infer import speculative as spec
 from longspec_jax import tree as tree_lib
 from longspec_jax.draft import cut_logits, head_columns
+from longspec_jax.sampling import SamplingParams
 from tests.test_speculative import (CHAIN, WIDE, _ar, _prompts, agreeing_models, random_models)
 
 N_NEW = 24
@@ -127,6 +128,10 @@ def test_default_tree_for_context_table():
     # CPUs: verification is compute-bound, a short chain at every length
     assert f(100, "cpu").widths == f(10**6, "cpu").widths == tree_lib.CPU_TREE == (1, 1, 1, 1)
     assert f(100, "gpu").widths == (4, 16, 16, 16, 16)
+    # T > 0: a sampled chain (speculative sampling accepts more than matching a beam tree)
+    assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == tree_lib.SAMPLED_CHAIN == (1,) * 5
+    assert f(100, "cpu", 0.7).widths == tree_lib.CPU_TREE
+    assert f(100, "gpu", 0.7, sampled_chains=False).widths == (4, 16, 16, 16, 16)  # argmax chains: no gain
 
 
 def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
@@ -134,7 +139,7 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     prompts = _prompts(1, (7,))
     seen = []
 
-    def fake_default(context_len, platform=None):
+    def fake_default(context_len, platform=None, temperature=0.0, sampled_chains=True):
         seen.append(context_len)
         return tree_lib.TreeShape((2, 2))
 
@@ -153,6 +158,10 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     want = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else (4, 16, 16, 16, 16)
     assert dec.shape is None and dec.tree_shape_for(7, 12).widths == want
     assert dec.tree_shape_for(100_000, 1000).widths == (want if want == tree_lib.CPU_TREE else (2, 4, 4, 4, 4))
+    hot = SamplingParams(temperature=0.8)
+    chain = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else tree_lib.SAMPLED_CHAIN
+    assert dec.tree_shape_for(7, 12, hot).widths == chain
+    assert dec.needed_capacity(7, 12, hot) == 7 + 12 + 1 + len(chain)
 
 
 # ---------------------------------------------------------------------------------------------
