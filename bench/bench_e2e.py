@@ -19,7 +19,7 @@ Writes bench/results/e2e_<model>_<device>_<impl>.json (plot: `python -m bench.pl
 demo pair's shapes (longspec_jax/demo) as CPUs run them:
 
     python bench/bench_e2e.py --model longspec-demo --dtype float32 --contexts 8192 \
-        --trees "1 1 1 1" "1 1 1" "2 2 2 2" --loop-trees "1 1 1 1" "2 2 2 2" --steps 16
+        --trees "1 1 1 1" "1 1 1 1 1" "2 2 2 2" --loop-trees "1 1 1 1" --steps 32 --draft-vocab-sizes 2048
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def measure_ceilings(tiny: bool, dtype=jnp.bfloat16):
 
 
 def random_models(cfg, dcfg, impl, seed=0, dtype=jnp.bfloat16):
-    """Random target and draft (parameters and compute in `dtype`) made directly on the device: the module structure from
-    nnx.eval_shape (no initialiser compiled), then every parameter drawn by a small jitted
+    """Random target and draft (parameters and compute in `dtype`) made directly on the device:
+    the module structure from nnx.eval_shape (no initialiser compiled), then every parameter drawn by a small jitted
     generator per (shape, dtype), compiled once per distinct shape (a 64-layer model has ~10), so a
     32B model takes seconds, not the minutes a whole-model jitted initialiser takes to compile.
     Matrices ~ N(0, 0.02^2); 1-D parameters (norm scales, biases) ~ 1 + N(0, 0.02^2)."""
@@ -178,8 +178,9 @@ def main(argv=None) -> int:
     device_name = getattr(dev, "device_kind", dev.platform)
     if args.tiny:
         cfg = tiny_config(vocab_size=512)
+        dcfg = DraftConfig.from_target(cfg)
         args.contexts = [c for c in args.contexts if c <= 2048] or [256, 1024]
-    elif args.model == "longspec-demo":
+    elif args.model == "longspec-demo":  # the shipped pair's configs (its draft's MLP width)
         from longspec_jax import demo
         from longspec_jax.configs import from_hf_config
         from longspec_jax.draft_weights import draft_config_from_hf
@@ -188,7 +189,6 @@ def main(argv=None) -> int:
         dcfg = draft_config_from_hf(demo.DRAFT_DIR)
     else:
         cfg = get_preset(args.model).config
-    if args.model != "longspec-demo" or args.tiny:
         dcfg = DraftConfig.from_target(cfg)
     dtype = jnp.dtype(args.dtype)
     isz = dtype.itemsize

@@ -32,11 +32,13 @@ from pallas_kernels import reference as ref
 
 NEG_INF = float("-inf")
 BLOCKS = (512, 256, 128)  # key block sizes tried, largest first; one must divide the capacity
-# G * T query rows per KV head from which blockwise is used. Measured inside the demo target's
-# forward on a 2-core CPU at an 8k context, 9216-slot cache (ms per forward, dense / blockwise):
-# T = 512 prefill chunk 1358 / 707 (4k visible), 1180 / 925 (8k visible); T = 128 347 / 184 (4k);
-# but T = 69 170 / 190 and T = 1..16 within noise or worse with the whole cache visible, where
-# nothing is skipped and the dense form's single pass wins.
+# G * T query rows per KV head from which blockwise is used. `python -m bench.bench_xla_prefix`
+# (demo target forward, float32, 9216-slot cache, 2-core CPU; bench/results/xla_prefix_cpu.json),
+# ms per forward dense / blockwise: with 8192 slots visible (a decode cache is nearly full: its
+# capacity is bucketed to the need) T = 1 28.6 / 27.2, T = 5 42.3 / 49.2, T = 16 78.6 / 88.0,
+# T = 69 150 / 153, T = 128 331 / 304, T = 512 1461 / 1237; with 4096 visible (early prefill
+# chunks) blockwise wins at every T (T = 512: 1309 / 626). Prefill chunks (>= 384 rows) therefore
+# go blockwise; decode and verification keep the dense single pass.
 MIN_ROWS = 384
 
 

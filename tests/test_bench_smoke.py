@@ -49,3 +49,23 @@ def test_bench_demo_short(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["ar", "default", "small"]
     assert all(r["greedy_equal"] and r["tau"] >= 1.0 for r in rows[1:])
+
+
+def test_bench_xla_prefix_short(tmp_path):
+    from bench import bench_xla_prefix
+
+    out = tmp_path / "x.json"
+    assert bench_xla_prefix.main(["--context", "512", "--T", "1", "200", "--visible", "300", "--steps", "1",
+                                  "--reps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["dense_ms"] > 0 and r["blockwise_ms"] > 0 for r in rows)
+
+
+def test_bench_e2e_demo_shapes_float32(tmp_path):
+    from bench import bench_e2e
+
+    assert bench_e2e.main(["--model", "longspec-demo", "--dtype", "float32", "--contexts", "512", "--trees", "1 1",
+                           "--loop-trees", "1 1", "--steps", "2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("e2e_longspec-demo_*.json")
+    res = json.loads(path.read_text())
+    assert res["weights"] == "random float32" and res["rows"][0]["trees"]["1 1"]["iteration_ms"] > 0

@@ -226,6 +226,14 @@ def test_xla_blockwise_prefix_matches_reference(case):
     _assert_close(out, lse, r_out, r_lse, dtype, f"blockwise {case}")
 
 
+def test_xla_blockwise_refuses_capacity_without_a_block():
+    from pallas_kernels import xla_attention
+
+    q, kv = jnp.ones((1, 200, 4, 16)), jnp.ones((1, 1000, 2, 16))
+    with pytest.raises(ValueError, match="not a multiple of a key block"):
+        xla_attention.prefix_attention_blockwise(q, kv, kv, jnp.asarray([10], jnp.int32))
+
+
 def test_xla_prefix_dispatch():
     """The xla path goes blockwise for many query rows over a linear cache only: never with a window
     (the ring's visibility is not a prefix), never for a few rows (decode and short chains), and

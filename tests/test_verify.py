@@ -81,13 +81,13 @@ def test_filtered_tokens_never_chosen():
 # Chains at T > 0 with sampled drafts: speculative sampling (min(1, p/q), residual draw)
 
 
-def _chain(tokens):
+def _chain(tokens, V):
     """A chain Tree whose node d (d >= 1) carries tokens[:, d] (built with the beam step on one-hot scores)."""
     B, Nn = tokens.shape
     shape = TreeShape((1,) * (Nn - 1))
     tree = init_tree(shape, tokens[:, 0])
     for level in range(shape.depth):
-        onehot = jnp.where(jnp.arange(8)[None, None, :] == tokens[:, level + 1, None, None], 0.0, -jnp.inf)
+        onehot = jnp.where(jnp.arange(V)[None, None, :] == tokens[:, level + 1, None, None], 0.0, -jnp.inf)
         tree = expand(tree, shape, level, onehot)
     return tree, shape
 
@@ -121,7 +121,7 @@ def test_sampled_chain_two_tokens_follow_the_target():
 
     def one_iteration(key_draft, key_acc, prefix_p, next_p, q):
         x = jax.random.categorical(key_draft, jnp.log(q), axis=-1).astype(jnp.int32)  # [n]
-        tree, shape = _chain(jnp.stack([jnp.zeros_like(x), x], axis=1))
+        tree, shape = _chain(jnp.stack([jnp.zeros_like(x), x], axis=1), V)
         logits = jnp.log(jnp.stack([prefix_p, next_p(x)], axis=1))
         acc = verify.accept_sampled_chain(key_acc, tree, shape, logits, q[:, None, :], params)
         return np.asarray(acc.num_accepted), np.asarray(acc.tokens)
@@ -143,7 +143,7 @@ def test_sampled_chain_two_tokens_follow_the_target():
 
 
 def test_sampled_chain_refuses_trees_and_greedy():
-    tree, shape = _chain(jnp.zeros((1, 3), jnp.int32))
+    tree, shape = _chain(jnp.zeros((1, 3), jnp.int32), 8)
     logits, q = jnp.zeros((1, 3, 8)), jnp.full((1, 2, 8), 1 / 8)
     with pytest.raises(ValueError, match="chain"):
         verify.accept_sampled_chain(jax.random.key(0), tree, shape, logits, q, SamplingParams())
