@@ -2,7 +2,11 @@
 # The GPU runs behind bench/results/*_H100* and *_H200* of the scale benchmark (issue 7), one phase
 # per device call (each fits in 10 minutes). Logs and results go to $OUT (default bench/results).
 #   bash bench/gpu_issue7.sh tune      # prefix-kernel tuning table + 8B e2e at 32k (+ profile)
-#   bash bench/gpu_issue7.sh e2e       # 8B e2e at 4k and 128k, PyTorch baseline
+#   bash bench/gpu_issue7.sh e2e4k128k # 8B e2e at 4k and 128k, PyTorch baseline
+#   bash bench/gpu_issue7.sh tp32b     # (nvidia-h200-x2) QwQ-32B shapes on 2 GPUs vs 1 GPU
+#   bash bench/gpu_issue7.sh qwq1      # (one H200) QwQ-32B e2e breakdown at 32k and 4k
+#   bash bench/gpu_issue7.sh qwqtorch  # (one H200) PyTorch baseline at QwQ-32B shapes
+#   bash bench/gpu_issue7.sh small128k # 8B verification of the smaller trees at 128k
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -26,5 +30,25 @@ case "$phase" in
     timeout 360 python bench/bench_e2e.py --contexts 4096 131072 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
       --loop-trees "4 16 16 16 16" --steps 16 --draft-vocab-sizes 32768 \
       --out "$OUT" > "$OUT/e2e_4k_128k.log" 2>&1; echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2e_4k_128k.log" | tail -25
+    ;;
+  tp32b)  # tensor parallel over 2 H200s against one H200, QwQ-32B shapes (both copies resident on GPU 0)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 540 python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
+      --contexts 32768 4096 --steps 8 --skip-demo --out "$OUT" > "$OUT/tp_32b.log" 2>&1; echo "tp rc=$?"
+    grep -v "^  \[" "$OUT/tp_32b.log" | tail -12
+    ;;
+  qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)
+    timeout "${LIMIT:-330}" python bench/bench_e2e.py --model qwq-32b-preview --contexts ${CTX:-32768 4096} \
+      --trees "4 16 16 16 16" "2 4 4 4 4" "1 1 1 1 1" --loop-trees "4 16 16 16 16" --steps 8 \
+      --draft-vocab-sizes 32768 --out "$OUT" > "$OUT/e2e_qwq.log" 2>&1; echo "e2e rc=$?"
+    grep -v "^  \[" "$OUT/e2e_qwq.log" | tail -14
+    ;;
+  qwqtorch)  # the PyTorch baseline at QwQ-32B shapes (torch.compile of 64 layers takes minutes)
+    timeout "${LIMIT:-330}" python bench/bench_torch_baseline.py --model qwq-32b-preview --contexts ${CTX:-32768 4096} \
+      --new-tokens 32 --out "$OUT" > "$OUT/torch_qwq.log" 2>&1; echo "torch rc=$?"; grep -v -i warn "$OUT/torch_qwq.log" | tail -6
+    ;;
+  small128k)  # 8B: verification of the smaller trees at 128k (the 69-node row exists)
+    timeout "${LIMIT:-200}" python bench/bench_e2e.py --contexts 131072 --trees "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1 1" \
+      --loop-trees none --steps 8 --out "$OUT/small128k" > "$OUT/e2e_small128k.log" 2>&1; echo "e2e rc=$?"
+    grep -v "^  \[" "$OUT/e2e_small128k.log" | tail -8
     ;;
 esac

@@ -3,7 +3,11 @@
     python -m bench.plot_demo bench/results/demo_cpu.json bench/results/demo_NVIDIA_H100_80GB_HBM3.json
 
 Writes one PNG per JSON beside it (same name, .png): left tau (T = 0 solid, T = 1 dashed, the
-ablation drafts dotted), right speedup over AR measured in the same run.
+ablation drafts dotted), right speedup over AR measured in the same run. `--merge OUT.png` draws
+the rows of several JSONs of one device (e.g. contexts run in separate calls) in one plot:
+
+    python -m bench.plot_demo --merge bench/results/demo_H200.png bench/results/demo_H200_2k4k.json \
+        bench/results/demo_H200_8k16k.json
 """
 
 from __future__ import annotations
@@ -13,15 +17,21 @@ import os
 import sys
 
 
-def plot(path: str) -> str:
+def plot(path: str | list[str], png: str | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(path) as f:
-        res = json.load(f)
-    rows = [r for r in res["rows"] if r["method"] != "ar"]
+    paths = [path] if isinstance(path, str) else list(path)
+    loaded = []
+    for p in paths:
+        with open(p) as f:
+            loaded.append(json.load(f))
+    res = loaded[0]
+    if len({r["device"] for r in loaded}) > 1:
+        raise SystemExit(f"--merge: the files come from different devices {sorted({r['device'] for r in loaded})}")
+    rows = [r for one in loaded for r in one["rows"] if r["method"] != "ar"]
     series = {}
     for r in rows:
         series.setdefault((r["draft"], r["method"], r["temperature"]), []).append(r)
@@ -44,7 +54,7 @@ def plot(path: str) -> str:
     fig.suptitle(f"demo pair, held-out packages - {res['device']}, jax {res['jax_version']}, {res['dtype']}",
                  fontsize=9)
     fig.tight_layout()
-    png = os.path.splitext(path)[0] + ".png"
+    png = png or os.path.splitext(paths[0])[0] + ".png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
@@ -55,6 +65,12 @@ def main(argv=None) -> int:
     if not paths:
         print(__doc__)
         return 2
+    if paths[0] == "--merge":
+        if len(paths) < 3:
+            print(__doc__)
+            return 2
+        print(plot(paths[2:], paths[1]))
+        return 0
     for p in paths:
         print(plot(p))
     return 0
