@@ -95,7 +95,8 @@ def summarize(runs: list[dict], ar_rate: float | None) -> dict:
         depth = np.sum([r["accepted_by_depth"] for r in runs], axis=0)
         out["accept_by_depth"] = (depth / max(forwards, 1)).round(4).tolist()
         out["tau_per_prompt"] = [round(r["tau"], 3) for r in runs]
-        out["greedy_equal"] = all(r.get("greedy_equal", True) for r in runs)
+        checked = [r["greedy_equal"] for r in runs if "greedy_equal" in r]
+        out["greedy_equal"] = all(checked) if checked else None  # None: not checked (T > 0)
     if ar_rate:
         out["speedup"] = out["decode_tok_s"] / ar_rate
     return out

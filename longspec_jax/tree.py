@@ -115,6 +115,10 @@ class TreeShape:
 #     2.0x its floor at 128k, at T = 16 at 1.07x): iteration 25.0 ms, 1.90x modelled. The 19-node
 #     tree's verification stays near the AR step (the T = 16 point), ~2.3x modelled.
 #   So above 32k the width shrinks: 37 nodes to 64k, 19 nodes beyond, depth 5 kept.
+# Confirmed on an H200 (jax 0.11.2, no tuning table for that GPU: heuristic kernel configs;
+# bench/results/e2e_llama3-8b_H200_128k_small_trees.log, e2e_qwq-32b_H200_32k.json): Llama-3-8B at
+# 128k, verification 37 nodes 1.64x AR, 19 nodes 0.97x, 6 nodes 0.91x; QwQ-32B at 32k, 69 nodes
+# 1.33x, 19 nodes 1.02x, 6 nodes 0.96x.
 # NOT measured: verification at 64k, the 19- and 37-node iterations at 128k, and tau of each
 # shape with a large trained draft; the 64k breakpoint interpolates.
 CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max context, widths)

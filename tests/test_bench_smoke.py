@@ -69,3 +69,15 @@ def test_bench_e2e_demo_shapes_float32(tmp_path):
     (path,) = tmp_path.glob("e2e_longspec-demo_*.json")
     res = json.loads(path.read_text())
     assert res["weights"] == "random float32" and res["rows"][0]["trees"]["1 1"]["iteration_ms"] > 0
+
+
+def test_bench_collectives_fake_devices(tmp_path):
+    from bench import bench_collectives
+
+    assert bench_collectives.main(["--devices", "2", "--hidden", "64", "--layers", "4", "--iters", "20",
+                                   "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("collectives_*x2.json")
+    res = json.loads(path.read_text())
+    assert [r["collective"] for r in res["rows"]][:2] == ["psum [1,1,hidden] bf16", "psum [1,1,hidden] f32"]
+    assert all(r["us"] > 0 for r in res["rows"]) and res["per_decode_step_collectives_ms"] > 0
+    assert res["copy_bandwidth_Bps"] > 0 and res["gemv_bandwidth_Bps"] > 0

@@ -1,0 +1,55 @@
+"""Fast checks of the benchmark helpers that shape reported figures (no model runs)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+
+def test_summarize_greedy_equal_only_where_checked():
+    from bench.bench_demo import summarize
+
+    run = {"tokens": 10, "decode_s": 0.5, "tau": 2.0, "forwards": 5, "accepted_by_depth": [3, 1]}
+    sampled = summarize([dict(run), dict(run)], ar_rate=10.0)
+    assert sampled["greedy_equal"] is None  # T > 0: nothing was compared
+    assert sampled["speedup"] == pytest.approx(2.0)
+    greedy = summarize([dict(run, greedy_equal=True), dict(run, greedy_equal=False)], ar_rate=None)
+    assert greedy["greedy_equal"] is False
+    assert summarize([dict(run, greedy_equal=True)], None)["greedy_equal"] is True
+
+
+def test_bf16_copy_ceiling_is_not_optimised_away():
+    """A bf16 scale by 1.0001 is a scale by 1 (XLA then drops the copy: a 55 TB/s 'ceiling' on an
+    H200); the ceiling kernels must change every element."""
+    from bench.bench_e2e import measure_ceilings
+
+    assert float(jnp.asarray(1.0001, jnp.bfloat16)) == 1.0  # why the old copy was void
+    x = jax.random.normal(jax.random.key(0), (4096,), jnp.bfloat16)
+    assert bool(jnp.all(jnp.negative(x) == -x)) and bool(jnp.any(jnp.negative(x) != x))
+    detail = {}
+    bw, peak = measure_ceilings(True, jnp.bfloat16, detail)
+    assert set(detail) == {"copy_bandwidth_Bps", "read_bandwidth_Bps", "gemv_bandwidth_Bps"}
+    assert bw == max(detail.values()) and bw > 0 and peak > 0
+
+
+def _demo_json(path, device, ctx):
+    rows = [{"context": ctx, "temperature": 0.0, "method": "ar", "draft": None, "decode_tok_s": 100.0},
+            {"context": ctx, "temperature": 0.0, "method": "chain", "draft": "draft", "tau": 2.5,
+             "decode_tok_s": 120.0, "speedup": 1.2}]
+    path.write_text(json.dumps({"device": device, "jax_version": "x", "dtype": "float32", "rows": rows}))
+    return str(path)
+
+
+def test_plot_demo_merge(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plot_demo
+
+    a = _demo_json(tmp_path / "a.json", "gpu", 2048)
+    b = _demo_json(tmp_path / "b.json", "gpu", 8192)
+    out = tmp_path / "merged.png"
+    assert plot_demo.main(["--merge", str(out), a, b]) == 0
+    assert out.stat().st_size > 1000
+    c = _demo_json(tmp_path / "c.json", "cpu", 4096)
+    with pytest.raises(SystemExit, match="different devices"):
+        plot_demo.main(["--merge", str(tmp_path / "bad.png"), a, c])
