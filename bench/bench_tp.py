@@ -51,8 +51,43 @@ def log(*a):
     print(*a, flush=True)
 
 
-def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh):
-    """(AR ms per token, speculative iteration ms) with the models where they are (mesh or not)."""
+def device_busy(profile_dir, steps, top=12):
+    """Per device of a trace: busy ms per step (sum of op durations) and the top ops, so a
+    step whose wall time exceeds its busy time (stalls between ops: collectives waiting, launch
+    gaps) shows up; collectives are summed separately."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        return {"error": f"no trace file under {profile_dir}"}
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    out = {}
+    for pid, pname in names.items():
+        if "GPU" not in pname and "/device:" not in pname:
+            continue
+        per = {}
+        for e in events:
+            if e.get("ph") == "X" and e.get("pid") == pid:
+                per[e.get("name", "?")] = per.get(e.get("name", "?"), 0.0) + float(e.get("dur", 0.0))
+        if not per:
+            continue
+        coll = sum(d for n, d in per.items() if any(c in n.lower() for c in ("all-reduce", "all_reduce", "allreduce",
+                                                                              "all-gather", "nccl")))
+        out[pname] = {"busy_ms_per_step": sum(per.values()) / 1e3 / steps, "collective_ms_per_step": coll / 1e3 / steps,
+                      "top_ops": [{"name": n[:100], "ms_per_step": d / 1e3 / steps}
+                                  for n, d in sorted(per.items(), key=lambda kv: -kv[1])[:top]]}
+    return out
+
+
+def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=None, profile=None):
+    """(AR ms per token, speculative iteration ms) with the models where they are (mesh or not).
+    With `profile_dir`, one more AR loop runs under jax.profiler and `profile` gets its per-device
+    busy time (`device_busy`) next to its wall time."""
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -82,8 +117,18 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh):
     st = jax.block_until_ready(ar_once(st))
     log(f"  [AR compile+run {time.perf_counter() - t0:.1f} s]")
     t_loop, st = chain_time(ar_once, st)
-    cache = st.cache
     t_ar = t_loop / steps
+    if profile_dir is not None:
+        jax.profiler.start_trace(profile_dir)
+        t0 = time.perf_counter()
+        st = jax.block_until_ready(ar_once(st))
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        profile.update(wall_ms_per_step=wall * 1e3 / steps, devices=device_busy(profile_dir, steps))
+        log(f"  [profile: wall {wall * 1e3 / steps:.2f} ms/step; " + ", ".join(
+            f"{k}: busy {v['busy_ms_per_step']:.2f}, collectives {v['collective_ms_per_step']:.2f}"
+            for k, v in profile["devices"].items() if isinstance(v, dict)) + "]")
+    cache = st.cache
 
     K, H = cfg.num_kv_heads, cfg.head_dim
     ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), jnp.bfloat16)
@@ -144,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--exact-random", action="store_true",
                    help="also compare greedy tokens of the random-weight model (costs two more compilations)")
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test with fake devices)")
+    p.add_argument("--profile-dir", default=None,
+                   help="profile one AR loop per context and placement here; per-device busy time goes in the JSON")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -198,14 +245,19 @@ def main(argv=None) -> int:
         del target, draft
     for ctx in args.contexts:
         row = {"context": ctx}
-        row["tp_ar_ms"], row["tp_iteration_ms"] = step_times(tp_target, tp_draft, cfg, dcfg, ctx, args.steps, shape, mesh)
+        prof = row.setdefault("tp_ar_profile", {}) if args.profile_dir else None
+        row["tp_ar_ms"], row["tp_iteration_ms"] = step_times(
+            tp_target, tp_draft, cfg, dcfg, ctx, args.steps, shape, mesh,
+            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"tp_{ctx}"), profile=prof)
         log(f"ctx {ctx}: {args.tensor} GPUs: AR {row['tp_ar_ms']:.3f} ms, iteration {row['tp_iteration_ms']:.3f} ms")
         result["rows"].append(row)
         save()
         if args.skip_single:
             continue
-        row["single_ar_ms"], row["single_iteration_ms"] = step_times(target, draft, cfg, dcfg, ctx, args.steps,
-                                                                     shape, None)
+        prof = row.setdefault("single_ar_profile", {}) if args.profile_dir else None
+        row["single_ar_ms"], row["single_iteration_ms"] = step_times(
+            target, draft, cfg, dcfg, ctx, args.steps, shape, None,
+            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"single_{ctx}"), profile=prof)
         row["ar_speedup"] = row["single_ar_ms"] / row["tp_ar_ms"]
         row["iteration_speedup"] = row["single_iteration_ms"] / row["tp_iteration_ms"]
         log(f"ctx {ctx}: 1 GPU: AR {row['single_ar_ms']:.3f} ms, iteration {row['single_iteration_ms']:.3f} ms")

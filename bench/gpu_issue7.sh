@@ -4,6 +4,7 @@
 #   bash bench/gpu_issue7.sh tune      # prefix-kernel tuning table + 8B e2e at 32k (+ profile)
 #   bash bench/gpu_issue7.sh e2e4k128k # 8B e2e at 4k and 128k, PyTorch baseline
 #   bash bench/gpu_issue7.sh tp32b     # (nvidia-h200-x2) QwQ-32B shapes on 2 GPUs vs 1 GPU
+#   bash bench/gpu_issue7.sh tpprofile # (nvidia-h200-x2) the same at 4k, profiled: where the TP step's time goes
 #   bash bench/gpu_issue7.sh qwq1      # (one H200) QwQ-32B e2e breakdown at 32k and 4k
 #   bash bench/gpu_issue7.sh qwqtorch  # (one H200) PyTorch baseline at QwQ-32B shapes
 #   bash bench/gpu_issue7.sh small128k # 8B verification of the smaller trees at 128k
@@ -35,6 +36,11 @@ case "$phase" in
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 540 python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
       --contexts 32768 4096 --steps 8 --skip-demo --out "$OUT" > "$OUT/tp_32b.log" 2>&1; echo "tp rc=$?"
     grep -v "^  \[" "$OUT/tp_32b.log" | tail -12
+    ;;
+  tpprofile)  # the same at 4k with a profile of each AR loop: per-GPU busy time vs wall time per step
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${LIMIT:-400}" python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
+      --contexts 4096 --steps 8 --skip-demo --profile-dir /tmp/tp_profile --out "$OUT" > "$OUT/tp_profile.log" 2>&1
+    echo "tp rc=$?"; grep -v "^  \[AR\|^  \[spec" "$OUT/tp_profile.log" | tail -12
     ;;
   qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)
     timeout "${LIMIT:-330}" python bench/bench_e2e.py --model qwq-32b-preview --contexts ${CTX:-32768 4096} \

@@ -53,3 +53,28 @@ def test_plot_demo_merge(tmp_path):
     c = _demo_json(tmp_path / "c.json", "cpu", 4096)
     with pytest.raises(SystemExit, match="different devices"):
         plot_demo.main(["--merge", str(tmp_path / "bad.png"), a, c])
+
+
+def test_bench_tp_device_busy_reads_a_trace(tmp_path):
+    """Per-device busy and collective time from a (synthetic) profiler trace of 2 steps."""
+    import gzip
+
+    from bench.bench_tp import device_busy
+
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:1"}},
+          {"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/host:CPU"}},
+          {"ph": "X", "pid": 1, "name": "gemv_fusion", "dur": 3000.0},
+          {"ph": "X", "pid": 1, "name": "all-reduce-start.3", "dur": 1000.0},
+          {"ph": "X", "pid": 2, "name": "gemv_fusion", "dur": 2000.0},
+          {"ph": "X", "pid": 3, "name": "host work", "dur": 9999.0}]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    out = device_busy(str(tmp_path), steps=2)
+    assert set(out) == {"/device:GPU:0", "/device:GPU:1"}
+    assert out["/device:GPU:0"]["busy_ms_per_step"] == pytest.approx(2.0)
+    assert out["/device:GPU:0"]["collective_ms_per_step"] == pytest.approx(0.5)
+    assert out["/device:GPU:1"]["collective_ms_per_step"] == 0.0
+    assert device_busy(str(tmp_path / "none"), 1) == {"error": f"no trace file under {tmp_path / 'none'}"}
