@@ -472,20 +472,30 @@ def commit_step(shape, vocab_size, steps):
     return run
 
 
-def summarize_trace(profile_dir, iterations, top=25):
-    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration)."""
+def load_trace(profile_dir):
+    """(trace file, events, {pid: process name}) of the newest jax.profiler trace under
+    `profile_dir`, or None when there is none."""
     import glob
     import gzip
 
     files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
                    + glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     if not files:
-        return {"error": f"no trace file under {profile_dir}"}
+        return None
     with gzip.open(files[-1]) as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return files[-1], events, pids
+
+
+def summarize_trace(profile_dir, iterations, top=25):
+    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration)."""
+    loaded = load_trace(profile_dir)
+    if loaded is None:
+        return {"error": f"no trace file under {profile_dir}"}
+    path, events, pids = loaded
     gpu_pids = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n}
     per = {}
     for e in events:
@@ -495,7 +505,7 @@ def summarize_trace(profile_dir, iterations, top=25):
         per[name] = per.get(name, 0.0) + float(e.get("dur", 0.0))
     total = sum(per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1])[:top]
-    return {"file": os.path.relpath(files[-1], profile_dir), "device_ms_per_iteration": total / 1e3 / max(iterations, 1),
+    return {"file": os.path.relpath(path, profile_dir), "device_ms_per_iteration": total / 1e3 / max(iterations, 1),
             "ops": [{"name": n[:120], "ms_per_iteration": d / 1e3 / max(iterations, 1), "share": d / total}
                     for n, d in rows]}
 

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from bench.bench_e2e import chain_time, random_cache, random_models  # noqa: E402
+from bench.bench_e2e import chain_time, load_trace, random_cache, random_models  # noqa: E402
 from infer import ar, speculative  # noqa: E402
 from infer.state import ARState  # noqa: E402
 from longspec_jax import kv_cache as kvc  # noqa: E402
@@ -55,17 +55,10 @@ def device_busy(profile_dir, steps, top=12):
     """Per device of a trace: busy ms per step (sum of op durations) and the top ops, so a
     step whose wall time exceeds its busy time (stalls between ops: collectives waiting, launch
     gaps) shows up; collectives are summed separately."""
-    import glob
-    import gzip
-
-    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True))
-    if not files:
+    loaded = load_trace(profile_dir)
+    if loaded is None:
         return {"error": f"no trace file under {profile_dir}"}
-    with gzip.open(files[-1]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    _, events, names = loaded
     out = {}
     for pid, pname in names.items():
         if "GPU" not in pname and "/device:" not in pname:
