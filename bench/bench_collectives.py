@@ -31,10 +31,12 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from bench.bench_e2e import measure_ceilings, timeit  # noqa: E402
+from longspec_jax import sharding  # noqa: E402
 
 
 def collective_latency(mesh: Mesh, make, shape, dtype, iters: int) -> float:
-    """Seconds per collective: `iters` dependent collectives in one fori_loop on every device."""
+    """Seconds per collective: `iters` dependent collectives in one fori_loop on every device
+    (`mesh`: `sharding.tensor_parallel_mesh`, collectives over its "tensor" axis)."""
     n = mesh.shape["tensor"]
     x = jax.device_put(jnp.ones((n,) + shape[1:], dtype) * 1e-3, NamedSharding(mesh, P("tensor")))
 
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
+    mesh = sharding.tensor_parallel_mesh(args.devices)  # refuses more devices than there are
     dev = jax.devices()[0]
     device = dev.device_kind if dev.platform != "cpu" else "cpu"
     topo = ""
@@ -70,7 +73,6 @@ def main(argv=None) -> int:
     bw, peak = measure_ceilings(dev.platform == "cpu", jnp.bfloat16, ceil)
     print(f"one device: copy {ceil['copy_bandwidth_Bps'] / 1e12:.3f} TB/s, row sum {ceil['read_bandwidth_Bps'] / 1e12:.3f} "
           f"TB/s, gemv {ceil['gemv_bandwidth_Bps'] / 1e12:.3f} TB/s, bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
-    mesh = Mesh(jax.devices()[:args.devices], ("tensor",))
     rows = []
     cases = [
         ("psum [1,1,hidden] bf16", lambda c: jax.lax.psum(c, "tensor"), (1, 1, args.hidden), jnp.bfloat16),

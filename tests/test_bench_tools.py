@@ -78,3 +78,11 @@ def test_bench_tp_device_busy_reads_a_trace(tmp_path):
     assert out["/device:GPU:0"]["collective_ms_per_step"] == pytest.approx(0.5)
     assert out["/device:GPU:1"]["collective_ms_per_step"] == 0.0
     assert device_busy(str(tmp_path / "none"), 1) == {"error": f"no trace file under {tmp_path / 'none'}"}
+
+
+def test_bench_collectives_refuses_more_devices_than_exist():
+    from bench import bench_collectives
+    from longspec_jax.sharding import ShardingError
+
+    with pytest.raises(ShardingError, match="needs 64 devices"):
+        bench_collectives.main(["--devices", "64", "--out", "/nonexistent"])
