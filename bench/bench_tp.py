@@ -77,7 +77,7 @@ def device_busy(profile_dir, steps, top=12):
     return out
 
 
-def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=None, profile=None):
+def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=None, profile=None, ar_only=False):
     """(AR ms per token, speculative iteration ms) with the models where they are (mesh or not).
     With `profile_dir`, one more AR loop runs under jax.profiler and `profile` gets its per-device
     busy time (`device_busy`) next to its wall time."""
@@ -122,6 +122,8 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
             f"{k}: busy {v['busy_ms_per_step']:.2f}, collectives {v['collective_ms_per_step']:.2f}"
             for k, v in profile["devices"].items() if isinstance(v, dict)) + "]")
     cache = st.cache
+    if ar_only:
+        return t_ar * 1e3, float("nan")
 
     K, H = cfg.num_kv_heads, cfg.head_dim
     ring = DraftCache.init(dcfg, 1, ring_capacity(dcfg.window, shape.max_accept), jnp.bfloat16)
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--tree", default="4 16 16 16 16")
     p.add_argument("--skip-single", action="store_true", help="no one-device timings (e.g. the model does not fit)")
     p.add_argument("--skip-demo", action="store_true", help="no demo-pair exactness check")
+    p.add_argument("--ar-only", action="store_true",
+                   help="time the AR loop only (no speculative loop): quick comparisons of XLA/NCCL settings")
     p.add_argument("--exact-random", action="store_true",
                    help="also compare greedy tokens of the random-weight model (costs two more compilations)")
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test with fake devices)")
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
     mesh = sharding.tensor_parallel_mesh(args.tensor)
     result = {"benchmark": "tensor_parallel", "device": device, "devices": args.tensor, "jax": jax.__version__,
               "python": platform.python_version(), "model_shapes": "tiny" if args.tiny else args.model,
-              "weights": "random bf16", "tree": args.tree,
+              "weights": "random bf16", "tree": args.tree, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
               "rows": [], "exactness": []}
     path = os.path.join(args.out, f"tp_{'tiny' if args.tiny else args.model}_{device.replace(' ', '_')}x{args.tensor}.json")
@@ -241,7 +246,8 @@ def main(argv=None) -> int:
         prof = row.setdefault("tp_ar_profile", {}) if args.profile_dir else None
         row["tp_ar_ms"], row["tp_iteration_ms"] = step_times(
             tp_target, tp_draft, cfg, dcfg, ctx, args.steps, shape, mesh,
-            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"tp_{ctx}"), profile=prof)
+            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"tp_{ctx}"), profile=prof,
+            ar_only=args.ar_only)
         log(f"ctx {ctx}: {args.tensor} GPUs: AR {row['tp_ar_ms']:.3f} ms, iteration {row['tp_iteration_ms']:.3f} ms")
         result["rows"].append(row)
         save()
@@ -250,7 +256,8 @@ def main(argv=None) -> int:
         prof = row.setdefault("single_ar_profile", {}) if args.profile_dir else None
         row["single_ar_ms"], row["single_iteration_ms"] = step_times(
             target, draft, cfg, dcfg, ctx, args.steps, shape, None,
-            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"single_{ctx}"), profile=prof)
+            profile_dir=args.profile_dir and os.path.join(args.profile_dir, f"single_{ctx}"), profile=prof,
+            ar_only=args.ar_only)
         row["ar_speedup"] = row["single_ar_ms"] / row["tp_ar_ms"]
         row["iteration_speedup"] = row["single_iteration_ms"] / row["tp_iteration_ms"]
         log(f"ctx {ctx}: 1 GPU: AR {row['single_ar_ms']:.3f} ms, iteration {row['single_iteration_ms']:.3f} ms")

@@ -5,6 +5,7 @@
 #   bash bench/gpu_issue7.sh e2e4k128k # 8B e2e at 4k and 128k, PyTorch baseline
 #   bash bench/gpu_issue7.sh tp32b     # (nvidia-h200-x2) QwQ-32B shapes on 2 GPUs vs 1 GPU
 #   bash bench/gpu_issue7.sh tpprofile # (nvidia-h200-x2) the same at 4k, profiled: where the TP step's time goes
+#   bash bench/gpu_issue7.sh tpflags   # (nvidia-h200-x2) TP AR step at 4k under XLA/NCCL collective settings
 #   bash bench/gpu_issue7.sh qwq1      # (one H200) QwQ-32B e2e breakdown at 32k and 4k
 #   bash bench/gpu_issue7.sh qwqtorch  # (one H200) PyTorch baseline at QwQ-32B shapes
 #   bash bench/gpu_issue7.sh small128k # 8B verification of the smaller trees at 128k
@@ -41,6 +42,27 @@ case "$phase" in
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${LIMIT:-400}" python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
       --contexts 4096 --steps 8 --skip-demo --profile-dir /tmp/tp_profile --out "$OUT" > "$OUT/tp_profile.log" 2>&1
     echo "tp rc=$?"; grep -v "^  \[AR\|^  \[spec" "$OUT/tp_profile.log" | tail -12
+    ;;
+  tpflags)  # TP AR step at 4k under collective settings (VARIANTS: names below); each variant in its own process
+    declare -A FLAGS=(
+      [base]=""
+      [oneshot]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
+      [synccoll]="--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER"
+      [cmdbufcoll]="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES"
+      [oneshot_sync]="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true --xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER"
+      [symmetric]="--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"
+    )
+    for v in ${VARIANTS:-base oneshot synccoll cmdbufcoll oneshot_sync symmetric}; do
+      mkdir -p "$OUT/tpflags/$v"
+      extra=""; [ "$v" = base ] && extra="--profile-dir /tmp/tp_profile_$v" || extra="--skip-single"
+      XLA_FLAGS="${FLAGS[$v]}" timeout 40 python bench/bench_collectives.py --devices 2 --hidden 5120 --no-ceilings \
+        --iters 1000 --out "$OUT/tpflags/$v" > "$OUT/tpflags/$v/collectives.log" 2>&1
+      echo "== $v collectives rc=$?"; grep "psum\|all_gather" "$OUT/tpflags/$v/collectives.log" | head -3
+      XLA_FLAGS="${FLAGS[$v]}" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${VLIMIT:-120}" python bench/bench_tp.py \
+        --model qwq-32b-preview --tensor 2 --contexts 4096 --steps 16 --skip-demo --ar-only $extra \
+        --out "$OUT/tpflags/$v" > "$OUT/tpflags/$v/tp.log" 2>&1
+      echo "== $v tp rc=$?"; grep "ctx\|profile" "$OUT/tpflags/$v/tp.log"; tail -2 "$OUT/tpflags/$v/tp.log"
+    done
     ;;
   qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)
     timeout "${LIMIT:-330}" python bench/bench_e2e.py --model qwq-32b-preview --contexts ${CTX:-32768 4096} \
