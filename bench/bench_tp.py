@@ -22,6 +22,7 @@ Writes bench/results/tp_<model>_<device>x<N>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,9 +53,10 @@ def log(*a):
 
 
 def device_busy(profile_dir, steps, top=12):
-    """Per device of a trace: busy ms per step (sum of op durations) and the top ops, so a
-    step whose wall time exceeds its busy time (stalls between ops: collectives waiting, launch
-    gaps) shows up; collectives are summed separately."""
+    """Per device of a trace: busy ms per step (sum of op durations; `union_ms_per_step` merges
+    overlapping ops of different streams) and the top ops, so a step whose wall time exceeds its
+    busy time (stalls between ops: collectives waiting, launch gaps) shows up; collectives are
+    summed separately and listed by kernel name with their launches per step."""
     loaded = load_trace(profile_dir)
     if loaded is None:
         return {"error": f"no trace file under {profile_dir}"}
@@ -63,18 +65,41 @@ def device_busy(profile_dir, steps, top=12):
     for pid, pname in names.items():
         if "GPU" not in pname and "/device:" not in pname:
             continue
-        per = {}
+        per, count, spans = {}, {}, []
         for e in events:
             if e.get("ph") == "X" and e.get("pid") == pid:
-                per[e.get("name", "?")] = per.get(e.get("name", "?"), 0.0) + float(e.get("dur", 0.0))
+                n, d = e.get("name", "?"), float(e.get("dur", 0.0))
+                per[n] = per.get(n, 0.0) + d
+                count[n] = count.get(n, 0) + 1
+                spans.append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + d))
         if not per:
             continue
-        coll = sum(d for n, d in per.items() if any(c in n.lower() for c in ("all-reduce", "all_reduce", "allreduce",
-                                                                              "all-gather", "nccl")))
-        out[pname] = {"busy_ms_per_step": sum(per.values()) / 1e3 / steps, "collective_ms_per_step": coll / 1e3 / steps,
-                      "top_ops": [{"name": n[:100], "ms_per_step": d / 1e3 / steps}
+        union, end = 0.0, -1e30
+        for a, b in sorted(spans):
+            if b > end:
+                union += b - max(a, end)
+                end = b
+        is_coll = lambda n: any(c in n.lower() for c in ("all-reduce", "all_reduce", "allreduce", "all-gather",
+                                                          "allgather", "reducescatter", "nccl", "collective"))
+        coll = {n: d for n, d in per.items() if is_coll(n)}
+        out[pname] = {"busy_ms_per_step": sum(per.values()) / 1e3 / steps, "union_ms_per_step": union / 1e3 / steps,
+                      "collective_ms_per_step": sum(coll.values()) / 1e3 / steps,
+                      "ops_per_step": sum(count.values()) / steps,
+                      "collectives": [{"name": n[:100], "ms_per_step": d / 1e3 / steps, "per_step": count[n] / steps}
+                                      for n, d in sorted(coll.items(), key=lambda kv: -kv[1])],
+                      "top_ops": [{"name": n[:100], "ms_per_step": d / 1e3 / steps, "per_step": count[n] / steps}
                                   for n, d in sorted(per.items(), key=lambda kv: -kv[1])[:top]]}
     return out
+
+
+def hlo_collectives(compiled_text: str) -> dict:
+    """Collective instructions of a compiled executable's HLO text, counted by kind."""
+    import collections
+    import re
+
+    kinds = re.findall(r"= [^=]*? (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+                       compiled_text)
+    return dict(collections.Counter(kinds))
 
 
 def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=None, profile=None, ar_only=False):
@@ -112,6 +137,15 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     t_loop, st = chain_time(ar_once, st)
     t_ar = t_loop / steps
     if profile_dir is not None:
+        compiled = ar._decode_jit.lower(t_graph, t_state, st, put(jnp.int32(steps + 1)), sampling=greedy,
+                                        eos_ids=(), pad_id=0).compile()
+        text = compiled.as_text()
+        profile["hlo_collectives"] = hlo_collectives(text)
+        profile["hlo_collective_lines"] = [ln.strip()[:400] for ln in text.splitlines()
+                                           if hlo_collectives(ln)][:8]
+        log(f"  [compiled AR step collectives: {profile['hlo_collectives']}]")
+        for ln in profile["hlo_collective_lines"]:
+            log("    " + ln)
         jax.profiler.start_trace(profile_dir)
         t0 = time.perf_counter()
         st = jax.block_until_ready(ar_once(st))
@@ -119,7 +153,9 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
         jax.profiler.stop_trace()
         profile.update(wall_ms_per_step=wall * 1e3 / steps, devices=device_busy(profile_dir, steps))
         log(f"  [profile: wall {wall * 1e3 / steps:.2f} ms/step; " + ", ".join(
-            f"{k}: busy {v['busy_ms_per_step']:.2f}, collectives {v['collective_ms_per_step']:.2f}"
+            f"{k}: busy {v['busy_ms_per_step']:.2f} (union {v['union_ms_per_step']:.2f}, {v['ops_per_step']:.0f} ops), "
+            f"collectives {v['collective_ms_per_step']:.2f} "
+            + " ".join(f"{c['name'][:40]} x{c['per_step']:.0f}" for c in v['collectives'][:4])
             for k, v in profile["devices"].items() if isinstance(v, dict)) + "]")
     cache = st.cache
     if ar_only:
@@ -185,6 +221,7 @@ def main(argv=None) -> int:
                    help="time the AR loop only (no speculative loop): quick comparisons of XLA/NCCL settings")
     p.add_argument("--exact-random", action="store_true",
                    help="also compare greedy tokens of the random-weight model (costs two more compilations)")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (quick experiments)")
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test with fake devices)")
     p.add_argument("--profile-dir", default=None,
                    help="profile one AR loop per context and placement here; per-device busy time goes in the JSON")
@@ -196,12 +233,15 @@ def main(argv=None) -> int:
         else get_preset(args.model).config
     if args.tiny:
         args.contexts = [256]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
     dcfg = DraftConfig.from_target(cfg)
     impl = "xla" if dev.platform == "cpu" else "auto"
     shape = TreeShape.parse(args.tree)
     mesh = sharding.tensor_parallel_mesh(args.tensor)
     result = {"benchmark": "tensor_parallel", "device": device, "devices": args.tensor, "jax": jax.__version__,
               "python": platform.python_version(), "model_shapes": "tiny" if args.tiny else args.model,
+              "num_layers": cfg.num_layers,
               "weights": "random bf16", "tree": args.tree, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
               "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),

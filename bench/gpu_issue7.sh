@@ -6,6 +6,7 @@
 #   bash bench/gpu_issue7.sh tp32b     # (nvidia-h200-x2) QwQ-32B shapes on 2 GPUs vs 1 GPU
 #   bash bench/gpu_issue7.sh tpprofile # (nvidia-h200-x2) the same at 4k, profiled: where the TP step's time goes
 #   bash bench/gpu_issue7.sh tpflags   # (nvidia-h200-x2) TP AR step at 4k under XLA/NCCL collective settings
+#   bash bench/gpu_issue7.sh tpdiag    # (nvidia-h200-x2) 16-layer QwQ TP AR step: compiled collectives, per-kernel profile
 #   bash bench/gpu_issue7.sh qwq1      # (one H200) QwQ-32B e2e breakdown at 32k and 4k
 #   bash bench/gpu_issue7.sh qwqtorch  # (one H200) PyTorch baseline at QwQ-32B shapes
 #   bash bench/gpu_issue7.sh small128k # 8B verification of the smaller trees at 128k
@@ -62,6 +63,15 @@ case "$phase" in
         --model qwq-32b-preview --tensor 2 --contexts 4096 --steps 16 --skip-demo --ar-only $extra \
         --out "$OUT/tpflags/$v" > "$OUT/tpflags/$v/tp.log" 2>&1
       echo "== $v tp rc=$?"; grep "ctx\|profile" "$OUT/tpflags/$v/tp.log"; tail -2 "$OUT/tpflags/$v/tp.log"
+    done
+    ;;
+  tpdiag)  # which collectives the GPU-compiled TP step really runs, and what each kernel costs (16 layers: quick)
+    for v in ${VARIANTS:-base}; do
+      case $v in base) f="";; nosplit) f="--xla_gpu_enable_all_reduce_splitter=false";; *) f="$v";; esac
+      XLA_FLAGS="$f" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${VLIMIT:-150}" python bench/bench_tp.py \
+        --model qwq-32b-preview --layers 16 --tensor 2 --contexts 4096 --steps 16 --skip-demo --ar-only \
+        --profile-dir /tmp/tpdiag_$RANDOM --out "$OUT/tpdiag_$v" > "$OUT/tpdiag_$v.log" 2>&1
+      echo "== $v rc=$?"; grep -v "^  \[AR" "$OUT/tpdiag_$v.log" | head -30
     done
     ;;
   qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)
