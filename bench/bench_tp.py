@@ -187,6 +187,22 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     log(f"  [spec loop compile+run {time.perf_counter() - t0:.1f} s]")
     t_spec, state = chain_time(spec_once, state)
     t_iter = t_spec / max(int(state.iters[0]), 1)
+    if profile_dir is not None:
+        sp = profile.setdefault("speculative", {})
+        sp["hlo_collectives"] = hlo_collectives(speculative._decode_loop.lower(
+            t_state, d_state, state, t_graph=t_graph, d_graph=d_graph, st=spec_static).compile().as_text())
+        jax.profiler.start_trace(profile_dir + "_spec")
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(spec_once(state))
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        iters = max(int(state.iters[0]), 1)
+        sp.update(wall_ms_per_iteration=wall * 1e3 / iters, devices=device_busy(profile_dir + "_spec", iters))
+        log(f"  [speculative loop: compiled collectives {sp['hlo_collectives']}; profile: wall "
+            f"{wall * 1e3 / iters:.2f} ms/iteration; " + ", ".join(
+                f"{k}: busy {v['busy_ms_per_step']:.2f}, collectives {v['collective_ms_per_step']:.2f} "
+                + " ".join(f"{c['name'][:40]} x{c['per_step']:.0f} {c['ms_per_step']:.2f} ms" for c in v['collectives'][:3])
+                for k, v in sp["devices"].items() if isinstance(v, dict)) + "]")
     del state, cache, ring
     return t_ar * 1e3, t_iter * 1e3
 

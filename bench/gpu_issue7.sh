@@ -69,7 +69,7 @@ case "$phase" in
     for v in ${VARIANTS:-base}; do
       case $v in base) f="";; nosplit) f="--xla_gpu_enable_all_reduce_splitter=false";; *) f="$v";; esac
       XLA_FLAGS="$f" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${VLIMIT:-150}" python bench/bench_tp.py \
-        --model qwq-32b-preview --layers 16 --tensor 2 --contexts 4096 --steps 16 --skip-demo --ar-only \
+        --model qwq-32b-preview --layers 16 --tensor 2 --contexts 4096 --steps 16 --skip-demo ${ARGS:---skip-single} \
         --profile-dir /tmp/tpdiag_$RANDOM --out "$OUT/tpdiag_$v" > "$OUT/tpdiag_$v.log" 2>&1
       echo "== $v rc=$?"; grep -v "^  \[AR" "$OUT/tpdiag_$v.log" | head -30
     done

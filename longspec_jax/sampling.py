@@ -72,8 +72,21 @@ class SamplingParams:
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-    """Argmax over the last axis as int32 (first index on ties)."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """Argmax over the last axis as int32: exactly `jnp.argmax` (first index on ties, the first NaN
+    if there is one), written as three reductions (any NaN, max, min index of the maxima).
+
+    Under tensor parallelism the vocabulary axis is split over devices. XLA partitions
+    `jnp.argmax` there as an all-gather of every device's (value, index) pair, which NCCL runs as
+    a ring all-gather kernel that cost ~1.4 ms per call inside the decode loop on 2 x H200
+    (`bench/bench_tp.py --profile-dir`); plain reductions become all-reduces, which XLA runs
+    with its own small-message kernel (~7 us each)."""
+    vocab = logits.shape[-1]
+    nan = jnp.isnan(logits)
+    has_nan = jnp.any(nan, axis=-1, keepdims=True)
+    top = jnp.max(jnp.where(nan, -jnp.inf, logits), axis=-1, keepdims=True)
+    hit = jnp.where(has_nan, nan, logits == top)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, vocab), axis=-1).astype(jnp.int32)
 
 
 def _top_k_filter(x: jax.Array, k: int) -> jax.Array:
