@@ -141,8 +141,10 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
                                         eos_ids=(), pad_id=0).compile()
         text = compiled.as_text()
         profile["hlo_collectives"] = hlo_collectives(text)
-        profile["hlo_collective_lines"] = [ln.strip()[:400] for ln in text.splitlines()
-                                           if hlo_collectives(ln)][:8]
+        lines = [ln.strip()[:600] for ln in text.splitlines() if hlo_collectives(ln)]
+        # every collective that is not an all-reduce (the rare ones), then the first all-reduces
+        profile["hlo_collective_lines"] = [ln for ln in lines if "all-reduce" not in ln.split("(")[0]][:8] + \
+            [ln for ln in lines if "all-reduce" in ln.split("(")[0]][:2]
         log(f"  [compiled AR step collectives: {profile['hlo_collectives']}]")
         for ln in profile["hlo_collective_lines"]:
             log("    " + ln)
@@ -189,8 +191,13 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     t_iter = t_spec / max(int(state.iters[0]), 1)
     if profile_dir is not None:
         sp = profile.setdefault("speculative", {})
-        sp["hlo_collectives"] = hlo_collectives(speculative._decode_loop.lower(
-            t_state, d_state, state, t_graph=t_graph, d_graph=d_graph, st=spec_static).compile().as_text())
+        text = speculative._decode_loop.lower(
+            t_state, d_state, state, t_graph=t_graph, d_graph=d_graph, st=spec_static).compile().as_text()
+        sp["hlo_collectives"] = hlo_collectives(text)
+        sp["hlo_collective_lines"] = [ln.strip()[:600] for ln in text.splitlines()
+                                      if hlo_collectives(ln) and "all-reduce" not in ln.split("(")[0]][:12]
+        for ln in sp["hlo_collective_lines"]:
+            log("    " + ln)
         jax.profiler.start_trace(profile_dir + "_spec")
         t0 = time.perf_counter()
         state = jax.block_until_ready(spec_once(state))

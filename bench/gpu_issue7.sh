@@ -67,11 +67,11 @@ case "$phase" in
     ;;
   tpdiag)  # which collectives the GPU-compiled TP step really runs, and what each kernel costs (16 layers: quick)
     for v in ${VARIANTS:-base}; do
-      case $v in base) f="";; nosplit) f="--xla_gpu_enable_all_reduce_splitter=false";; *) f="$v";; esac
+      case $v in base) f="";; nocmdbuf) f="--xla_gpu_enable_command_buffer=";; nosplit) f="--xla_gpu_enable_all_reduce_splitter=false";; *) f="$v";; esac
       XLA_FLAGS="$f" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${VLIMIT:-150}" python bench/bench_tp.py \
         --model qwq-32b-preview --layers 16 --tensor 2 --contexts 4096 --steps 16 --skip-demo ${ARGS:---skip-single} \
         --profile-dir /tmp/tpdiag_$RANDOM --out "$OUT/tpdiag_$v" > "$OUT/tpdiag_$v.log" 2>&1
-      echo "== $v rc=$?"; grep -v "^  \[AR" "$OUT/tpdiag_$v.log" | head -30
+      echo "== $v rc=$?"; grep -v "^  \[AR\|^    ROOT %all-reduce" "$OUT/tpdiag_$v.log" | cut -c1-700 | head -40
     done
     ;;
   qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)
