@@ -179,11 +179,13 @@ def place_for_inference(model: nnx.Module, mesh: Mesh, rules=None, *, what: str 
 
 def set_attention_mesh(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
     """Tell the model's attention (target layers, draft) which mesh splits its heads, so the Pallas
-    kernels run per device under shard_map (`pallas_kernels.api`); None undoes it."""
+    kernels run per device under shard_map (`pallas_kernels.api`), and its embedding which mesh
+    splits the vocabulary (`layers.vocab_parallel_lookup`); None undoes it."""
     from longspec_jax.attention import Attention
     from longspec_jax.draft import Draft
+    from longspec_jax.layers import Embedding
 
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, (Attention, Draft)):
+        if isinstance(node, (Attention, Draft, Embedding)):
             node.mesh = mesh
     return model

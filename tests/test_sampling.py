@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longspec_jax.sampling import SamplingParams, process_logits, sample
+from longspec_jax.sampling import SamplingParams, greedy, process_logits, sample
 
 # Tolerances (float32 log-probs; the filtering masks themselves must match exactly).
 LOGP_ATOL = 1e-5
@@ -149,3 +149,18 @@ def test_sample_frequencies_match_processed_softmax(t, k, p):
     kept = probs > 0
     _, pval = scipy_stats.chisquare(counts[kept], probs[kept] / probs[kept].sum() * n)
     assert pval > CHI2_P_MIN, (counts, probs * n)
+
+
+def test_greedy_equals_jnp_argmax_on_ties_nans_and_infs():
+    """`greedy` is written as reductions (so tensor parallelism all-reduces instead of all-gathering);
+    it must still be jnp.argmax exactly: first index on ties, first NaN, all -inf -> 0."""
+    rng = np.random.default_rng(5)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for trial in range(60):
+            x = rng.integers(-3, 3, (5, 37)).astype(np.float32)  # many ties
+            x[1, rng.integers(0, 37, 3)] = np.nan
+            x[2, :] = -np.inf
+            x[3, rng.integers(0, 37, 2)] = np.inf
+            x[4, rng.integers(0, 37, 2)] = [np.inf, np.nan][trial % 2]
+            xj = jnp.asarray(x, dtype)
+            np.testing.assert_array_equal(np.asarray(greedy(xj)), np.asarray(jnp.argmax(xj, axis=-1)))

@@ -222,3 +222,31 @@ def test_place_for_inference_tells_attention_the_mesh(models):
         from pallas_kernels import api
 
         api._heads_split(sharding.make_mesh(data=2, tensor=2), "tensor")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_vocab_parallel_embedding_lookup(n):
+    """The embedding of a placed model looks tokens up per vocabulary slice and all-reduces: same
+    rows as jnp.take, and the compiled lookup gathers no table (only all-reduces)."""
+    import re
+
+    from longspec_jax.layers import vocab_parallel_lookup
+
+    mesh = sharding.tensor_parallel_mesh(n)
+    rng = np.random.default_rng(n)
+    table = jnp.asarray(rng.standard_normal((VOCAB, 24)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (2, 7)), jnp.int32)
+    split = jax.device_put(table, sharding.logical_to_sharding(("vocab", "embed"), mesh, shape=table.shape))
+    fn = jax.jit(lambda t, x: vocab_parallel_lookup(t, x, mesh))
+    np.testing.assert_array_equal(np.asarray(fn(split, tokens)), np.asarray(table)[np.asarray(tokens)])
+    hlo = fn.lower(split, tokens).compile().as_text()
+    assert not re.search(r"all-gather(-start)?\(", hlo) and re.search(r"all-reduce(-start)?\(", hlo)
+
+
+def test_placed_embedding_uses_the_mesh(models):
+    target, _, prompts = models
+    mesh = sharding.tensor_parallel_mesh(2)
+    placed = sharding.place_for_inference(target, mesh)
+    assert placed.embedder.mesh is mesh and target.embedder.mesh is None
+    toks = jnp.asarray([prompts[0][:9]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(placed.embed(toks)), np.asarray(target.embed(toks)))
