@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs of the demo-pair benchmark (issue 6). Logs and results go to $OUT (default bench/results).
-#   bash bench/gpu_issue6.sh demo      # 2k-16k (CTX), T = 0 and 1 (sampled chains), 2 prompts x 256 tokens
+#   bash bench/gpu_issue6.sh demo      # 2k-16k (CTX), T = 0 and 1 (TEMPS; sampled chains), 2 prompts x 256 tokens
 #   bash bench/gpu_issue6.sh graphs    # 8k, T = 0: the same run with XLA command buffers extended to
 #                                      # while loops and conditionals (the demo model is launch-bound)
 set -uo pipefail
@@ -11,7 +11,7 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print 
 case "$phase" in
   demo)
     timeout "${LIMIT:-280}" python -m bench.bench_demo --num-prompts 2 --contexts ${CTX:-2048 4096 8192 16384} --new-tokens 256 \
-      --temperatures 0 1 --trees chain=1,1,1,1,1 default small=2,4,4,4,4 --argmax-chains \
+      --temperatures ${TEMPS:-0 1} --trees chain=1,1,1,1,1 default small=2,4,4,4,4 --argmax-chains \
       --out "$OUT/demo_${gpu}${TAG:-}.json" > "$OUT/demo_${gpu}${TAG:-}.log" 2>&1; echo "demo rc=$?"; tail -30 "$OUT/demo_${gpu}${TAG:-}.log"
     ;;
   graphs)  # demo_H200_cmdbuf_while.json: compare with the 8k T = 0 rows of the demo phase
