@@ -76,10 +76,9 @@ def greedy(logits: jax.Array) -> jax.Array:
     if there is one), written as three reductions (any NaN, max, min index of the maxima).
 
     Under tensor parallelism the vocabulary axis is split over devices. XLA partitions
-    `jnp.argmax` there as an all-gather of every device's (value, index) pair, which NCCL runs as
-    a ring all-gather kernel that cost ~1.4 ms per call inside the decode loop on 2 x H200
-    (`bench/bench_tp.py --profile-dir`); plain reductions become all-reduces, which XLA runs
-    with its own small-message kernel (~7 us each)."""
+    `jnp.argmax` there as two NCCL all-gathers of every device's (value, index) pair; plain
+    reductions become all-reduces, which XLA runs with its own small-message kernel (~7 us each on
+    2 x H200, `bench/bench_tp.py --profile-dir`), so the decode step issues no NCCL call at all."""
     vocab = logits.shape[-1]
     nan = jnp.isnan(logits)
     has_nan = jnp.any(nan, axis=-1, keepdims=True)

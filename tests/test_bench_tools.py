@@ -64,9 +64,11 @@ def test_bench_tp_device_busy_reads_a_trace(tmp_path):
     ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
           {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:1"}},
           {"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/host:CPU"}},
-          {"ph": "X", "pid": 1, "name": "gemv_fusion", "dur": 3000.0},
-          {"ph": "X", "pid": 1, "name": "all-reduce-start.3", "dur": 1000.0},
-          {"ph": "X", "pid": 2, "name": "gemv_fusion", "dur": 2000.0},
+          {"ph": "X", "pid": 1, "name": "gemv_fusion", "ts": 0.0, "dur": 3000.0},
+          {"ph": "X", "pid": 1, "name": "all-reduce-start.3", "ts": 2500.0, "dur": 1000.0},  # overlaps 500
+          {"ph": "X", "pid": 2, "name": "gemv_fusion", "ts": 0.0, "dur": 2000.0},
+          {"ph": "X", "pid": 2, "name": "ncclDevKernel_AllGather_RING_LL", "ts": 2000.0, "dur": 400.0},
+          {"ph": "X", "pid": 2, "name": "ncclDevKernel_AllGather_RING_LL", "ts": 3000.0, "dur": 400.0},
           {"ph": "X", "pid": 3, "name": "host work", "dur": 9999.0}]
     d = tmp_path / "plugins" / "profile" / "run"
     d.mkdir(parents=True)
@@ -76,8 +78,25 @@ def test_bench_tp_device_busy_reads_a_trace(tmp_path):
     assert set(out) == {"/device:GPU:0", "/device:GPU:1"}
     assert out["/device:GPU:0"]["busy_ms_per_step"] == pytest.approx(2.0)
     assert out["/device:GPU:0"]["collective_ms_per_step"] == pytest.approx(0.5)
-    assert out["/device:GPU:1"]["collective_ms_per_step"] == 0.0
+    assert out["/device:GPU:0"]["union_ms_per_step"] == pytest.approx(1.75)
+    g1 = out["/device:GPU:1"]
+    assert g1["collective_ms_per_step"] == pytest.approx(0.4) and g1["ops_per_step"] == 1.5
+    assert g1["collectives"] == [{"name": "ncclDevKernel_AllGather_RING_LL", "ms_per_step": pytest.approx(0.4),
+                                  "per_step": 1.0}]
     assert device_busy(str(tmp_path / "none"), 1) == {"error": f"no trace file under {tmp_path / 'none'}"}
+
+
+def test_bench_tp_hlo_collectives_counts_instructions():
+    from bench.bench_tp import hlo_collectives
+
+    text = """
+  %all-reduce-start.3 = bf16[5120]{0} all-reduce-start(bf16[5120]{0} %p), channel_id=1, to_apply=%add
+  %all-gather-start = ((bf16[76032,5120]{1,0}), bf16[152064,5120]{1,0}) all-gather-start(%g), dimensions={0}
+  ROOT %all-reduce.1 = bf16[5120]{0} all-reduce(%q), channel_id=2
+  %cp = f32[1,4,8]{1,0,2} collective-permute(%b), source_target_pairs={{1,0}}
+  %fusion = f32[4] fusion(%all-reduce.1), calls=%fused_all-reduce_user
+"""
+    assert hlo_collectives(text) == {"all-reduce": 2, "all-gather": 1, "collective-permute": 1}
 
 
 def test_bench_collectives_refuses_more_devices_than_exist():
