@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--tree", default="4 16 16 16 16")
     p.add_argument("--skip-single", action="store_true", help="no one-device timings (e.g. the model does not fit)")
     p.add_argument("--skip-demo", action="store_true", help="no demo-pair exactness check")
+    p.add_argument("--exactness-only", action="store_true", help="the demo-pair exactness check only (no timings)")
     p.add_argument("--ar-only", action="store_true",
                    help="time the AR loop only (no speculative loop): quick comparisons of XLA/NCCL settings")
     p.add_argument("--exact-random", action="store_true",
@@ -290,6 +291,9 @@ def main(argv=None) -> int:
                                                  "demo pair, float32, held-out asyncio prompt 4096 tokens"))
         del tgt, dr
         save()
+    if args.exactness_only:
+        log(f"wrote {path}: {result['exactness']}")
+        return 0 if all(e["tp_ar_equal"] and e["tp_tree_equal"] for e in result["exactness"]) else 1
 
     target, draft = random_models(cfg, dcfg, impl)
     rng = np.random.default_rng(0)
