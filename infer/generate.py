@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "temperature, longspec_jax.tree.default_tree_for_context: a sampled chain at T > 0)")
     p.add_argument("--draft-vocab", default=None, metavar="FILE",
                    help="--method tree: draft vocabulary, a .npy or .json list of token ids "
-                        "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged")
+                        "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged. "
+                        f"Default: none, except for {demo.NAME} with its own draft, which uses its shipped "
+                        "2048-token vocabulary; 'none' scores the full vocabulary")
     p.add_argument("--sample-drafts", action=argparse.BooleanOptionalAction, default=True,
                    help="--method tree, chain shapes at --temperature > 0: draw drafts from the draft distribution and "
                         "accept by speculative sampling (min(1, p/q), residual draw); --no-sample-drafts takes the "
@@ -210,7 +212,12 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
     from longspec_jax.tree import TreeShape
 
     shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
-    draft_vocab = None if args.draft_vocab is None else load_draft_vocab(args.draft_vocab)
+    draft_vocab = None
+    if args.draft_vocab is None and args.model == demo.NAME and args.draft is None and args.checkpoint is None \
+            and os.path.isfile(demo.DEFAULT_DRAFT_VOCAB):
+        draft_vocab = load_draft_vocab(demo.DEFAULT_DRAFT_VOCAB)
+    elif args.draft_vocab is not None and args.draft_vocab.lower() != "none":
+        draft_vocab = load_draft_vocab(args.draft_vocab)
     draft = _load_draft(args, cfg, dtype)
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,

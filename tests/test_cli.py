@@ -87,6 +87,13 @@ def test_demo_pair_default_run(capsys):
     out = capsys.readouterr().out
     assert "model longspec-demo" in out and "prompt: 256 tokens" in out
     assert "tau (tokens per target forward" in out and "outputs identical" in out
+    assert "draft vocab 2048" in out  # the shipped draft vocabulary is the demo's default
+
+
+def test_demo_draft_vocab_none_scores_the_full_vocabulary(capsys):
+    assert generate.main(["--prompt-tokens", "128", "--max-new-tokens", "8", "--draft-vocab", "none",
+                          "--tree-shape", "1", "1"]) == 0
+    assert "draft vocab 8192" in capsys.readouterr().out
 
 
 def test_dtype_auto_is_f32_on_cpu():
