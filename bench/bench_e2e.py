@@ -84,8 +84,8 @@ def measure_ceilings(tiny: bool, dtype=jnp.bfloat16, detail: dict | None = None)
 
     The bandwidth is the largest of an in-place copy (bytes read + written), a row reduction and a
     matrix-vector product (bytes read): a decode step reads weights and cache and writes almost
-    nothing, and on the H200 XLA's bf16 copy reached only 2.2-2.9 TB/s while our decode step read
-    3.2-3.4 TB/s. All three rates go into `detail` when given."""
+    nothing, and on the H200 XLA's bf16 copy reached only 2.2-2.9 TB/s (the GEMV 3.1) while our
+    decode step read 3.2-3.6 TB/s. All three rates go into `detail` when given."""
     cpu = jax.default_backend() == "cpu"
     n = (1 << 20) if tiny else ((1 << 26) if cpu else (1 << 30))  # GPU, bf16: 2 GiB read + 2 GiB written
     x = jax.random.normal(jax.random.key(0), (n,), dtype)

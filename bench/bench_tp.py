@@ -22,10 +22,12 @@ Writes bench/results/tp_<model>_<device>x<N>.json.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -50,6 +52,10 @@ from longspec_jax.tree import TreeShape  # noqa: E402
 
 def log(*a):
     print(*a, flush=True)
+
+
+_COLLECTIVE_NAMES = ("all-reduce", "all_reduce", "allreduce", "all-gather", "allgather", "reducescatter", "nccl",
+                     "collective")
 
 
 def device_busy(profile_dir, steps, top=12):
@@ -79,13 +85,18 @@ def device_busy(profile_dir, steps, top=12):
             if b > end:
                 union += b - max(a, end)
                 end = b
-        is_coll = lambda n: any(c in n.lower() for c in ("all-reduce", "all_reduce", "allreduce", "all-gather",
-                                                          "allgather", "reducescatter", "nccl", "collective"))
-        coll = {n: d for n, d in per.items() if is_coll(n)}
+        # Collective kernels grouped by family: XLA names each all-reduce kernel apart
+        # (all_reduce_16_0_fusion_1, all_reduce_17_0_fusion_1, ...), digits are dropped.
+        coll, coll_n = {}, {}
+        for n, d in per.items():
+            if any(c in n.lower() for c in _COLLECTIVE_NAMES):
+                fam = re.sub(r"\d+", "#", n)
+                coll[fam] = coll.get(fam, 0.0) + d
+                coll_n[fam] = coll_n.get(fam, 0) + count[n]
         out[pname] = {"busy_ms_per_step": sum(per.values()) / 1e3 / steps, "union_ms_per_step": union / 1e3 / steps,
                       "collective_ms_per_step": sum(coll.values()) / 1e3 / steps,
                       "ops_per_step": sum(count.values()) / steps,
-                      "collectives": [{"name": n[:100], "ms_per_step": d / 1e3 / steps, "per_step": count[n] / steps}
+                      "collectives": [{"name": n[:100], "ms_per_step": d / 1e3 / steps, "per_step": coll_n[n] / steps}
                                       for n, d in sorted(coll.items(), key=lambda kv: -kv[1])],
                       "top_ops": [{"name": n[:100], "ms_per_step": d / 1e3 / steps, "per_step": count[n] / steps}
                                   for n, d in sorted(per.items(), key=lambda kv: -kv[1])[:top]]}
@@ -94,18 +105,40 @@ def device_busy(profile_dir, steps, top=12):
 
 def hlo_collectives(compiled_text: str) -> dict:
     """Collective instructions of a compiled executable's HLO text, counted by kind."""
-    import collections
-    import re
-
     kinds = re.findall(r"= [^=]*? (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
                        compiled_text)
     return dict(collections.Counter(kinds))
 
 
+def profile_loop(run_once, state, compiled_text, trace_dir, count, label):
+    """Profile one more run of a decode loop: the compiled loop's collective instructions (every
+    kind but the all-reduces listed by line), then per-device busy time from a jax.profiler
+    trace (`device_busy`) per `count(state)` steps. Returns (summary dict, state)."""
+    lines = [ln.strip()[:600] for ln in compiled_text.splitlines() if hlo_collectives(ln)]
+    summary = {"hlo_collectives": hlo_collectives(compiled_text),
+               "hlo_collective_lines": [ln for ln in lines if "all-reduce" not in ln.split("(")[0]][:10]}
+    log(f"  [{label}: compiled collectives {summary['hlo_collectives']}]")
+    for ln in summary["hlo_collective_lines"]:
+        log("    " + ln)
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(run_once(state))
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    n = max(count(state), 1)
+    summary.update(wall_ms_per_step=wall * 1e3 / n, devices=device_busy(trace_dir, n))
+    log(f"  [{label} profile: wall {wall * 1e3 / n:.2f} ms/step; " + ", ".join(
+        f"{k}: busy {v['busy_ms_per_step']:.2f} (union {v['union_ms_per_step']:.2f}, {v['ops_per_step']:.0f} ops), "
+        f"collectives {v['collective_ms_per_step']:.2f} "
+        + " ".join(f"{c['name'][:40]} x{c['per_step']:.0f} {c['ms_per_step']:.2f} ms" for c in v["collectives"][:3])
+        for k, v in summary["devices"].items() if isinstance(v, dict)) + "]")
+    return summary, state
+
+
 def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=None, profile=None, ar_only=False):
     """(AR ms per token, speculative iteration ms) with the models where they are (mesh or not).
-    With `profile_dir`, one more AR loop runs under jax.profiler and `profile` gets its per-device
-    busy time (`device_busy`) next to its wall time."""
+    With `profile_dir`, one more run of each loop goes under jax.profiler (`profile_loop`): `profile`
+    gets the AR loop's summary, and under "speculative" the speculative loop's (per iteration)."""
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
@@ -136,29 +169,11 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     log(f"  [AR compile+run {time.perf_counter() - t0:.1f} s]")
     t_loop, st = chain_time(ar_once, st)
     t_ar = t_loop / steps
-    if profile_dir is not None:
-        compiled = ar._decode_jit.lower(t_graph, t_state, st, put(jnp.int32(steps + 1)), sampling=greedy,
-                                        eos_ids=(), pad_id=0).compile()
-        text = compiled.as_text()
-        profile["hlo_collectives"] = hlo_collectives(text)
-        lines = [ln.strip()[:600] for ln in text.splitlines() if hlo_collectives(ln)]
-        # every collective that is not an all-reduce (the rare ones), then the first all-reduces
-        profile["hlo_collective_lines"] = [ln for ln in lines if "all-reduce" not in ln.split("(")[0]][:8] + \
-            [ln for ln in lines if "all-reduce" in ln.split("(")[0]][:2]
-        log(f"  [compiled AR step collectives: {profile['hlo_collectives']}]")
-        for ln in profile["hlo_collective_lines"]:
-            log("    " + ln)
-        jax.profiler.start_trace(profile_dir)
-        t0 = time.perf_counter()
-        st = jax.block_until_ready(ar_once(st))
-        wall = time.perf_counter() - t0
-        jax.profiler.stop_trace()
-        profile.update(wall_ms_per_step=wall * 1e3 / steps, devices=device_busy(profile_dir, steps))
-        log(f"  [profile: wall {wall * 1e3 / steps:.2f} ms/step; " + ", ".join(
-            f"{k}: busy {v['busy_ms_per_step']:.2f} (union {v['union_ms_per_step']:.2f}, {v['ops_per_step']:.0f} ops), "
-            f"collectives {v['collective_ms_per_step']:.2f} "
-            + " ".join(f"{c['name'][:40]} x{c['per_step']:.0f}" for c in v['collectives'][:4])
-            for k, v in profile["devices"].items() if isinstance(v, dict)) + "]")
+    if profile_dir is not None:  # (the AR loop compiled once more, for its HLO text)
+        text = ar._decode_jit.lower(t_graph, t_state, st, put(jnp.int32(steps + 1)), sampling=greedy,
+                                    eos_ids=(), pad_id=0).compile().as_text()
+        summary, st = profile_loop(ar_once, st, text, profile_dir, lambda s: steps, "AR loop")
+        profile.update(summary)
     cache = st.cache
     if ar_only:
         return t_ar * 1e3, float("nan")
@@ -190,26 +205,10 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     t_spec, state = chain_time(spec_once, state)
     t_iter = t_spec / max(int(state.iters[0]), 1)
     if profile_dir is not None:
-        sp = profile.setdefault("speculative", {})
         text = speculative._decode_loop.lower(
             t_state, d_state, state, t_graph=t_graph, d_graph=d_graph, st=spec_static).compile().as_text()
-        sp["hlo_collectives"] = hlo_collectives(text)
-        sp["hlo_collective_lines"] = [ln.strip()[:600] for ln in text.splitlines()
-                                      if hlo_collectives(ln) and "all-reduce" not in ln.split("(")[0]][:12]
-        for ln in sp["hlo_collective_lines"]:
-            log("    " + ln)
-        jax.profiler.start_trace(profile_dir + "_spec")
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(spec_once(state))
-        wall = time.perf_counter() - t0
-        jax.profiler.stop_trace()
-        iters = max(int(state.iters[0]), 1)
-        sp.update(wall_ms_per_iteration=wall * 1e3 / iters, devices=device_busy(profile_dir + "_spec", iters))
-        log(f"  [speculative loop: compiled collectives {sp['hlo_collectives']}; profile: wall "
-            f"{wall * 1e3 / iters:.2f} ms/iteration; " + ", ".join(
-                f"{k}: busy {v['busy_ms_per_step']:.2f}, collectives {v['collective_ms_per_step']:.2f} "
-                + " ".join(f"{c['name'][:40]} x{c['per_step']:.0f} {c['ms_per_step']:.2f} ms" for c in v['collectives'][:3])
-                for k, v in sp["devices"].items() if isinstance(v, dict)) + "]")
+        profile["speculative"], state = profile_loop(spec_once, state, text, profile_dir + "_spec",
+                                                     lambda s: int(s.iters[0]), "speculative loop")
     del state, cache, ring
     return t_ar * 1e3, t_iter * 1e3
 
@@ -251,6 +250,8 @@ def main(argv=None) -> int:
                    help="profile one AR loop per context and placement here; per-device busy time goes in the JSON")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
+    if args.exactness_only and (args.skip_demo or args.tiny):
+        p.error("--exactness-only checks the demo pair; it cannot be combined with --skip-demo or --tiny")
     dev = jax.devices()[0]
     device = dev.device_kind if dev.platform != "cpu" else "cpu"
     cfg = tiny_config(vocab_size=512, head_dim=64, num_heads=4, num_kv_heads=2) if args.tiny \

@@ -42,7 +42,7 @@ case "$phase" in
   tpprofile)  # the same at 4k with a profile of each AR loop: per-GPU busy time vs wall time per step
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${LIMIT:-400}" python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
       --contexts 4096 --steps 8 --skip-demo --profile-dir /tmp/tp_profile --out "$OUT" > "$OUT/tp_profile.log" 2>&1
-    echo "tp rc=$?"; grep -v "^  \[AR\|^  \[spec" "$OUT/tp_profile.log" | tail -12
+    echo "tp rc=$?"; grep -v "compile+run" "$OUT/tp_profile.log" | tail -12
     ;;
   tpflags)  # TP AR step at 4k under collective settings (VARIANTS: names below); each variant in its own process
     declare -A FLAGS=(
@@ -71,7 +71,7 @@ case "$phase" in
       XLA_FLAGS="$f" XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${VLIMIT:-150}" python bench/bench_tp.py \
         --model qwq-32b-preview --layers 16 --tensor 2 --contexts 4096 --steps 16 --skip-demo ${ARGS:---skip-single} \
         --profile-dir /tmp/tpdiag_$RANDOM --out "$OUT/tpdiag_$v" > "$OUT/tpdiag_$v.log" 2>&1
-      echo "== $v rc=$?"; grep -v "^  \[AR\|^    ROOT %all-reduce" "$OUT/tpdiag_$v.log" | cut -c1-700 | head -40
+      echo "== $v rc=$?"; grep -v "compile+run" "$OUT/tpdiag_$v.log" | cut -c1-700 | head -40
     done
     ;;
   qwq1)  # QwQ-32B e2e on one H200 (CTX: contexts, default 32k then 4k)

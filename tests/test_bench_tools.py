@@ -99,6 +99,15 @@ def test_bench_tp_hlo_collectives_counts_instructions():
     assert hlo_collectives(text) == {"all-reduce": 2, "all-gather": 1, "collective-permute": 1}
 
 
+@pytest.mark.parametrize("extra", [["--skip-demo"], ["--tiny"]])
+def test_bench_tp_exactness_only_refuses_checking_nothing(extra, capsys):
+    from bench import bench_tp
+
+    with pytest.raises(SystemExit):
+        bench_tp.main(["--exactness-only", *extra])
+    assert "--exactness-only checks the demo pair" in capsys.readouterr().err
+
+
 def test_bench_collectives_refuses_more_devices_than_exist():
     from bench import bench_collectives
     from longspec_jax.sharding import ShardingError
