@@ -82,6 +82,21 @@ def cache_bytes(tcfg, ring_slots: int, tree_nodes: int, context: int, itemsize: 
             "target_cache": context * per_token * tcfg.num_layers}
 
 
+def tie_margin(target, context: list[int], spec_token: int, ar_token: int) -> dict:
+    """Where greedy speculative output first differs from AR: the target's float32 logits for the
+    next token after `context`, recomputed at "highest" matmul precision in one causal pass, and
+    the gap between the two paths' choices (a near-tie when it is within the run's arithmetic
+    error, e.g. TF32's ~1e-3 relative; a bug when it is large)."""
+    tokens = jnp.asarray(context, jnp.int32)[None]
+    with jax.default_matmul_precision("highest"):
+        h, _ = jax.jit(target.forward_train)(tokens, jnp.arange(tokens.shape[1], dtype=jnp.int32)[None])
+        logits = np.asarray(target.logits(h[:, -1:])[0, 0], np.float64)
+    top2 = np.sort(logits)[-2:]
+    return {"spec_token": spec_token, "ar_token": ar_token, "best_token": int(np.argmax(logits)),
+            "logit_spec_minus_ar": float(logits[spec_token] - logits[ar_token]),
+            "top2_gap": float(top2[1] - top2[0]), "max_abs_logit": float(np.abs(logits).max())}
+
+
 def summarize(runs: list[dict], ar_rate: float | None) -> dict:
     toks = sum(r["tokens"] for r in runs)
     secs = sum(r["decode_s"] for r in runs)
@@ -130,11 +145,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs of the first prompt per configuration before the timed ones (a fresh "
                         "executable's first run pays allocation and set-up costs)")
+    p.add_argument("--matmul-precision", default="auto", choices=("auto", "default", "high", "highest"),
+                   help="jax_default_matmul_precision (auto: highest for float32 on GPUs, see below; else "
+                        "JAX's default)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/demo_<device>.json)")
     a = p.parse_args(argv)
 
     dtype = DTYPES[a.dtype]
-    if a.dtype == "float32" and jax.default_backend() == "gpu":
+    if a.matmul_precision not in ("auto", "default"):
+        jax.config.update("jax_default_matmul_precision", a.matmul_precision)
+    elif a.matmul_precision == "auto" and a.dtype == "float32" and jax.default_backend() == "gpu":
         # True float32 matmuls (GPUs otherwise may round f32 dots to TF32): the tree verification and
         # the AR step compute the same logits with different row counts, so only full-precision
         # arithmetic keeps near-ties from flipping the greedy token between the two. CPUs compute
@@ -239,8 +259,14 @@ def main(argv=None) -> int:
                         if not run["greedy_equal"]:
                             first = next((j for j, (x, y) in enumerate(zip(res.tokens[0], ref_tokens)) if x != y),
                                          min(len(res.tokens[0]), len(ref_tokens)))
+                            try:
+                                margin = tie_margin(target, list(ids[:ctx]) + ref_tokens[:first],
+                                                    int(res.tokens[0][first]), int(ref_tokens[first]))
+                            except Exception as e:  # (e.g. out of memory) the mismatch itself is kept
+                                margin = {"error": repr(e)[:200]}
+                            print(f"  greedy mismatch at token {first}: {margin}", flush=True)
                             mismatches.append((ctx, draft_name, tree_name + (f"+{vocab_name}" if vocab_name else ""),
-                                               name, first))
+                                               name, first, margin))
                     runs[i].append(run)
                     stats_last[i] = res.stats
             ar_sum = summarize(ar_runs, None)
@@ -263,7 +289,7 @@ def main(argv=None) -> int:
                       f"{summ['decode_tok_s']:9.1f} tok/s  x{summ['speedup']:.2f}"
                       + ("" if temp else f"  greedy==AR {summ['greedy_equal']}"), flush=True)
             save()
-    result["greedy_mismatches"] = [dict(zip(("context", "draft", "tree", "prompt", "first_diff"), m))
+    result["greedy_mismatches"] = [dict(zip(("context", "draft", "tree", "prompt", "first_diff", "margin"), m))
                                    for m in mismatches]
     save()
     print(f"wrote {out}")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -245,8 +246,18 @@ def main(argv=None) -> int:
             return ar._decode_jit(t_graph, t_state, st, jnp.int32(steps + 1), sampling=greedy, eos_ids=(), pad_id=0)
 
         t_loop, ar_state = chain_time(ar_once, ar_state)
-        cache = ar_state.cache
         t_ar = t_loop / steps
+        if args.profile_dir and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
+            pdir = os.path.join(args.profile_dir, f"ctx{ctx}_ar")
+            jax.profiler.start_trace(pdir, create_perfetto_trace=True)
+            ar_state = jax.block_until_ready(ar_once(ar_state))
+            jax.profiler.stop_trace()
+            row["ar_profile"] = summarize_trace(pdir, steps)
+            print(f"  AR profile: {row['ar_profile'].get('device_ms_per_iteration', math.nan):.3f} device ms, "
+                  f"{row['ar_profile'].get('ops_per_iteration', math.nan):.0f} ops per step; top: " + ", ".join(
+                      f"{o['name'][:40]} {o['ms_per_iteration'] * 1e3:.1f} us x{o['per_iteration']:.0f}"
+                      for o in row["ar_profile"].get("ops", [])[:10]), flush=True)
+        cache = ar_state.cache
         ar_bytes = w_bytes + ctx * kv_bytes_per_token
         row["ar_ms"] = t_ar * 1e3
         row["ar_floor_ms"] = ar_bytes / bw * 1e3
@@ -389,14 +400,25 @@ def main(argv=None) -> int:
             print(f"  tree {tree_str:>16}: commit (target choices + accept + compaction + ring write) "
                   f"{t_commit * 1e3:.3f} ms", flush=True)
 
-            if args.profile_dir and tree_str == args.trees[0] and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
-                jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
+            if args.profile_dir and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
+                # Every loop tree at one context: a trace per tree, ops and time per phase.
+                pdir = os.path.join(args.profile_dir, f"ctx{ctx}_" + "-".join(map(str, shape.widths)))
+                text = speculative._decode_loop.lower(t_state, d_state, spec_state, t_graph=t_graph, d_graph=d_graph,
+                                                      st=spec_static).compile().as_text()
+                os.makedirs(pdir, exist_ok=True)
+                with open(os.path.join(pdir, "loop.hlo.txt"), "w") as f:
+                    f.write(text)
+                jax.profiler.start_trace(pdir, create_perfetto_trace=True)
                 spec_state = spec_once(spec_state)
                 jax.block_until_ready(spec_state)
                 jax.profiler.stop_trace()
                 cache, ring = spec_state.cache, spec_state.ring
-                tr["profile"] = {"dir": args.profile_dir, "iterations": int(spec_state.iters[0]),
-                                 "top_ops": summarize_trace(args.profile_dir, int(spec_state.iters[0]))}
+                summ = summarize_trace(pdir, int(spec_state.iters[0]), compiled_text=text)
+                tr["profile"] = {"dir": pdir, "iterations": int(spec_state.iters[0]), "top_ops": summ}
+                print(f"  tree {tree_str:>16}: profile {summ.get('device_ms_per_iteration', math.nan):.3f} device ms, "
+                      f"{summ.get('ops_per_iteration', math.nan):.0f} ops per iteration; " + ", ".join(
+                          f"{ph} {v['ms_per_iteration']:.3f} ms / {v['ops_per_iteration']:.0f} ops"
+                          for ph, v in summ.get("phases", {}).items()), flush=True)
                 write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows + [row])
             # ---- draft vocabulary cuts: the draft and the whole iteration with V' head columns.
             for vsize in args.draft_vocab_sizes:
@@ -461,7 +483,8 @@ def commit_step(shape, vocab_size, steps):
         acc = verify.accept(tree, shape, ch)
         k = acc.num_accepted
         c = jnp.full((B,), cache.capacity // 2, jnp.int32)
-        cache = kvc.compact(cache, c, acc.path, k + 1)
+        if not shape.is_chain:  # as in the loop: a chain's accepted rows are already in place
+            cache = kvc.compact(cache, c, acc.path, k + 1)
         K, H = ring.k.shape[-2:]
         tree_kv = jax.random.normal(key, (B, Nn, K, H), ring.k.dtype)
         path_kv = jnp.take_along_axis(tree_kv, acc.path[:, :, None, None], axis=1)
@@ -490,24 +513,70 @@ def load_trace(profile_dir):
     return files[-1], events, pids
 
 
-def summarize_trace(profile_dir, iterations, top=25):
-    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration)."""
+PHASES = re.compile(r"/(draft_level\d+|verify|accept|commit)/")
+
+
+def hlo_phases(compiled_text: str) -> dict:
+    """{instruction name: phase} from a compiled executable's HLO text, the phase being the
+    decode loop's named scope in the instruction's op_name metadata (`infer.speculative`:
+    draft_level<l>, verify, accept, commit). Instructions the compiler made without metadata
+    (copies, some dots) take the phase of the instruction before them in the schedule."""
+    out, current = {}, None
+    for line in compiled_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if not m:
+            current = None  # a computation header or closing brace
+            continue
+        meta = re.search(r'op_name="([^"]*)"', line)
+        ph = PHASES.search(meta.group(1) + "/") if meta else None
+        if ph:
+            current = ph.group(1)
+        if current:
+            out[m.group(1)] = current
+    return out
+
+
+def summarize_trace(profile_dir, iterations, top=25, compiled_text=None):
+    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration),
+    the number of device ops per iteration (at this model size launches, not bytes, set the time),
+    and with the loop's compiled HLO text, time and op count per phase of the iteration."""
     loaded = load_trace(profile_dir)
     if loaded is None:
         return {"error": f"no trace file under {profile_dir}"}
     path, events, pids = loaded
     gpu_pids = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n}
-    per = {}
+    phase_of = hlo_phases(compiled_text) if compiled_text else {}
+    n_it = max(iterations, 1)
+    per, count, phases, n_of, ph_ops = {}, 0, {}, {}, {}
     for e in events:
         if e.get("ph") != "X" or (gpu_pids and e.get("pid") not in gpu_pids):
             continue
+        if not gpu_pids and "hlo_op" not in e.get("args", {}):  # CPU trace: XLA ops only, not host events
+            continue
         name = e.get("name", "?")
-        per[name] = per.get(name, 0.0) + float(e.get("dur", 0.0))
+        dur = float(e.get("dur", 0.0))
+        per[name] = per.get(name, 0.0) + dur
+        n_of[name] = n_of.get(name, 0) + 1
+        count += 1
+        if phase_of:
+            hop = e.get("args", {}).get("hlo_op", name)
+            ph = phase_of.get(hop, phase_of.get(name, "other"))
+            t, n = phases.get(ph, (0.0, 0))
+            phases[ph] = (t + dur, n + 1)
+            ops = ph_ops.setdefault(ph, {})
+            ops[name] = ops.get(name, 0.0) + dur
     total = sum(per.values())
     rows = sorted(per.items(), key=lambda kv: -kv[1])[:top]
-    return {"file": os.path.relpath(path, profile_dir), "device_ms_per_iteration": total / 1e3 / max(iterations, 1),
-            "ops": [{"name": n[:120], "ms_per_iteration": d / 1e3 / max(iterations, 1), "share": d / total}
-                    for n, d in rows]}
+    out = {"file": os.path.relpath(path, profile_dir), "device_ms_per_iteration": total / 1e3 / n_it,
+           "ops_per_iteration": count / n_it,
+           "ops": [{"name": n[:120], "ms_per_iteration": d / 1e3 / n_it, "per_iteration": n_of[n] / n_it,
+                    "share": d / max(total, 1e-9)} for n, d in rows]}
+    if phases:
+        out["phases"] = {ph: {"ms_per_iteration": t / 1e3 / n_it, "ops_per_iteration": n / n_it,
+                              "top_ops": [{"name": k[:80], "us_per_iteration": d / n_it}
+                                          for k, d in sorted(ph_ops[ph].items(), key=lambda kv: -kv[1])[:8]]}
+                         for ph, (t, n) in sorted(phases.items())}
+    return out
 
 
 def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):

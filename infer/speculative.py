@@ -169,21 +169,22 @@ def _draft_tree(target, draft: Draft, state: SpecState, shape: TreeShape, vocab=
     q_probs = []
     for level in range(shape.depth):  # static unroll: each level has its own static width
         o, n = shape.offsets[level], shape.level_sizes[level]
-        x = target.embed(tree.tokens[:, o:o + n])
-        h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
-                                            tree.mask[:, o:o + n], k_last, v_last, c)
-        logits = target.logits(h).astype(jnp.float32) if vocab is None else cut_logits(target, h, vocab[1])
-        logq = jax.nn.log_softmax(logits, axis=-1)  # [B, n, V] or [B, n, V']
-        if key is not None:  # a chain (n == 1) drawing its next token from q
-            logq_s = process_logits(logits, sampling)  # [B, 1, V(')]
-            col = jax.random.categorical(jax.random.fold_in(key, level), logq_s, axis=-1)  # [B, 1]
-            cols = jnp.arange(logq.shape[-1])[None, None, :]
-            logq = jnp.where(cols == col[..., None], logq, -jnp.inf)  # the beam step keeps exactly that token
-            q = jnp.exp(logq_s[:, 0])
-            if vocab is not None:  # columns -> full vocabulary, zero elsewhere
-                q = jnp.zeros((q.shape[0], target.cfg.vocab_size), q.dtype).at[:, vocab[0]].set(q)
-            q_probs.append(q)
-        tree = expand(tree, shape, level, logq, vocab_ids=None if vocab is None else vocab[0])
+        with jax.named_scope(f"draft_level{level}"):  # (named scopes: phases in profiles, bench_e2e)
+            x = target.embed(tree.tokens[:, o:o + n])
+            h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
+                                                tree.mask[:, o:o + n], k_last, v_last, c)
+            logits = target.logits(h).astype(jnp.float32) if vocab is None else cut_logits(target, h, vocab[1])
+            logq = jax.nn.log_softmax(logits, axis=-1)  # [B, n, V] or [B, n, V']
+            if key is not None:  # a chain (n == 1) drawing its next token from q
+                logq_s = process_logits(logits, sampling)  # [B, 1, V(')]
+                col = jax.random.categorical(jax.random.fold_in(key, level), logq_s, axis=-1)  # [B, 1]
+                cols = jnp.arange(logq.shape[-1])[None, None, :]
+                logq = jnp.where(cols == col[..., None], logq, -jnp.inf)  # the beam step keeps exactly that token
+                q = jnp.exp(logq_s[:, 0])
+                if vocab is not None:  # columns -> full vocabulary, zero elsewhere
+                    q = jnp.zeros((q.shape[0], target.cfg.vocab_size), q.dtype).at[:, vocab[0]].set(q)
+                q_probs.append(q)
+            tree = expand(tree, shape, level, logq, vocab_ids=None if vocab is None else vocab[0])
     return tree, positions, tree_k, tree_v, (jnp.stack(q_probs, axis=1) if q_probs else None)
 
 
@@ -197,20 +198,29 @@ def _iteration(target, draft: Draft, state: SpecState, st: _Static, vocab=None) 
         target, draft, state, shape, vocab, k_draft if st.sample_drafts else None, st.sampling)
 
     # Verification: the Nn tree tokens after the committed prefix, ancestor mask among themselves.
-    hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
-    logits = target.logits(hidden)  # [B, Nn, V] float32
-    if st.sample_drafts:
-        acc = verify.accept_sampled_chain(sub, tree, shape, logits, q_probs, st.sampling)
-    else:
-        acc = verify.accept(tree, shape, verify.target_choices(sub, logits, st.sampling))
-    k = acc.num_accepted
+    with jax.named_scope("verify"):
+        hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
+        logits = target.logits(hidden)  # [B, Nn, V] float32
+    with jax.named_scope("accept"):
+        if st.sample_drafts:
+            acc = verify.accept_sampled_chain(sub, tree, shape, logits, q_probs, st.sampling)
+        else:
+            acc = verify.accept(tree, shape, verify.target_choices(sub, logits, st.sampling))
+        k = acc.num_accepted
 
     # Commit: accepted rows (root = path[0], then the accepted drafts) to slots c .. c + k.
-    cache = kvc.compact(cache, c, acc.path, jnp.where(active, k + 1, 0))
-    path_k = jnp.take_along_axis(tree_k, acc.path[:, :, None, None], axis=1)  # [B, G, K, H]
-    path_v = jnp.take_along_axis(tree_v, acc.path[:, :, None, None], axis=1)
-    j = jnp.arange(G)[None, :]
-    ring = state.ring.write(path_k, path_v, c[:, None] + j, (j <= k[:, None]) & active[:, None])
+    with jax.named_scope("commit"):
+        j = jnp.arange(G)[None, :]
+        if shape.is_chain:
+            # A chain's accepted path is nodes 0 .. k, already at slots c .. c + k in every layer
+            # and at [0, k] in the tree buffer: nothing to move (24 launches fewer per iteration
+            # for the demo target, 2L in general).
+            path_k, path_v = tree_k[:, :G], tree_v[:, :G]
+        else:
+            cache = kvc.compact(cache, c, acc.path, jnp.where(active, k + 1, 0))
+            path_k = jnp.take_along_axis(tree_k, acc.path[:, :, None, None], axis=1)  # [B, G, K, H]
+            path_v = jnp.take_along_axis(tree_v, acc.path[:, :, None, None], axis=1)
+        ring = state.ring.write(path_k, path_v, c[:, None] + j, (j <= k[:, None]) & active[:, None])
 
     out, out_len, hit_eos, hit_max = _emit(state, acc.tokens, k + 1, active, st)
     new_c = jnp.where(active, c + k + 1, c)
@@ -327,8 +337,9 @@ class SpeculativeDecoder:
       draft: `Draft` matching the target (checked).
       tree_shape: nodes per depth, e.g. (4, 16, 16, 16, 16); (1, 1, 1, 1) is a chain. None (the
         default): picked per `generate` call by `tree.default_tree_for_context(longest prompt +
-        max_new_tokens, platform, temperature)`, a measured heuristic (smaller trees at long
-        context; a short chain on CPUs; a sampled chain at T > 0).
+        max_new_tokens, platform, temperature, target parameter bytes)`, a measured heuristic
+        (smaller trees at long context; a short chain on CPUs and for small, launch-bound targets;
+        a sampled chain at T > 0).
       draft_vocab: None, or int32 ids [V'] of a draft vocabulary (e.g. the V' most frequent tokens,
         `scripts/draft_vocab.py`): the draft scores only those tokens (its LM head cost shrinks by
         V / V'); the sub-head is gathered once here. Lossless: verification uses the full
@@ -372,6 +383,8 @@ class SpeculativeDecoder:
             draft = self.draft = shd.place_for_inference(draft, mesh, what="draft")
             self._rep = NamedSharding(mesh, PartitionSpec())
         self._t_graph, self._t_state = nnx.split(target)
+        # Parameter bytes of the target (the tree default treats small targets as launch-bound).
+        self._target_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(target, nnx.Param)))
         self._d_graph, self._d_state = nnx.split(draft)
         # (ids [V'], head [D, V']): a run-time argument of the loop, gathered once here.
         self._vocab = None if self.draft_vocab is None else (
@@ -390,7 +403,8 @@ class SpeculativeDecoder:
             return self.shape
         platform = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]).platform
         temperature = 0.0 if sampling is None else sampling.temperature
-        shape = default_tree_for_context(prompt_len + max_new_tokens, platform, temperature, self.sample_drafts)
+        shape = default_tree_for_context(prompt_len + max_new_tokens, platform, temperature, self.sample_drafts,
+                                         target_bytes=self._target_bytes)
         shape.check_vocab(self._draft_vocab_size)
         return shape
 

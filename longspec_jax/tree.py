@@ -143,17 +143,30 @@ CPU_TREE = (1, 1, 1, 1)
 # is a chain (of the default tree's depth on GPUs, CPU_TREE on CPUs).
 SAMPLED_CHAIN = (1, 1, 1, 1, 1)
 
+# A target this small is launch-bound on a GPU: its decode step is hundreds of few-microsecond
+# kernels, not a weight read, so every draft level costs a fixed ~0.08 ms and a tree's extra nodes
+# are not free. Measured with the demo pair (22M parameters, float32) on an H200 at 8k context,
+# T = 0 (bench/results/demo_H200_tf32_T0.json): chain (1, 1, 1, 1) 1.75x AR, 1.78x with the
+# 2048-token draft vocabulary, against 1.13x / 1.45x for (4, 16, 16, 16, 16), although the tree
+# accepts more (tau 4.41 vs 2.93); the chain is ahead at 2k-16k. Llama-3-8B shapes (16 GB) are the
+# opposite case (the table above). Below LAUNCH_BOUND_BYTES of target parameters (512 MiB, ~0.15 ms
+# of HBM time on an H100/H200, i.e. well under a launch-bound step; NOT measured between 22M and
+# 8B parameters) the GPU default is therefore CPU_TREE, as on CPUs.
+LAUNCH_BOUND_BYTES = 512 * 2**20
+
 
 def default_tree_for_context(context_len: int, platform: str | None = None, temperature: float = 0.0,
-                             sampled_chains: bool = True) -> TreeShape:
+                             sampled_chains: bool = True, target_bytes: int | None = None) -> TreeShape:
     """The tree shape used when the user fixes none, for a decode that runs at up to
     `context_len` tokens of context (prompt + new tokens). See `CONTEXT_TREE_TABLE`; on
-    `platform == "cpu"` it is `CPU_TREE` at every length; at `temperature > 0` with sampled
-    chains (the decoder's default) it is a chain: `SAMPLED_CHAIN`, or `CPU_TREE` on CPUs."""
+    `platform == "cpu"`, or for a target of fewer than `LAUNCH_BOUND_BYTES` parameter bytes
+    (`target_bytes`; None = unknown, treated as large), it is `CPU_TREE` at every length; at
+    `temperature > 0` with sampled chains (the decoder's default) it is a chain: `SAMPLED_CHAIN`,
+    or `CPU_TREE` where that is the default."""
     context_len = int(context_len)
     if context_len < 0:
         raise ValueError(f"context length must be >= 0, got {context_len}")
-    if platform == "cpu":
+    if platform == "cpu" or (target_bytes is not None and target_bytes < LAUNCH_BOUND_BYTES):
         return TreeShape(CPU_TREE)
     if temperature > 0 and sampled_chains:
         return TreeShape(SAMPLED_CHAIN)

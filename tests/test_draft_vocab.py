@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from infer import speculative as spec
 from longspec_jax import tree as tree_lib
@@ -132,6 +133,12 @@ def test_default_tree_for_context_table():
     assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == tree_lib.SAMPLED_CHAIN == (1,) * 5
     assert f(100, "cpu", 0.7).widths == tree_lib.CPU_TREE
     assert f(100, "gpu", 0.7, sampled_chains=False).widths == (4, 16, 16, 16, 16)  # argmax chains: no gain
+    # Small (launch-bound) targets get the short chain on GPUs too; large or unknown sizes the table.
+    small, big = tree_lib.LAUNCH_BOUND_BYTES - 1, tree_lib.LAUNCH_BOUND_BYTES
+    assert f(8192, "gpu", target_bytes=small).widths == f(10**6, "gpu", target_bytes=small).widths == tree_lib.CPU_TREE
+    assert f(8192, "gpu", 1.0, target_bytes=small).widths == tree_lib.CPU_TREE
+    assert f(8192, "gpu", target_bytes=big).widths == f(8192, "gpu", target_bytes=None).widths == (4, 16, 16, 16, 16)
+    assert f(10**6, "gpu", target_bytes=16 * 2**30).widths == (2, 4, 4, 4, 4)
 
 
 def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
@@ -139,25 +146,26 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     prompts = _prompts(1, (7,))
     seen = []
 
-    def fake_default(context_len, platform=None, temperature=0.0, sampled_chains=True):
-        seen.append(context_len)
+    def fake_default(context_len, platform=None, temperature=0.0, sampled_chains=True, target_bytes=None):
+        seen.append((context_len, target_bytes))
         return tree_lib.TreeShape((2, 2))
 
     monkeypatch.setattr(spec, "default_tree_for_context", fake_default)
     res = spec.generate_tree(target, draft, prompts, max_new_tokens=12, eos_ids=(), cache_capacity=128)
-    assert seen and seen[0] == 7 + 12  # longest prompt + max_new_tokens
+    n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(target, nnx.Param)))
+    assert seen and seen[0] == (7 + 12, n_bytes)  # longest prompt + max_new_tokens, the target's size
     assert res.stats["tree_shape"] == [2, 2]
     assert res.tokens == _ar(target, prompts, 12)
     # an explicit shape still wins
     res = spec.generate_tree(target, draft, prompts, tree_shape=CHAIN, max_new_tokens=12, eos_ids=(),
                              cache_capacity=128)
     assert res.stats["tree_shape"] == list(CHAIN)
-    # without the monkeypatch a short context gets the LongSpec default
+    # without the monkeypatch: this tiny target is launch-bound on any device, so the short chain
     monkeypatch.undo()
     dec = spec.SpeculativeDecoder(target, draft)
-    want = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else (4, 16, 16, 16, 16)
-    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == want
-    assert dec.tree_shape_for(100_000, 1000).widths == (want if want == tree_lib.CPU_TREE else (2, 4, 4, 4, 4))
+    assert n_bytes < tree_lib.LAUNCH_BOUND_BYTES
+    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == tree_lib.CPU_TREE
+    assert dec.tree_shape_for(100_000, 1000).widths == tree_lib.CPU_TREE
     hot = SamplingParams(temperature=0.8)
     chain = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else tree_lib.SAMPLED_CHAIN
     assert dec.tree_shape_for(7, 12, hot).widths == chain
