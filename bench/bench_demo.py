@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         "device": device, "platform": dev.platform, "jax_version": jax.__version__,
         "command": "python -m bench.bench_demo " + " ".join(sys.argv[1:] if argv is None else argv),
         "target": os.path.relpath(a.target, ROOT), "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts.items()},
-        "warmup_runs": a.warmup, "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision,
+        "warmup_runs": a.warmup, "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
         "prompts": [n for n, _ in prompts], "rows": [], "cache_bytes": {},
     }

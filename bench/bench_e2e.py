@@ -586,6 +586,7 @@ def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):
         "device": device_name,
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "model_shapes": "tiny" if args.tiny else args.model,
         "weights": f"random {args.dtype}",
         "attention_impl": impl,

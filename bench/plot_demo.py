@@ -34,7 +34,8 @@ def plot(path: str | list[str], png: str | None = None) -> str:
     rows = [r for one in loaded for r in one["rows"] if r["method"] != "ar"]
     series = {}
     for r in rows:
-        series.setdefault((r["draft"], r["method"], r["temperature"]), []).append(r)
+        method = r["method"] + (f"+{r['draft_vocab']}" if r.get("draft_vocab") else "")  # one line per vocabulary
+        series.setdefault((r["draft"], method, r["temperature"]), []).append(r)
     fig, (ax_tau, ax_sp) = plt.subplots(1, 2, figsize=(11, 4.2))
     for (draft, method, temp), rs in sorted(series.items(), key=lambda kv: (kv[0][0] != "draft",) + kv[0]):
         rs = sorted(rs, key=lambda r: r["context"])
@@ -51,8 +52,9 @@ def plot(path: str | list[str], png: str | None = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax_sp.axhline(1.0, color="grey", lw=0.8)
-    fig.suptitle(f"demo pair, held-out packages - {res['device']}, jax {res['jax_version']}, {res['dtype']}",
-                 fontsize=9)
+    prec = res.get("matmul_precision")
+    fig.suptitle(f"demo pair, held-out packages - {res['device']}, jax {res['jax_version']}, {res['dtype']}"
+                 + (f", matmul precision {prec}" if prec else ""), fontsize=9)
     fig.tight_layout()
     png = png or os.path.splitext(paths[0])[0] + ".png"
     fig.savefig(png, dpi=110)

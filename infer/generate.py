@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", default=None, metavar="FILE",
                    help="--method tree: draft vocabulary, a .npy or .json list of token ids "
                         "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged. "
-                        f"Default: none, except for {demo.NAME} with its own draft, which uses its shipped "
-                        "2048-token vocabulary; 'none' scores the full vocabulary")
+                        "Default: the draft's own draft_vocab.json when its directory ships one (the "
+                        f"{demo.NAME} draft ships 2048 ids), else none; 'none' scores the full vocabulary")
     p.add_argument("--sample-drafts", action=argparse.BooleanOptionalAction, default=True,
                    help="--method tree, chain shapes at --temperature > 0: draw drafts from the draft distribution and "
                         "accept by speculative sampling (min(1, p/q), residual draw); --no-sample-drafts takes the "
@@ -212,13 +212,19 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
     from longspec_jax.tree import TreeShape
 
     shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
-    draft_vocab = None
-    if args.draft_vocab is None and args.model == demo.NAME and args.draft is None and args.checkpoint is None \
-            and os.path.isfile(demo.DEFAULT_DRAFT_VOCAB):
-        draft_vocab = load_draft_vocab(demo.DEFAULT_DRAFT_VOCAB)
-    elif args.draft_vocab is not None and args.draft_vocab.lower() != "none":
-        draft_vocab = load_draft_vocab(args.draft_vocab)
     draft = _load_draft(args, cfg, dtype)
+    draft_vocab = None
+    if args.draft_vocab is not None and args.draft_vocab.lower() != "none":
+        draft_vocab = load_draft_vocab(args.draft_vocab)
+    elif args.draft_vocab is None and args.draft is not None:
+        # The draft's own vocabulary (draft_weights.DRAFT_VOCAB_FILE), e.g. the demo draft's 2048 ids.
+        from longspec_jax.draft_weights import find_draft_vocab
+
+        shipped = find_draft_vocab(_draft_path(args.draft))
+        if shipped is not None:
+            draft_vocab = load_draft_vocab(shipped)
+            print(f"draft vocabulary: {len(draft_vocab)} ids shipped with the draft ({os.path.basename(shipped)}; "
+                  "--draft-vocab none for the full vocabulary)")
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
                                     cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
@@ -229,20 +235,12 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
 
 def load_draft_vocab(path: str):
     """Token ids of --draft-vocab: a .npy array or a .json list (or {"ids": [...]}) of ints."""
-    import json
-
-    import numpy as np
+    from longspec_jax.draft_weights import read_draft_vocab
 
     try:
-        if path.endswith(".npy"):
-            return np.load(path, allow_pickle=False)
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            return np.asarray(data["ids"] if isinstance(data, dict) else data)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"cannot read --draft-vocab {path!r}: {e}") from e
-    raise UsageError(f"--draft-vocab {path!r} must be a .npy or .json file of token ids (scripts/draft_vocab.py)")
+        return read_draft_vocab(path)
+    except ValueError as e:
+        raise UsageError(f"--draft-vocab: {e}") from e
 
 
 def choose_method(args) -> str:

@@ -140,6 +140,36 @@ def find_weight_file(directory: str | os.PathLike) -> str:
     raise DraftWeightsError(f"{directory} holds none of {', '.join(WEIGHT_FILES)}.")
 
 
+# A draft directory may ship the draft vocabulary it was built with (EAGLE-3 keeps its d2t map in
+# the checkpoint the same way): `{"ids": [...], ...}` as written by scripts/draft_vocab.py
+# (`--draft-dir`). `python -m infer.generate` uses it unless told `--draft-vocab none`.
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def find_draft_vocab(path: str | os.PathLike) -> str | None:
+    """The draft vocabulary file shipped in a draft directory (or beside a draft weight file), or None."""
+    path = os.fspath(path)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    candidate = os.path.join(directory, DRAFT_VOCAB_FILE)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def read_draft_vocab(path: str | os.PathLike) -> np.ndarray:
+    """Token ids of a draft vocabulary file: a .npy array, or a .json list or {"ids": [...]} of ints.
+    Validation against the target's vocabulary happens in the decoder (`check_draft_vocab`)."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return np.asarray(data["ids"] if isinstance(data, dict) else data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the draft vocabulary {path!r}: {e}. Rebuild it with scripts/draft_vocab.py.") from e
+    raise ValueError(f"draft vocabulary {path!r} must be a .npy or .json file of token ids (scripts/draft_vocab.py)")
+
+
 def draft_config_from_hf(config: str | os.PathLike | Mapping[str, Any], *, window: int = 512) -> DraftConfig:
     """Draft shapes from the checkpoint's config.json (the target's LlamaConfig / Qwen2Config).
 

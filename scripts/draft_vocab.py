@@ -17,6 +17,8 @@ Usage:
     python scripts/draft_vocab.py --tokenizer meta-llama/Meta-Llama-3-8B-Instruct \
         --size 32768 --out draft_vocab_32k data/corpus/train.jsonl
     python -m infer.generate --model llama3-8b --draft-vocab draft_vocab_32k.npy
+    # or ship it with the draft (DIR/draft_vocab.json, used by default by infer.generate --draft DIR):
+    python scripts/draft_vocab.py --tokenizer ... --size 32768 --draft-dir DIR data/corpus/train.jsonl
 """
 
 from __future__ import annotations
@@ -97,13 +99,20 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", help=".txt / .jsonl files or directories of them")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory or repo id (local cache)")
     p.add_argument("--size", type=int, default=32768, help="V': ids to keep")
-    p.add_argument("--out", required=True, help="output prefix: writes OUT.npy and OUT.json")
+    p.add_argument("--out", default=None, help="output prefix: writes OUT.npy and OUT.json")
+    p.add_argument("--draft-dir", default=None,
+                   help="also (or only) write DRAFT_DIR/draft_vocab.json, the file a draft directory ships so "
+                        "that `python -m infer.generate --draft DRAFT_DIR` uses the vocabulary by default")
     p.add_argument("--field", default="text", help="text field of .jsonl records")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="target vocabulary size (default: len(tokenizer), which includes added tokens)")
     p.add_argument("--always", type=int, nargs="*", default=None,
                    help="ids always kept (default: the tokenizer's special token ids)")
     args = p.parse_args(argv)
+    if args.out is None and args.draft_dir is None:
+        p.error("pass --out PREFIX and/or --draft-dir DIR (where to write the vocabulary)")
+    if args.draft_dir is not None and not os.path.isdir(args.draft_dir):
+        p.error(f"--draft-dir {args.draft_dir!r} is not a directory (a draft checkpoint directory is expected)")
 
     from transformers import AutoTokenizer
 
@@ -124,8 +133,14 @@ def main(argv=None) -> int:
     coverage = float(counts[ids].sum() / total)
     meta = dict(tokenizer=args.tokenizer, vocab_size=vocab_size, draft_vocab_size=int(ids.size),
                 coverage=coverage, tokens_counted=total, sources=list(args.inputs), always=sorted(set(always)))
-    npy, js = write_outputs(args.out, ids, meta)
-    print(f"{ids.size} of {vocab_size} ids cover {coverage:.2%} of {total:,} tokens -> {npy}, {js}")
+    written = []
+    if args.out is not None:
+        written += write_outputs(args.out, ids, meta)
+    if args.draft_dir is not None:
+        _, js = write_outputs(os.path.join(args.draft_dir, "draft_vocab"), ids, meta)
+        os.remove(os.path.join(args.draft_dir, "draft_vocab.npy"))  # the directory convention is the JSON
+        written.append(js)
+    print(f"{ids.size} of {vocab_size} ids cover {coverage:.2%} of {total:,} tokens -> {', '.join(written)}")
     return 0
 
 

@@ -221,8 +221,23 @@ def test_script_end_to_end_and_cli_loader(tmp_path):
     assert generate.load_draft_vocab(out + ".json").tolist() == ids.tolist()
     with pytest.raises(generate.UsageError, match=".npy or .json"):
         generate.load_draft_vocab(str(tmp_path / "d.txt"))
-    with pytest.raises(generate.UsageError, match="cannot read --draft-vocab"):
+    with pytest.raises(generate.UsageError, match="cannot read the draft vocabulary"):
         generate.load_draft_vocab(str(tmp_path / "missing.npy"))
+    # --draft-dir: the vocabulary a draft directory ships (draft_weights.DRAFT_VOCAB_FILE)
+    from longspec_jax import draft_weights
+
+    draft_dir = tmp_path / "draft"
+    draft_dir.mkdir()
+    assert draft_weights.find_draft_vocab(draft_dir) is None
+    assert dv.main([str(corpus), str(tmp_path / "d.txt"), "--tokenizer", tok_dir, "--size", "64",
+                    "--draft-dir", str(draft_dir)]) == 0
+    assert sorted(os.listdir(draft_dir)) == ["draft_vocab.json"]
+    found = draft_weights.find_draft_vocab(draft_dir)
+    assert found == str(draft_dir / "draft_vocab.json")
+    assert draft_weights.find_draft_vocab(draft_dir / "model.safetensors") == found  # beside a weight file
+    assert draft_weights.read_draft_vocab(found).tolist() == ids.tolist()
+    with pytest.raises(SystemExit):  # nowhere to write
+        dv.main([str(corpus), "--tokenizer", tok_dir])
 
 
 def test_cli_refuses_out_of_range_draft_vocab(tmp_path, capsys):
@@ -235,3 +250,31 @@ def test_cli_refuses_out_of_range_draft_vocab(tmp_path, capsys):
     assert "outside the target vocabulary" in capsys.readouterr().err
     args = generate.build_parser().parse_args(["--method", "tree"])
     assert args.tree_shape is None and args.draft_vocab is None  # auto tree shape by default
+
+
+def test_cli_uses_the_vocabulary_a_draft_directory_ships(tmp_path, capsys):
+    """`--draft DIR` picks DIR/draft_vocab.json by default; --draft-vocab none and a draft
+    directory without one score the full vocabulary."""
+    import json
+    import shutil
+
+    from infer import generate
+    from longspec_jax import demo
+
+    if not demo.available():
+        pytest.skip("the demo pair is missing")
+    plain, own = tmp_path / "plain", tmp_path / "own"
+    for d in (plain, own):
+        d.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(f"{demo.DRAFT_DIR}/{name}", d / name)
+    ids = json.load(open(demo.DEFAULT_DRAFT_VOCAB))["ids"][::2]  # 1024 of the shipped 2048
+    (own / "draft_vocab.json").write_text(json.dumps({"ids": ids}))
+    base = ["--prompt-tokens", "96", "--max-new-tokens", "6", "--tree-shape", "1", "1"]
+    assert generate.main(base + ["--draft", str(own)]) == 0
+    out = capsys.readouterr().out
+    assert "1024 ids shipped with the draft" in out and "draft vocab 1024" in out
+    assert generate.main(base + ["--draft", str(own), "--draft-vocab", "none"]) == 0
+    assert "draft vocab 8192" in capsys.readouterr().out
+    assert generate.main(base + ["--draft", str(plain)]) == 0
+    assert "draft vocab 8192" in capsys.readouterr().out

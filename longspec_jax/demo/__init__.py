@@ -21,11 +21,12 @@ TARGET_DIR = os.path.join(HERE, "target")
 DRAFT_DIR = os.path.join(HERE, "draft")
 PROMPTS_FILE = os.path.join(HERE, "heldout_prompts.jsonl")
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
-# The draft vocabulary `python -m infer.generate` uses with the demo pair unless told otherwise:
-# the 2048 most frequent ids of the train split. It leaves tau unchanged on the held-out prompts
-# and makes each draft level cheaper (bench/README.md, "Draft vocabulary"); verification always
-# uses the full vocabulary, so the output is the same with or without it.
-DEFAULT_DRAFT_VOCAB = os.path.join(HERE, "draft_vocab", "top2048.npy")
+# The draft vocabulary the demo draft ships (`draft/draft_vocab.json`, the convention of
+# `draft_weights.DRAFT_VOCAB_FILE`, a copy of `draft_vocab/top2048.json`): the 2048 most frequent
+# ids of the train split. It leaves tau unchanged on the held-out prompts and makes each draft
+# level cheaper (bench/README.md, "Draft vocabulary"); verification always uses the full
+# vocabulary, so the output is the same with or without it. `python -m infer.generate` uses it.
+DEFAULT_DRAFT_VOCAB = os.path.join(DRAFT_DIR, "draft_vocab.json")
 
 
 def available() -> bool:
