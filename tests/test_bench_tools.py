@@ -114,3 +114,78 @@ def test_bench_collectives_refuses_more_devices_than_exist():
 
     with pytest.raises(ShardingError, match="needs 64 devices"):
         bench_collectives.main(["--devices", "64", "--out", "/nonexistent"])
+
+
+def test_bench_e2e_phases_from_hlo_and_trace(tmp_path):
+    """Decode-loop phases: instruction -> named scope from the HLO metadata (instructions without
+    one inherit the previous phase in their computation), then device time and op counts per
+    phase and per op from a (synthetic) GPU trace."""
+    import gzip
+
+    from bench.bench_e2e import hlo_phases, summarize_trace
+
+    text = """
+%fused_computation.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %exp = f32[4]{0} exponential(%p), metadata={op_name="jit(_decode_loop)/while/body/accept/exp"}
+}
+
+%body (s: f32[4]) -> f32[4] {
+  %s = f32[4]{0} parameter(0)
+  %gemm_fusion_dot_2 = f32[4]{0} fusion(%s), kind=kCustom, metadata={op_name="jit(_decode_loop)/while/body/draft_level0/dot_general"}
+  %copy.7 = f32[4]{0} copy(%gemm_fusion_dot_2)
+  %loop_fusion_3 = f32[4]{0} fusion(%copy.7), kind=kLoop, metadata={op_name="jit(_decode_loop)/while/body/verify/add"}
+  %input_reduce_fusion = f32[4]{0} fusion(%loop_fusion_3), kind=kInput, metadata={op_name="jit(_decode_loop)/while/body/commit/reduce_max"}
+  ROOT %tuple = (f32[4]{0}) tuple(%input_reduce_fusion)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  ROOT %while = f32[4]{0} while(%a), body=%body, metadata={op_name="jit(_decode_loop)/while"}
+}
+"""
+    ph = hlo_phases(text)
+    assert ph["gemm_fusion_dot_2"] == "draft_level0" and ph["copy.7"] == "draft_level0"  # inherited
+    assert ph["loop_fusion_3"] == "verify" and ph["input_reduce_fusion"] == "commit" and ph["exp"] == "accept"
+    assert "while" not in ph and "a" not in ph and "tuple" in ph  # the tuple inherits "commit"
+
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+    for it in range(2):  # two iterations
+        ev += [{"ph": "X", "pid": 1, "name": "gemm_fusion_dot_2", "dur": 10.0, "args": {"hlo_op": "gemm_fusion_dot_2"}},
+               {"ph": "X", "pid": 1, "name": "loop_fusion_3", "dur": 30.0, "args": {"hlo_op": "loop_fusion_3"}},
+               {"ph": "X", "pid": 1, "name": "loop_fusion_3", "dur": 30.0, "args": {"hlo_op": "loop_fusion_3"}},
+               {"ph": "X", "pid": 1, "name": "MemcpyD2H", "dur": 2.0},
+               {"ph": "X", "pid": 2, "name": "host", "dur": 999.0}]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    out = summarize_trace(str(tmp_path), iterations=2, compiled_text=text)
+    assert out["ops_per_iteration"] == 4 and out["device_ms_per_iteration"] == pytest.approx(0.072)
+    assert out["ops"][0]["name"] == "loop_fusion_3" and out["ops"][0]["per_iteration"] == 2
+    phases = out["phases"]
+    assert phases["verify"]["ms_per_iteration"] == pytest.approx(0.060) and phases["verify"]["ops_per_iteration"] == 2
+    assert phases["draft_level0"]["ops_per_iteration"] == 1 and phases["other"]["ops_per_iteration"] == 1
+    assert phases["verify"]["top_ops"] == [{"name": "loop_fusion_3", "us_per_iteration": pytest.approx(60.0)}]
+    assert "phases" not in summarize_trace(str(tmp_path), iterations=2)  # no HLO text: no phases
+
+
+def test_bench_demo_tie_margin_reads_the_target_logits():
+    """The margin bench_demo reports at a greedy mismatch: the target's next-token logits after
+    the context (one causal pass), the gap between the two choices and the top-2 gap."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench.bench_demo import tie_margin
+    from infer import ar
+    from infer.tiny_random import build
+
+    model, cfg, _ = build(dtype=jnp.float32)
+    context = [3, 17, 5, 9, 11, 2, 40]
+    greedy_next = ar.generate_ar(model, context, max_new_tokens=1, eos_ids=()).sequences()[0][0]
+    other = (greedy_next + 1) % cfg.vocab_size
+    m = tie_margin(model, context, other, greedy_next)
+    assert m["best_token"] == greedy_next and m["ar_token"] == greedy_next and m["spec_token"] == other
+    assert m["logit_spec_minus_ar"] <= 0.0 and m["top2_gap"] >= 0.0 and np.isfinite(m["max_abs_logit"])
+    assert tie_margin(model, context, greedy_next, greedy_next)["logit_spec_minus_ar"] == 0.0
