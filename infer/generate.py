@@ -150,7 +150,8 @@ def read_prompt(args) -> str:
 
 
 def _load_draft(args, cfg, dtype):
-    """The draft for --method tree: --draft, else the preset's draft repo; random for tiny-random."""
+    """(draft, its local path or None) for --method tree: --draft, else the preset's draft repo;
+    random (no path) for tiny-random."""
     from longspec_jax.configs import DraftConfig
 
     if args.draft is None and args.model == tiny_random.NAME:
@@ -160,7 +161,7 @@ def _load_draft(args, cfg, dtype):
 
         print("[tiny-random] using a random-weight draft as well: expect almost no accepted tokens.")
         return Draft(DraftConfig.from_target(cfg), cfg.rope, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype,
-                     attention_impl=args.attention_impl)
+                     attention_impl=args.attention_impl), None
     if args.draft is None and args.model == demo.NAME:
         args.draft = demo.DRAFT_DIR
     if args.draft is None:
@@ -172,9 +173,10 @@ def _load_draft(args, cfg, dtype):
         args.draft = repo
     from longspec_jax.draft_weights import load_draft
 
-    draft = load_draft(_draft_path(args.draft), cfg, dtype=dtype, attention_impl=args.attention_impl)
+    path = _draft_path(args.draft)
+    draft = load_draft(path, cfg, dtype=dtype, attention_impl=args.attention_impl)
     draft.cfg.check_matches(cfg, source=f"draft {args.draft}")
-    return draft
+    return draft, path
 
 
 def _draft_path(name: str) -> str:
@@ -212,15 +214,15 @@ def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
     from longspec_jax.tree import TreeShape
 
     shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
-    draft = _load_draft(args, cfg, dtype)
+    draft, draft_path = _load_draft(args, cfg, dtype)
     draft_vocab = None
     if args.draft_vocab is not None and args.draft_vocab.lower() != "none":
         draft_vocab = load_draft_vocab(args.draft_vocab)
-    elif args.draft_vocab is None and args.draft is not None:
+    elif args.draft_vocab is None and draft_path is not None:
         # The draft's own vocabulary (draft_weights.DRAFT_VOCAB_FILE), e.g. the demo draft's 2048 ids.
         from longspec_jax.draft_weights import find_draft_vocab
 
-        shipped = find_draft_vocab(_draft_path(args.draft))
+        shipped = find_draft_vocab(draft_path)
         if shipped is not None:
             draft_vocab = load_draft_vocab(shipped)
             print(f"draft vocabulary: {len(draft_vocab)} ids shipped with the draft ({os.path.basename(shipped)}; "

@@ -80,17 +80,21 @@ def top_ids(counts: np.ndarray, size: int, always: Iterable[int] = ()) -> np.nda
     return np.array(sorted(chosen), np.int32)
 
 
-def write_outputs(out: str, ids: np.ndarray, meta: dict) -> tuple[str, str]:
-    """Write OUT.npy and OUT.json atomically (temporary files renamed: nothing half-written)."""
-    npy, js = out + ".npy", out + ".json"
+def write_outputs(out: str, ids: np.ndarray, meta: dict, npy: bool = True) -> list[str]:
+    """Write OUT.json (and OUT.npy unless npy=False) atomically (temporary files renamed: nothing
+    half-written). Returns the paths written."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(npy + ".tmp", "wb") as f:
-        np.save(f, ids)
-    with open(js + ".tmp", "w", encoding="utf-8") as f:
+    written = []
+    if npy:
+        with open(out + ".npy.tmp", "wb") as f:
+            np.save(f, ids)
+        written.append(out + ".npy")
+    with open(out + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(dict(meta, ids=ids.tolist()), f)
-    os.replace(npy + ".tmp", npy)
-    os.replace(js + ".tmp", js)
-    return npy, js
+    written.append(out + ".json")
+    for path in written:
+        os.replace(path + ".tmp", path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -137,9 +141,8 @@ def main(argv=None) -> int:
     if args.out is not None:
         written += write_outputs(args.out, ids, meta)
     if args.draft_dir is not None:
-        _, js = write_outputs(os.path.join(args.draft_dir, "draft_vocab"), ids, meta)
-        os.remove(os.path.join(args.draft_dir, "draft_vocab.npy"))  # the directory convention is the JSON
-        written.append(js)
+        # the directory convention (draft_weights.DRAFT_VOCAB_FILE) is the JSON alone
+        written += write_outputs(os.path.join(args.draft_dir, "draft_vocab"), ids, meta, npy=False)
     print(f"{ids.size} of {vocab_size} ids cover {coverage:.2%} of {total:,} tokens -> {', '.join(written)}")
     return 0
 

@@ -238,6 +238,8 @@ def test_script_end_to_end_and_cli_loader(tmp_path):
     assert draft_weights.read_draft_vocab(found).tolist() == ids.tolist()
     with pytest.raises(SystemExit):  # nowhere to write
         dv.main([str(corpus), "--tokenizer", tok_dir])
+    with pytest.raises(SystemExit):  # --draft-dir must be an existing (draft) directory
+        dv.main([str(corpus), "--tokenizer", tok_dir, "--draft-dir", str(tmp_path / "missing")])
 
 
 def test_cli_refuses_out_of_range_draft_vocab(tmp_path, capsys):
@@ -268,7 +270,9 @@ def test_cli_uses_the_vocabulary_a_draft_directory_ships(tmp_path, capsys):
         d.mkdir()
         for name in ("config.json", "model.safetensors"):
             shutil.copy(f"{demo.DRAFT_DIR}/{name}", d / name)
-    ids = json.load(open(demo.DEFAULT_DRAFT_VOCAB))["ids"][::2]  # 1024 of the shipped 2048
+    from longspec_jax.draft_weights import find_draft_vocab
+
+    ids = json.load(open(find_draft_vocab(demo.DRAFT_DIR)))["ids"][::2]  # 1024 of the shipped 2048
     (own / "draft_vocab.json").write_text(json.dumps({"ids": ids}))
     base = ["--prompt-tokens", "96", "--max-new-tokens", "6", "--tree-shape", "1", "1"]
     assert generate.main(base + ["--draft", str(own)]) == 0

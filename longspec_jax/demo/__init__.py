@@ -21,12 +21,10 @@ TARGET_DIR = os.path.join(HERE, "target")
 DRAFT_DIR = os.path.join(HERE, "draft")
 PROMPTS_FILE = os.path.join(HERE, "heldout_prompts.jsonl")
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
-# The draft vocabulary the demo draft ships (`draft/draft_vocab.json`, the convention of
-# `draft_weights.DRAFT_VOCAB_FILE`, a copy of `draft_vocab/top2048.json`): the 2048 most frequent
-# ids of the train split. It leaves tau unchanged on the held-out prompts and makes each draft
-# level cheaper (bench/README.md, "Draft vocabulary"); verification always uses the full
-# vocabulary, so the output is the same with or without it. `python -m infer.generate` uses it.
-DEFAULT_DRAFT_VOCAB = os.path.join(DRAFT_DIR, "draft_vocab.json")
+# The draft ships its draft vocabulary (`draft/draft_vocab.json`, the 2048 most frequent ids of the
+# train split, a copy of `draft_vocab/top2048.json`; found by `draft_weights.find_draft_vocab`), so
+# `python -m infer.generate` lets the draft score only those: the same tau on held-out prompts,
+# cheaper draft levels (bench/README.md, "Draft vocabulary"); verification keeps the full vocabulary.
 
 
 def available() -> bool:
