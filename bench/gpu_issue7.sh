@@ -10,6 +10,9 @@
 #   bash bench/gpu_issue7.sh qwq1      # (one H200) QwQ-32B e2e breakdown at 32k and 4k
 #   bash bench/gpu_issue7.sh qwqtorch  # (one H200) PyTorch baseline at QwQ-32B shapes
 #   bash bench/gpu_issue7.sh small128k # 8B verification of the smaller trees at 128k
+#   bash bench/gpu_issue7.sh pingpong  # prefix kernel: GPU tests, then warpgroup ping-pong / padding-warpgroup
+#                                      # skip against a previous kernel (BASE: a file from `git show
+#                                      # REV:pallas_kernels/prefix_decode.py`), installs this GPU's table
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -20,6 +23,14 @@ case "$phase" in
   tune)  # prefix-kernel tuning table (installed into pallas_kernels/tuning/)
     timeout 260 python bench/tune_prefix.py --install --T 69 37 16 5 --S 32768 131072 4096 --reps 3 \
       --out "$OUT" > "$OUT/tune.log" 2>&1; echo "tune rc=$?"; tail -22 "$OUT/tune.log"
+    cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+    ;;
+  pingpong)
+    timeout 150 python -m pytest -q -m gpu tests/test_kernels.py -k prefix > "$OUT/pingpong_tests.log" 2>&1
+    echo "tests rc=$?"; tail -4 "$OUT/pingpong_tests.log"
+    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --install ${BASE:+--baseline "$BASE"} \
+      --T ${TS:-69 37 16 5 1} --S ${SS:-32768 131072 4096} --reps 3 --out "$OUT" > "$OUT/pingpong_tune.log" 2>&1
+    echo "tune rc=$?"; grep -v "^{" "$OUT/pingpong_tune.log" | tail -20
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
     ;;
   e2e32k)  # 8B e2e at 32k: verification per tree, draft, commit, iteration, draft vocabulary, profile

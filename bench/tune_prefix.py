@@ -50,11 +50,21 @@ def measure_ceilings(interpret):
     return (float("nan"), float("nan")) if interpret else bench_kernels.measure_ceilings()
 
 
-def variants(T, G, K, B, S, H):
+def variants(T, G, K, B, S, H, quick=False):
     """Valid knob sets for a shape: num_wg (1, or 2 where rows > 64), block_kv 64 / 128, the
-    deepest pipeline that fits SMEM, and split counts giving 1, 2, 3 and 4 waves of CTAs."""
+    deepest pipeline that fits SMEM, split counts giving 1, 2, 3 and 4 waves of CTAs, and, with
+    two compute warpgroups, the warpgroup ping-pong off and on. `quick`: the heuristic's split
+    count only."""
     rows = T * G
     out = []
+    if quick:
+        wg_h, _, _, sp_h, _ = prefix_decode.heuristic_config(T, G, K, B, S, H)
+        for num_wg in ((1,) if rows <= 64 else (1, 2)):
+            for block_kv in (64, 128):
+                if S % block_kv == 0:
+                    st = prefix_decode.smem_stages(num_wg, block_kv, H)
+                    out += [(num_wg, block_kv, st, sp_h, pp) for pp in ((False, True) if num_wg == 2 else (False,))]
+        return out
     for num_wg in ((1,) if rows <= 64 else (1, 2)):
         for block_kv in (64, 128):
             if S % block_kv:
@@ -67,11 +77,23 @@ def variants(T, G, K, B, S, H):
             slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
             splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for sp in splits:
-                out.append((num_wg, block_kv, stages, sp))
+                for pp in ((False, True) if num_wg == 2 else (False,)):
+                    out.append((num_wg, block_kv, stages, sp, pp))
     return out
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps):
+def load_baseline(path):
+    """A previous version of prefix_decode.py (e.g. `git show REV:pallas_kernels/prefix_decode.py`),
+    timed at its own default config next to the current kernel."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prefix_decode_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None):
     B = 1
     N = G * K
     length = S - 200 if S > 400 else S - 3
@@ -89,24 +111,27 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps):
     r_out, r_lse = np.asarray(r_out, np.float32), np.asarray(r_lse)
 
     def run_fn(cfg):
-        wg, bk, st, sp = cfg
+        if cfg == "baseline":
+            call = lambda q, kc, vc: baseline.prefix_attention(q, kc, vc, lengths, interpret=interpret)  # noqa: E731
+        else:
+            wg, bk, st, sp, pp = cfg
+            call = lambda q, kc, vc: prefix_decode.prefix_attention(  # noqa: E731
+                q, kc, vc, lengths, num_wg=wg, block_kv=bk, stages=st, num_splits=sp, pingpong=pp,
+                interpret=interpret)
 
         def run(qs, caches, lengths):
-            outs = []
-            for i in range(U if not interpret else 1):
-                kc, vc = caches[i % nbuf]
-                outs.append(prefix_decode.prefix_attention(qs[i], kc, vc, lengths, num_wg=wg, block_kv=bk,
-                                                           stages=st, num_splits=sp, interpret=interpret))
-            return outs
+            return [call(qs[i], *caches[i % nbuf]) for i in range(U if not interpret else 1)]
         return jax.jit(run)
 
     heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = variants(T, G, K, B, S, H)
+    cands = variants(T, G, K, B, S, H, quick)
     if heur not in cands:
         cands.append(heur)
+    if baseline is not None:
+        cands.append("baseline")
     results = []
     for cfg in cands:
-        rec = {"config": list(cfg)}
+        rec = {"config": cfg if cfg == "baseline" else list(cfg)}
         try:
             fn = run_fn(cfg)
             out, lse = fn(qs, caches, lengths)[0]
@@ -120,12 +145,15 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps):
         except Exception as e:  # a config the compiler refuses (SMEM, registers): record, go on
             rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         results.append(rec)
-    ok = [r for r in results if "t_us" in r] or [r for r in results if "error" not in r]
+    ok = [r for r in results if "t_us" in r and r["config"] != "baseline"] or [
+        r for r in results if "error" not in r and r["config"] != "baseline"]
     best = min(ok, key=lambda r: r.get("t_us", 0.0)) if ok else None
     h = next(r for r in results if tuple(r["config"]) == heur)
+    base = next((r for r in results if r["config"] == "baseline"), {})
     entry = {"G": G, "K": K, "B": B, "H": H, "T": T, "S": S, "length": length,
              "config": best["config"] if best else None, "t_us": best.get("t_us") if best else None,
              "heuristic_config": list(heur), "heuristic_t_us": h.get("t_us"),
+             "baseline_t_us": base.get("t_us"),
              "floor_us": floor * 1e6, "variants": results}
     return entry
 
@@ -140,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--interpret", action="store_true", help="check the variants in interpret mode (CPU), no timing")
     ap.add_argument("--install", action="store_true", help="also write pallas_kernels/tuning/<device>.json")
+    ap.add_argument("--quick", action="store_true", help="the heuristic's split count only (fewer variants)")
+    ap.add_argument("--baseline", help="a previous prefix_decode.py to time next to the current kernel")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
@@ -159,6 +189,7 @@ def main(argv=None):
         if args.install and not args.interpret:  # after every point: a time-limited run keeps its table
             os.makedirs(tuning.TABLE_DIR, exist_ok=True)
             keys = ("G", "K", "B", "H", "T", "S", "config", "t_us", "heuristic_config", "heuristic_t_us", "floor_us")
+            # A table entry's config holds five knobs: (num_wg, block_kv, stages, num_splits, pingpong).
             table = dict(meta=meta, entries=[{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]])
             with open(os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind)), "w") as f:
                 json.dump(table, f, indent=1)
@@ -167,7 +198,8 @@ def main(argv=None):
         for S in args.S:
             for T in args.T:
                 t0 = time.perf_counter()
-                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps)
+                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick,
+                               load_baseline(args.baseline) if args.baseline else None)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])
@@ -183,12 +215,13 @@ def main(argv=None):
            if v.get("error", "").startswith("wrong result")]
     if args.install and not args.interpret:
         log(f"installed {os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind))}")
-    log("\n   G      S    T  best config         best_us  heur_us  floor_us  best/floor  heur/best")
+    log("\n   G      S    T  best config                 best_us  heur_us  base_us  floor_us  best/floor  heur/best  base/best")
     for e in entries:
         if e["t_us"]:
-            log(f"{e['G']:4d} {e['S']:6d} {e['T']:4d}  {str(e['config']):18s} {e['t_us']:8.1f} "
-                f"{e['heuristic_t_us'] or math.nan:8.1f} {e['floor_us']:9.1f} {e['t_us'] / e['floor_us']:10.2f} "
-                f"{(e['heuristic_t_us'] or math.nan) / e['t_us']:9.2f}")
+            log(f"{e['G']:4d} {e['S']:6d} {e['T']:4d}  {str(e['config']):26s} {e['t_us']:8.1f} "
+                f"{e['heuristic_t_us'] or math.nan:8.1f} {e['baseline_t_us'] or math.nan:8.1f} {e['floor_us']:9.1f} "
+                f"{e['t_us'] / e['floor_us']:10.2f} {(e['heuristic_t_us'] or math.nan) / e['t_us']:9.2f} "
+                f"{(e['baseline_t_us'] or math.nan) / e['t_us']:9.2f}")
     if bad:
         log(f"WRONG RESULTS: {bad}")
         return 1

@@ -53,21 +53,28 @@ def iota(shape, dimension, layout, interpret: bool):
     return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=layout)
 
 
-def matmul_nt(a_smem, b_smem, interpret: bool):
+def matmul_nt(a_smem, b_smem, interpret: bool, after_issue=None):
     """float32 `a @ b.T` of two SMEM tiles [M, H] x [Nk, H]: wgmma natively.
 
-    The interpreter's wgmma (jax 0.10.x) rejects a transposed B operand, so in interpret mode the
-    product is a plain f32-accumulated dot of the same SMEM contents.
+    `after_issue()` (optional) runs between issuing the wgmma and reading its result (the
+    warpgroup ping-pong's hand-over point). The interpreter's wgmma (jax 0.10.x) rejects a
+    transposed B operand, so in interpret mode the product is a plain f32-accumulated dot of the
+    same SMEM contents.
     """
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
 
     if interpret:
-        return jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
+        out = jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
+        if after_issue is not None:
+            after_issue()
+        return out
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     def scope(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+        if after_issue is not None:
+            after_issue()
         return acc_ref[...]
 
     return pl.run_scoped(scope, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32))

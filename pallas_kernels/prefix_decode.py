@@ -50,12 +50,14 @@ from pallas_kernels._interpret import interpret_params, iota, layout_cast, matmu
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 ROWS_PER_WG = 64  # wgmma M per warpgroup
+PINGPONG = False  # heuristic default of the warpgroup ping-pong (two compute warpgroups)
 
 
-def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim,
-                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, interpret):
+def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
+                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
+                   interpret):
     """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`."""
-    q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons = scoped
+    q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
     S, bk = capacity, block_kv
     nblocks = S // bk
     km, split, b = lax.axis_index("km"), lax.axis_index("split"), lax.axis_index("b")
@@ -101,12 +103,42 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
         lax.fori_loop(0, jnp.maximum(steps - stages, 0), refill, None)
 
-    @pl.when(wg < num_wg)
+    def schedule():
+        # FA3's warpgroup ping-pong (as in JAX's attention_mgpu.py): the two compute warpgroups
+        # take turns on the tensor cores, so one's softmax overlaps the other's wgmma.
+        if pingpong:
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+    row0 = mt * (num_wg * ROWS_PER_WG) + wg * ROWS_PER_WG
+    if num_wg > 1:
+        @pl.when((wg < num_wg) & (row0 >= rows))
+        def _padding_wg():
+            plgpu.set_max_registers(232, action="increase")
+            # A warpgroup whose 64 rows are all padding (e.g. T * G = 276 rows in 3 x 128) computes
+            # nothing; it only keeps the pipeline's barrier protocol so its partner and the memory
+            # warpgroup run as usual. Its output rows are never read.
+            if pingpong:
+                pl.when(wg == 1)(schedule)
+
+            def idle(step, _):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_cons.at[slot])
+                schedule()
+                schedule()
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_cons.at[slot])
+
+            lax.fori_loop(0, steps, idle, None)
+            if pingpong:
+                pl.when(wg == 0)(schedule)
+
+    @pl.when((wg < num_wg) & (row0 < rows))
     def _compute_wg():
         if num_wg > 1:
             plgpu.set_max_registers(232, action="increase")
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
-        row0 = mt * (num_wg * ROWS_PER_WG) + wg * ROWS_PER_WG
         plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)], q_smem, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
 
@@ -119,7 +151,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             acc, m_i, l_i = carry
             slot = lax.rem(step, stages)
             plgpu.barrier_wait(k_bar.at[slot])
-            qk = matmul_nt(q_smem, k_smem.at[slot], interpret)
+            qk = matmul_nt(q_smem, k_smem.at[slot], interpret, after_issue=schedule)
             plgpu.barrier_arrive(k_cons.at[slot])
             s = qk * scale_log2  # base-2 logits
             if masked:
@@ -137,7 +169,14 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             l_i = l_i * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p16 = p.astype(dtype)
-            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+                # Keep the softmax before the hand-over (the ordering attention_mgpu.py measured).
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)  # softmax done
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)  # the tensor cores are ours
+            else:
+                plgpu.barrier_wait(v_bar.at[slot])
             acc = matmul_nn_acc(acc, p16, v_smem.at[slot], interpret)
             plgpu.barrier_arrive(v_cons.at[slot])
             return acc, m_new, l_i
@@ -147,9 +186,13 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         head = jnp.minimum(jnp.where(v0 == 0, 1, 0), steps)
         tail = jnp.where((v0 + steps == nv) & (steps > head), 1, 0)
         carry = (acc, m_i, l_i)
+        if pingpong:  # warpgroup 0 goes first
+            pl.when(wg == 1)(schedule)
         carry = lax.fori_loop(0, head, functools.partial(body, masked=True), carry)
         carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False), carry)
         acc, m_i, l_i = lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True), carry)
+        if pingpong:
+            pl.when(wg == 0)(schedule)
 
         # Empty split (steps == 0): out 0, lse -inf, never NaN.
         has = l_i > 0
@@ -164,7 +207,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
 
 def default_config(T, G, K, B, S, H):
-    """Static tuning knobs: (num_wg, block_kv, stages, num_splits) for a problem shape: the
+    """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong) for a problem shape: the
     device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
     has the shape, else `heuristic_config`."""
     from pallas_kernels import tuning
@@ -195,13 +238,13 @@ def heuristic_config(T, G, K, B, S, H):
     # ceiling: short rows use fewer.
     target = 264 if S >= 16384 else 132
     num_splits = max(1, min(-(-target // ctas), S // block_kv, 64))
-    return num_wg, block_kv, stages, num_splits
+    return num_wg, block_kv, stages, num_splits, PINGPONG and num_wg == 2
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
-                                             "num_splits", "interpret"))
+                                             "num_splits", "pingpong", "interpret"))
 def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, num_wg=None,
-                     block_kv=None, stages=None, num_splits=None, interpret=False):
+                     block_kv=None, stages=None, num_splits=None, pingpong=None, interpret=False):
     """Attention of T queries over the visible slots of a static-capacity KV cache.
 
     Args:
@@ -210,7 +253,8 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
       lengths: [B] int32 run-time valid lengths (ring rule of reference.prefix_visibility).
       window: static sliding window (None = unlimited).
       sm_scale: softmax scale (default 1/sqrt(H)).
-      num_wg, block_kv, stages, num_splits: static tuning knobs (None = default_config).
+      num_wg, block_kv, stages, num_splits, pingpong: static tuning knobs (None =
+        default_config); pingpong (two compute warpgroups only) alternates them on the tensor cores.
       interpret: run in Mosaic GPU interpret mode (CPU).
 
     Returns:
@@ -229,11 +273,12 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     G = N // K
-    d_wg, d_bk, d_st, d_sp = default_config(T, G, K, B, S, H)
+    d_wg, d_bk, d_st, d_sp, d_pp = default_config(T, G, K, B, S, H)
     num_wg = num_wg or d_wg
     block_kv = block_kv or d_bk
     stages = stages or d_st
     num_splits = num_splits or d_sp
+    pingpong = bool(d_pp if pingpong is None else pingpong) and num_wg == 2
     if S % block_kv:
         raise ValueError(f"cache capacity S={S} must be a multiple of block_kv={block_kv} "
                          "(allocate the cache in multiples of 128 slots)")
@@ -250,9 +295,9 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     kernel_body = functools.partial(
-        _prefix_kernel, capacity=S, head_dim=H, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
+        _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
         stages=stages, num_splits=num_splits, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
-        interpret=interpret)
+        pingpong=pingpong, interpret=interpret)
 
     def entry(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
         pl.run_scoped(
@@ -266,6 +311,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
             plgpu.Barrier(num_barriers=num_wg),
             plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
             plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=num_wg),  # ping-pong schedule (unused without it)
             collective_axes="wg",
         )
 

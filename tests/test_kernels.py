@@ -141,6 +141,16 @@ def test_prefix_interpret(case):
     check_prefix("pallas_interpret", dtype, B, T, N, K, H, S, lengths, window, block_kv=64, num_splits=2)
 
 
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_prefix_interpret_padding_warpgroup(pingpong):
+    """T * G = 140 rows in two 128-row CTAs: the second CTA's second warpgroup holds only padding and
+    computes nothing, its partner still runs the whole pipeline; with and without the warpgroup
+    ping-pong. Batch row 0 spreads 4 blocks as 2 + 2 + 0 over the 3 splits, row 1 2 blocks as
+    1 + 1 + 0: the pipeline runs more than one step, and empty splits keep the protocol too."""
+    check_prefix("pallas_interpret", jnp.float16, 2, 35, 4, 1, 64, 256, [250, 70], None, block_kv=64,
+                 num_splits=3, num_wg=2, pingpong=pingpong)
+
+
 @slow
 @pytest.mark.parametrize("kind,T,N,block_k", [("chain", 5, 4, None), ("star", 9, 8, None), ("random", 70, 4, 64)])
 def test_tree_interpret_slow(kind, T, N, block_k):
@@ -162,6 +172,7 @@ def test_hybrid_interpret():
     (jnp.bfloat16, 2, 2, 5, 1, 64, 256, [300, 1], 100),  # bf16, len 1
     (jnp.bfloat16, 2, 16, 4, 1, 128, 512, [511, 64], None),
     (jnp.float16, 1, 17, 4, 1, 64, 256, [130], 64),  # 68 rows: two row tiles, 2 warpgroups
+    (jnp.bfloat16, 1, 35, 4, 1, 64, 256, [200], None),  # 140 rows in 2 x 128: the last warpgroup is all padding
     (jnp.float16, 2, 1, 8, 2, 64, 384, [383, 129], 256),
     (jnp.float16, 1, 2, 8, 1, 64, 256, [256], None),  # full cache, G=8
 ])
@@ -295,6 +306,18 @@ def test_prefix_gpu(case):
 
 
 @gpu
+@pytest.mark.parametrize("case", [
+    (jnp.bfloat16, 1, 69, 32, 8, 128, 8192, [8000], None),  # 276 rows: the third CTA's second warpgroup is padding
+    (jnp.float16, 2, 74, 32, 8, 128, 2048, [1537, 333], None),
+    (jnp.bfloat16, 2, 9, 32, 8, 128, 1024, [1500, 5000], 200),  # 36 rows: warpgroup 1 all padding
+])
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_prefix_gpu_two_warpgroups(case, pingpong):
+    dtype, B, T, N, K, H, S, lengths, window = case
+    check_prefix("pallas", dtype, B, T, N, K, H, S, lengths, window, num_wg=2, pingpong=pingpong)
+
+
+@gpu
 @pytest.mark.parametrize("kind,T,N,K,H,dtype", [
     ("chain", 1, 32, 8, 128, jnp.bfloat16), ("star", 6, 32, 8, 128, jnp.float16),
     ("random", 16, 40, 8, 128, jnp.bfloat16), ("random", 74, 32, 8, 128, jnp.bfloat16),
@@ -321,15 +344,17 @@ def test_tuning_table_lookup(tmp_path):
 
     kind = "Test GPU 80GB"
     entries = [dict(G=4, K=8, B=1, H=128, T=T, S=S, config=cfg) for T, S, cfg in [
-        (16, 32768, [1, 64, 4, 33]), (69, 32768, [2, 128, 2, 11]), (69, 131072, [1, 128, 3, 22])]]
+        (16, 32768, [1, 64, 4, 33]), (69, 32768, [2, 128, 2, 11]), (69, 131072, [1, 128, 3, 22]),
+        (37, 131072, [2, 128, 2, 20, 1])]]  # a five-number entry carries the ping-pong knob
     (tmp_path / tuning.device_file_name(kind)).write_text(json.dumps({"entries": entries}))
     look = lambda T, S, **kw: tuning.lookup(T, kw.get("G", 4), 8, kw.get("B", 1), S, 128, device_kind=kind,  # noqa: E731
                                             table_dir=str(tmp_path))
-    assert look(69, 32768) == (2, 128, 2, 11)
-    assert look(37, 20480) == (2, 128, 2, 11)   # rows 148 -> the 276-row entry of the 32k table
-    assert look(5, 33536) == (1, 128, 3, 22)    # capacity above 32k -> 128k table, largest rows
-    assert look(1, 32768) == (1, 64, 4, 33)
-    assert look(69, 1 << 20) == (1, 128, 3, 22)  # beyond every tuned capacity: the largest
+    assert look(69, 32768) == (2, 128, 2, 11, False)  # four numbers: measured without ping-pong
+    assert look(37, 20480) == (2, 128, 2, 11, False)  # rows 148 -> the 276-row entry of the 32k table
+    assert look(37, 33536) == (2, 128, 2, 20, True)   # capacity above 32k -> 128k table
+    assert look(5, 33536) == (1, 128, 2, 20, False)   # its smallest rows >= 20; 20 rows: one warpgroup, no ping-pong
+    assert look(1, 32768) == (1, 64, 4, 33, False)
+    assert look(69, 1 << 20) == (1, 128, 3, 22, False)  # beyond every tuned capacity: the largest rows
     assert look(69, 4096 + 64) is None           # 4160 % 128 != 0: the table's block does not tile it
     assert look(1, 32768)[3] <= 32768 // 64
     assert look(69, 2048) is None                # below MIN_TUNED_CAPACITY
