@@ -32,6 +32,18 @@ case "$phase" in
       --T ${TS:-69 37 16 5 1} --S ${SS:-32768 131072 4096} --reps 3 --out "$OUT" > "$OUT/pingpong_tune.log" 2>&1
     echo "tune rc=$?"; grep -v "^{" "$OUT/pingpong_tune.log" | tail -20
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+    if [ -n "${E2E:-}" ]; then  # then the 8B verification / iteration at 32k with the new table
+      timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "2 4 4 4 4" "1 1 1 1" \
+        --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/pingpong_e2e.log" 2>&1
+      echo "e2e rc=$?"; grep -v "^  \[" "$OUT/pingpong_e2e.log" | tail -8
+    fi
+    ;;
+  e2ebase)  # the same 8B verification at 32k with a previous prefix kernel (BASE) and no tuning table
+    rm -f pallas_kernels/tuning/prefix_NVIDIA_H200.json && cp "$BASE" pallas_kernels/prefix_decode.py
+    mkdir -p "$OUT/base"
+    timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "2 4 4 4 4" "1 1 1 1" \
+      --loop-trees none --steps 8 --out "$OUT/base" > "$OUT/e2ebase.log" 2>&1
+    echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2ebase.log" | tail -8
     ;;
   e2e32k)  # 8B e2e at 32k: verification per tree, draft, commit, iteration, draft vocabulary, profile
     timeout 560 python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \

@@ -50,11 +50,11 @@ from pallas_kernels._interpret import interpret_params, iota, layout_cast, matmu
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 ROWS_PER_WG = 64  # wgmma M per warpgroup
-PINGPONG = False  # heuristic default of the warpgroup ping-pong (two compute warpgroups)
+PINGPONG = None  # force the heuristic's warpgroup ping-pong on/off (None: by row tiles, heuristic_config)
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
-                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
+                   m_tiles, lone, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
                    interpret):
     """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`."""
     q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
@@ -75,7 +75,10 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     # A wrapped interval whose two ends share a block would touch that block twice: clamp to the
     # whole ring once (the per-key mask still selects exactly the visible slots).
     nv = jnp.where(c > 0, jnp.minimum(last_blk - first_blk + 1, nblocks), 0)
-    per_split = lax.div(nv + num_splits - 1, num_splits)
+    # A last row tile with one computing warpgroup (lone) does half a CTA's work per block: its
+    # CTAs take twice the blocks (half the splits; the rest stay empty) so all CTAs weigh alike.
+    splits = jnp.where(mt == m_tiles - 1, lone_splits(num_splits), num_splits) if lone else num_splits
+    per_split = lax.div(nv + splits - 1, splits)
     v0 = split * per_split
     steps = jnp.clip(nv - v0, 0, per_split)
 
@@ -206,6 +209,17 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         plgpu.wait_smem_to_gmem(0)
 
 
+def has_lone_tile(rows, num_wg):
+    """True when the last row tile's second warpgroup holds only padding (two warpgroups)."""
+    rows_cta = num_wg * ROWS_PER_WG
+    return num_wg == 2 and rows - (-(-rows // rows_cta) - 1) * rows_cta <= ROWS_PER_WG
+
+
+def lone_splits(num_splits):
+    """Splits used by a lone last row tile (see `_prefix_kernel`)."""
+    return (num_splits + 1) // 2
+
+
 def default_config(T, G, K, B, S, H):
     """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong) for a problem shape: the
     device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
@@ -238,7 +252,15 @@ def heuristic_config(T, G, K, B, S, H):
     # ceiling: short rows use fewer.
     target = 264 if S >= 16384 else 132
     num_splits = max(1, min(-(-target // ctas), S // block_kv, 64))
-    return num_wg, block_kv, stages, num_splits, PINGPONG and num_wg == 2
+    if has_lone_tile(rows, num_wg):
+        # The lone tile's CTAs run half the splits: the most splits whose busy CTAs fit the waves.
+        full = K * B * (m_tiles - 1)
+        num_splits = max([p for p in range(1, min(S // block_kv, 64) + 1)
+                          if full * p + K * B * lone_splits(p) <= target] or [1])
+    # Warpgroup ping-pong: measured on H200 (tune_prefix --quick, jax 0.11.2) it gains 8-10% at
+    # 276 rows (three row tiles) at 4k-128k and nothing at 148 rows; so on from three row tiles.
+    pingpong = PINGPONG if PINGPONG is not None else (num_wg == 2 and m_tiles >= 3)
+    return num_wg, block_kv, stages, num_splits, pingpong
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
@@ -274,10 +296,17 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         raise ValueError(f"window must be >= 1 or None, got {window}")
     G = N // K
     d_wg, d_bk, d_st, d_sp, d_pp = default_config(T, G, K, B, S, H)
+    if stages is None and (num_wg or d_wg, block_kv or d_bk) != (d_wg, d_bk):
+        stages = smem_stages(num_wg or d_wg, block_kv or d_bk, H)  # the default's depth is for other tiles
     num_wg = num_wg or d_wg
     block_kv = block_kv or d_bk
     stages = stages or d_st
     num_splits = num_splits or d_sp
+    if num_wg not in (1, 2):
+        raise ValueError(f"num_wg={num_wg}: the kernel has 1 or 2 compute warpgroups")
+    if stages > smem_stages(num_wg, block_kv, H):
+        raise ValueError(f"stages={stages} with num_wg={num_wg}, block_kv={block_kv}, H={H} exceeds shared "
+                         f"memory; at most {smem_stages(num_wg, block_kv, H)} (prefix_decode.smem_stages)")
     pingpong = bool(d_pp if pingpong is None else pingpong) and num_wg == 2
     if S % block_kv:
         raise ValueError(f"cache capacity S={S} must be a multiple of block_kv={block_kv} "
@@ -295,7 +324,8 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     kernel_body = functools.partial(
-        _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
+        _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles,
+        lone=has_lone_tile(T * G, num_wg), num_wg=num_wg, block_kv=block_kv,
         stages=stages, num_splits=num_splits, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
         pingpong=pingpong, interpret=interpret)
 
