@@ -335,6 +335,32 @@ def test_hybrid_gpu(kind, T, N, lengths, window):
     check_hybrid("pallas", jnp.bfloat16, 2, T, N, 8, 128, 32768, lengths, window, kind)
 
 
+def test_prefix_lone_tile_split_rule():
+    """A last row tile whose second warpgroup is all padding runs half the splits; the heuristic's
+    split count keeps every busy CTA inside two waves of 132 SMs at long context."""
+    from pallas_kernels import prefix_decode as pd
+
+    assert pd.has_lone_tile(276, 2) and pd.has_lone_tile(148, 2) and pd.has_lone_tile(40, 2)
+    assert not pd.has_lone_tile(256, 2) and not pd.has_lone_tile(200, 2) and not pd.has_lone_tile(276, 1)
+    wg, bk, st, sp, pp = pd.heuristic_config(69, 4, 8, 1, 32768, 128)
+    assert (wg, bk, pp) == (2, 128, True)
+    busy = lambda p: 8 * (2 * p + pd.lone_splits(p))  # noqa: E731
+    assert busy(sp) <= 264 < busy(sp + 1)
+    assert pd.heuristic_config(64, 4, 8, 1, 32768, 128)[3] == 17  # 256 rows: no lone tile, ceil(264 / 16)
+
+
+def test_prefix_bad_knobs():
+    from pallas_kernels import prefix_decode as pd
+
+    q = jnp.ones((1, 40, 4, 128), jnp.bfloat16)
+    kv = jnp.ones((1, 256, 1, 128), jnp.bfloat16)
+    lengths = jnp.asarray([100], jnp.int32)
+    with pytest.raises(ValueError, match="exceeds shared memory"):
+        pd.prefix_attention(q, kv, kv, lengths, num_wg=2, block_kv=128, stages=4, interpret=True)
+    with pytest.raises(ValueError, match="1 or 2 compute warpgroups"):
+        pd.prefix_attention(q, kv, kv, lengths, num_wg=3, interpret=True)
+
+
 def test_tuning_table_lookup(tmp_path):
     """Measured tables are matched by head grouping, then the smallest tuned capacity and row count
     that cover the shape; anything else (other device, grouping, batch, short caches) gets None."""
