@@ -26,7 +26,7 @@ case "$phase" in
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
     ;;
   pingpong)
-    timeout 150 python -m pytest -q -m gpu tests/test_kernels.py -k prefix > "$OUT/pingpong_tests.log" 2>&1
+    timeout "${TESTLIMIT:-240}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-prefix}" > "$OUT/pingpong_tests.log" 2>&1
     echo "tests rc=$?"; tail -4 "$OUT/pingpong_tests.log"
     timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --install ${BASE:+--baseline "$BASE"} \
       --T ${TS:-69 37 16 5 1} --S ${SS:-32768 131072 4096} --reps 3 --out "$OUT" > "$OUT/pingpong_tune.log" 2>&1

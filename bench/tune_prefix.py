@@ -64,10 +64,6 @@ def variants(T, G, K, B, S, H, quick=False):
                 if S % block_kv == 0:
                     st = prefix_decode.smem_stages(num_wg, block_kv, H)
                     out += [(num_wg, block_kv, st, sp_h, pp) for pp in ((False, True) if num_wg == 2 else (False,))]
-        if rows > 64 and prefix_decode.has_lone_tile(rows, 2):  # the split count before lone tiles took half
-            m_tiles = -(-rows // (2 * prefix_decode.ROWS_PER_WG))
-            sp = max(1, min(64, S // 128, -(-(264 if S >= 16384 else 132) // (K * B * m_tiles))))
-            out += [(2, 128, prefix_decode.smem_stages(2, 128, H), sp, pp) for pp in (False, True)]
         return out
     for num_wg in ((1,) if rows <= 64 else (1, 2)):
         for block_kv in (64, 128):

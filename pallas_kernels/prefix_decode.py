@@ -54,7 +54,7 @@ PINGPONG = None  # force the heuristic's warpgroup ping-pong on/off (None: by ro
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
-                   m_tiles, lone, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
+                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
                    interpret):
     """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`."""
     q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
@@ -75,10 +75,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     # A wrapped interval whose two ends share a block would touch that block twice: clamp to the
     # whole ring once (the per-key mask still selects exactly the visible slots).
     nv = jnp.where(c > 0, jnp.minimum(last_blk - first_blk + 1, nblocks), 0)
-    # A last row tile with one computing warpgroup (lone) does half a CTA's work per block: its
-    # CTAs take twice the blocks (half the splits; the rest stay empty) so all CTAs weigh alike.
-    splits = jnp.where(mt == m_tiles - 1, lone_splits(num_splits), num_splits) if lone else num_splits
-    per_split = lax.div(nv + splits - 1, splits)
+    per_split = lax.div(nv + num_splits - 1, num_splits)
     v0 = split * per_split
     steps = jnp.clip(nv - v0, 0, per_split)
 
@@ -209,17 +206,6 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         plgpu.wait_smem_to_gmem(0)
 
 
-def has_lone_tile(rows, num_wg):
-    """True when the last row tile's second warpgroup holds only padding (two warpgroups)."""
-    rows_cta = num_wg * ROWS_PER_WG
-    return num_wg == 2 and rows - (-(-rows // rows_cta) - 1) * rows_cta <= ROWS_PER_WG
-
-
-def lone_splits(num_splits):
-    """Splits used by a lone last row tile (see `_prefix_kernel`)."""
-    return (num_splits + 1) // 2
-
-
 def default_config(T, G, K, B, S, H):
     """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong) for a problem shape: the
     device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
@@ -252,13 +238,8 @@ def heuristic_config(T, G, K, B, S, H):
     # ceiling: short rows use fewer.
     target = 264 if S >= 16384 else 132
     num_splits = max(1, min(-(-target // ctas), S // block_kv, 64))
-    if has_lone_tile(rows, num_wg):
-        # The lone tile's CTAs run half the splits: the most splits whose busy CTAs fit the waves.
-        full = K * B * (m_tiles - 1)
-        num_splits = max([p for p in range(1, min(S // block_kv, 64) + 1)
-                          if full * p + K * B * lone_splits(p) <= target] or [1])
-    # Warpgroup ping-pong: measured on H200 (tune_prefix --quick, jax 0.11.2) it gains 8-10% at
-    # 276 rows (three row tiles) at 4k-128k and nothing at 148 rows; so on from three row tiles.
+    # Warpgroup ping-pong: measured on an H200 (`bash bench/gpu_issue7.sh pingpong`, jax 0.11.2) it
+    # gains 6-10% at 276 rows (three row tiles) at 4k-128k and nothing at 148 rows (two).
     pingpong = PINGPONG if PINGPONG is not None else (num_wg == 2 and m_tiles >= 3)
     return num_wg, block_kv, stages, num_splits, pingpong
 
@@ -324,8 +305,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     kernel_body = functools.partial(
-        _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles,
-        lone=has_lone_tile(T * G, num_wg), num_wg=num_wg, block_kv=block_kv,
+        _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
         stages=stages, num_splits=num_splits, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
         pingpong=pingpong, interpret=interpret)
 
