@@ -32,6 +32,14 @@ bench/results/kernels_H100_*.json): T <= 16 reaches ~90% of copy bandwidth at 12
 32k, where a fixed ~20 us per call (the XLA glue around the kernel: q re-layout, split combine;
 launch and pipeline ramp) weighs; T = 69..74 runs at 1.7-1.9x the max(bytes/bw, flops/peak)
 floor (wgmma issued synchronously per warpgroup, rows padded to 128-row tiles).
+
+Two refinements for many rows, measured on an H200 against the kernel before them in the same run
+(`bash bench/gpu_issue7.sh pingpong`, bench/results/tune_prefix_NVIDIA_H200.json): a warpgroup
+whose 64 rows are all padding computes nothing (T = 37, G = 4: 148 rows in 2 x 128, one warpgroup
+of four idle; 110.6 -> 78.6 us at 32k, 360 -> 280 us at 128k), and the FA3 warpgroup ping-pong
+(`pingpong`: the two compute warpgroups alternate on the tensor cores, one's softmax under the
+other's wgmma) takes T = 69 from 110.5 to 99.7 us at 32k (at 128k 369 -> 371 in that run and
+389 -> 352 in another: within run-to-run spread there).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ first and falls back to its heuristic where no table or no matching entry exists
 another head grouping, batch > 1, caches shorter than the smallest tuned capacity).
 
 Matching: same G = N / K, K, H and B; among those, the entry with the smallest tuned capacity
->= S (the largest otherwise) and, within it, the smallest tuned row count T * G >= the asked
-rows (the largest otherwise). Tuned knobs change speed only, never results: every config is the
+>= S (the largest otherwise) and, within it and the asked rows' class (<= 64 rows or more), the
+smallest tuned row count T * G >= the asked rows (the largest otherwise); no entry of that class
+at that capacity: None. Tuned knobs change speed only, never results: every config is the
 same exact algorithm, checked against the float32 reference in the sweep.
 """
 
@@ -62,8 +63,12 @@ def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | No
         return None
     caps = sorted({e["S"] for e in entries})
     cap = next((c for c in caps if c >= S), caps[-1])
-    at_cap = [e for e in entries if e["S"] == cap]
     rows = T * G
+    # Only entries of the same row class (one 64-row warpgroup tile or more): a table whose sweep
+    # stopped before the small row counts must not hand a decode step a verification config.
+    at_cap = [e for e in entries if e["S"] == cap and (e["T"] * e["G"] <= 64) == (rows <= 64)]
+    if not at_cap:
+        return None
     by_rows = sorted(at_cap, key=lambda e: e["T"] * e["G"])
     e = next((e for e in by_rows if e["T"] * e["G"] >= rows), by_rows[-1])
     num_wg, block_kv, stages, num_splits = e["config"][:4]

@@ -374,11 +374,12 @@ def test_tuning_table_lookup(tmp_path):
     assert look(69, 32768) == (2, 128, 2, 11, False)  # four numbers: measured without ping-pong
     assert look(37, 20480) == (2, 128, 2, 11, False)  # rows 148 -> the 276-row entry of the 32k table
     assert look(37, 33536) == (2, 128, 2, 20, True)   # capacity above 32k -> 128k table
-    assert look(5, 33536) == (1, 128, 2, 20, False)   # its smallest rows >= 20; 20 rows: one warpgroup, no ping-pong
+    assert look(5, 33536) is None                     # 20 rows: no one-warpgroup entry in that table
     assert look(1, 32768) == (1, 64, 4, 33, False)
     assert look(69, 1 << 20) == (1, 128, 3, 22, False)  # beyond every tuned capacity: the largest rows
     assert look(69, 4096 + 64) is None           # 4160 % 128 != 0: the table's block does not tile it
     assert look(1, 32768)[3] <= 32768 // 64
     assert look(69, 2048) is None                # below MIN_TUNED_CAPACITY
+    assert look(1, 131072) is None               # the 128k sweep has no entry of <= 64 rows: the heuristic
     assert look(69, 32768, G=5) is None and look(69, 32768, B=2) is None
     assert tuning.lookup(69, 4, 8, 1, 32768, 128, device_kind="Other GPU", table_dir=str(tmp_path)) is None
