@@ -38,13 +38,6 @@ case "$phase" in
       echo "e2e rc=$?"; grep -v "^  \[" "$OUT/pingpong_e2e.log" | tail -8
     fi
     ;;
-  e2ebase)  # the same 8B verification at 32k with a previous prefix kernel (BASE) and no tuning table
-    rm -f pallas_kernels/tuning/prefix_NVIDIA_H200.json && cp "$BASE" pallas_kernels/prefix_decode.py
-    mkdir -p "$OUT/base"
-    timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "2 4 4 4 4" "1 1 1 1" \
-      --loop-trees none --steps 8 --out "$OUT/base" > "$OUT/e2ebase.log" 2>&1
-    echo "e2e rc=$?"; grep -v "^  \[" "$OUT/e2ebase.log" | tail -8
-    ;;
   e2e32k)  # 8B e2e at 32k: verification per tree, draft, commit, iteration, draft vocabulary, profile
     timeout 560 python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
       --loop-trees "4 16 16 16 16" "2 4 4 4 4" --steps 16 --draft-vocab-sizes 32768 --profile-dir "$OUT/profile" \
