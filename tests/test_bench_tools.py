@@ -189,3 +189,21 @@ def test_bench_demo_tie_margin_reads_the_target_logits():
     assert m["best_token"] == greedy_next and m["ar_token"] == greedy_next and m["spec_token"] == other
     assert m["logit_spec_minus_ar"] <= 0.0 and m["top2_gap"] >= 0.0 and np.isfinite(m["max_abs_logit"])
     assert tie_margin(model, context, greedy_next, greedy_next)["logit_spec_minus_ar"] == 0.0
+
+
+def test_tune_prefix_variants_and_baseline():
+    """The sweep's knob sets: two compute warpgroups come with the ping-pong off and on, one
+    warpgroup never; --quick keeps the heuristic's split count; --baseline loads a kernel file."""
+    import os
+
+    from bench import tune_prefix
+    from pallas_kernels import prefix_decode
+
+    full = tune_prefix.variants(69, 4, 8, 1, 32768, 128)
+    assert {(wg, pp) for wg, _, _, _, pp in full} == {(1, False), (2, False), (2, True)}
+    quick = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True)
+    assert {sp for _, _, _, sp, _ in quick} == {prefix_decode.heuristic_config(69, 4, 8, 1, 32768, 128)[3]}
+    assert all(wg == 1 and not pp for wg, _, _, _, pp in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
+    base = tune_prefix.load_baseline(prefix_decode.__file__)
+    assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
+    assert os.path.samefile(base.__file__, prefix_decode.__file__)
