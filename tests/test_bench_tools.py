@@ -207,3 +207,21 @@ def test_tune_prefix_variants_and_baseline():
     base = tune_prefix.load_baseline(prefix_decode.__file__)
     assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
     assert os.path.samefile(base.__file__, prefix_decode.__file__)
+
+
+def test_bench_cpu_cache_layout_tiny(tmp_path):
+    """The layout benchmark runs all three forms on tiny shapes, and they attend alike."""
+    from bench import bench_cpu_cache_layout as b
+
+    q = jax.random.normal(jax.random.key(0), (1, 2, 3, 8))
+    kc = jax.random.normal(jax.random.key(1), (1, 16, 2, 8))
+    vc = jax.random.normal(jax.random.key(2), (1, 16, 2, 8))
+    slot = b.attention(q, kc, vc, 11, "slot_major")
+    for layout in ("head_major", "head_major_reduce"):
+        other = b.attention(q, kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3), 11, layout)
+        assert jnp.allclose(slot, other, atol=1e-5), layout
+    assert b.main(["--T", "1", "--layers", "1", "--capacity", "256", "--visible", "128", "--steps", "2",
+                   "--reps", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu_cache_layout_*.json")
+    row = json.loads(path.read_text())["rows"][0]
+    assert all(row[k] > 0 for k in ("slot_major_ms", "head_major_ms", "head_major_reduce_ms"))
