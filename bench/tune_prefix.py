@@ -57,25 +57,20 @@ def variants(T, G, K, B, S, H, quick=False):
     count only."""
     rows = T * G
     out = []
-    if quick:
-        _, _, _, sp_h, _ = prefix_decode.heuristic_config(T, G, K, B, S, H)
-        for num_wg in ((1,) if rows <= 64 else (1, 2)):
-            for block_kv in (64, 128):
-                if S % block_kv == 0:
-                    st = prefix_decode.smem_stages(num_wg, block_kv, H)
-                    out += [(num_wg, block_kv, st, sp_h, pp) for pp in ((False, True) if num_wg == 2 else (False,))]
-        return out
     for num_wg in ((1,) if rows <= 64 else (1, 2)):
         for block_kv in (64, 128):
             if S % block_kv:
                 continue
             stages = prefix_decode.smem_stages(num_wg, block_kv, H)
-            m_tiles = -(-rows // (num_wg * prefix_decode.ROWS_PER_WG))
-            ctas = K * m_tiles * B
-            # Two CTAs fit on an SM when the SMEM of one is at most half: count waves against that.
-            smem = stages * 2 * block_kv * H * 2 + num_wg * prefix_decode.ROWS_PER_WG * H * 2
-            slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
-            splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
+            if quick:
+                splits = [prefix_decode.heuristic_config(T, G, K, B, S, H)[3]]
+            else:
+                m_tiles = -(-rows // (num_wg * prefix_decode.ROWS_PER_WG))
+                ctas = K * m_tiles * B
+                # Two CTAs fit on an SM when the SMEM of one is at most half: count waves against that.
+                smem = stages * 2 * block_kv * H * 2 + num_wg * prefix_decode.ROWS_PER_WG * H * 2
+                slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
+                splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for sp in splits:
                 for pp in ((False, True) if num_wg == 2 else (False,)):
                     out.append((num_wg, block_kv, stages, sp, pp))
@@ -194,12 +189,12 @@ def main(argv=None):
             with open(os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind)), "w") as f:
                 json.dump(table, f, indent=1)
 
+    baseline = load_baseline(args.baseline) if args.baseline else None
     for G in args.G:
         for S in args.S:
             for T in args.T:
                 t0 = time.perf_counter()
-                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick,
-                               load_baseline(args.baseline) if args.baseline else None)
+                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])

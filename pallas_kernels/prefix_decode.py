@@ -58,7 +58,6 @@ from pallas_kernels._interpret import interpret_params, iota, layout_cast, matmu
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 ROWS_PER_WG = 64  # wgmma M per warpgroup
-PINGPONG = None  # force the heuristic's warpgroup ping-pong on/off (None: by row tiles, heuristic_config)
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
@@ -118,6 +117,15 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
+    def schedule_around(loop):
+        """Run `loop()` inside the ping-pong's opening and closing hand-overs (warpgroup 0 first)."""
+        if pingpong:
+            pl.when(wg == 1)(schedule)
+        out = loop()
+        if pingpong:
+            pl.when(wg == 0)(schedule)
+        return out
+
     row0 = mt * (num_wg * ROWS_PER_WG) + wg * ROWS_PER_WG
     if num_wg > 1:
         @pl.when((wg < num_wg) & (row0 >= rows))
@@ -126,9 +134,6 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             # A warpgroup whose 64 rows are all padding (e.g. T * G = 276 rows in 3 x 128) computes
             # nothing; it only keeps the pipeline's barrier protocol so its partner and the memory
             # warpgroup run as usual. Its output rows are never read.
-            if pingpong:
-                pl.when(wg == 1)(schedule)
-
             def idle(step, _):
                 slot = lax.rem(step, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
@@ -138,9 +143,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_cons.at[slot])
 
-            lax.fori_loop(0, steps, idle, None)
-            if pingpong:
-                pl.when(wg == 0)(schedule)
+            schedule_around(lambda: lax.fori_loop(0, steps, idle, None))
 
     @pl.when((wg < num_wg) & (row0 < rows))
     def _compute_wg():
@@ -193,14 +196,13 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         # ends); interior blocks skip the per-key mask arithmetic.
         head = jnp.minimum(jnp.where(v0 == 0, 1, 0), steps)
         tail = jnp.where((v0 + steps == nv) & (steps > head), 1, 0)
-        carry = (acc, m_i, l_i)
-        if pingpong:  # warpgroup 0 goes first
-            pl.when(wg == 1)(schedule)
-        carry = lax.fori_loop(0, head, functools.partial(body, masked=True), carry)
-        carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False), carry)
-        acc, m_i, l_i = lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True), carry)
-        if pingpong:
-            pl.when(wg == 0)(schedule)
+        def loops():
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(0, head, functools.partial(body, masked=True), carry)
+            carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False), carry)
+            return lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True), carry)
+
+        acc, m_i, l_i = schedule_around(loops)
 
         # Empty split (steps == 0): out 0, lse -inf, never NaN.
         has = l_i > 0
@@ -249,8 +251,7 @@ def heuristic_config(T, G, K, B, S, H):
     # Warpgroup ping-pong: measured on an H200 (`bash bench/gpu_issue7.sh pingpong`, jax 0.11.2) it
     # gains 2-10% at 276 rows (three row tiles; 10% at 32k in both runs) over the same kernel
     # without it, and nothing at 148 rows (two).
-    pingpong = PINGPONG if PINGPONG is not None else (num_wg == 2 and m_tiles >= 3)
-    return num_wg, block_kv, stages, num_splits, pingpong
+    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
