@@ -170,8 +170,8 @@ def main(argv=None) -> int:
                    help="parameters, compute and caches (float32: what CPUs run the demo pair in)")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     p.add_argument("--trees", nargs="+", default=list(DEFAULT_TREES), help="trees whose verification is timed")
-    p.add_argument("--loop-trees", nargs="+", default=[DEFAULT_TREES[0], DEFAULT_TREES[-1]],
-                   help="trees whose draft levels and whole iteration are also timed")
+    p.add_argument("--loop-trees", nargs="*", default=[DEFAULT_TREES[0], DEFAULT_TREES[-1]],
+                   help="trees whose draft levels and whole iteration are also timed (none: verification only)")
     p.add_argument("--impl", default="auto", help="attention implementation: auto | xla | pallas")
     p.add_argument("--steps", type=int, default=32, help="decode steps / iterations per timing")
     p.add_argument("--tiny", action="store_true", help="tiny config (CPU smoke test)")

@@ -13,6 +13,9 @@
 #   bash bench/gpu_issue7.sh pingpong  # prefix kernel: GPU tests, then warpgroup ping-pong / padding-warpgroup
 #                                      # skip against a previous kernel (BASE: a file from `git show
 #                                      # REV:pallas_kernels/prefix_decode.py`), installs this GPU's table
+#   bash bench/gpu_issue7.sh gemm      # weight matmuls at verification row counts under XLA GEMM settings
+#                                      # (VARIANTS, each its own process), then the 8B verification at 32k
+#                                      # under each of E2EVARIANTS
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -37,6 +40,24 @@ case "$phase" in
         --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/pingpong_e2e.log" 2>&1
       echo "e2e rc=$?"; grep -v "^  \[" "$OUT/pingpong_e2e.log" | tail -8
     fi
+    ;;
+  gemm)
+    declare -A GF=(
+      [base]=""
+      [cublas]="--xla_gpu_enable_triton_gemm=false"
+      [noautotune]="--xla_gpu_autotune_level=0"
+      [cublaslt]="--xla_gpu_enable_cublaslt=true"
+    )
+    for v in ${VARIANTS:-base cublas noautotune}; do
+      XLA_FLAGS="${GF[$v]}" timeout "${VLIMIT:-150}" python bench/bench_gemm_rows.py --rows ${ROWS:-1 5 64 69} --tag "$v" \
+        --out "$OUT" > "$OUT/gemm_$v.log" 2>&1
+      echo "== $v rc=$?"; grep " ms " "$OUT/gemm_$v.log"
+    done
+    for v in ${E2EVARIANTS:-}; do
+      XLA_FLAGS="${GF[$v]}" timeout "${E2ELIMIT:-200}" python bench/bench_e2e.py --contexts 32768 \
+        --trees "4 16 16 16 16" "1 1 1 1" --loop-trees --steps 8 --out "$OUT/e2e_$v" > "$OUT/e2e_$v.log" 2>&1
+      echo "== e2e $v rc=$?"; grep "AR \|tree " "$OUT/e2e_$v.log"
+    done
     ;;
   e2e32k)  # 8B e2e at 32k: verification per tree, draft, commit, iteration, draft vocabulary, profile
     timeout 560 python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "4 8 8 8 8" "2 4 4 4 4" "1 1 1 1" \
