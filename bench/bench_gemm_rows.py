@@ -36,23 +36,24 @@ from longspec_jax.configs import get_preset, tiny_config  # noqa: E402
 
 
 def layer_weights(cfg, layers, fused, key, dtype):
-    """Per-layer weight dicts (distinct arrays, so nothing is served from cache between layers)."""
+    """Per-layer weight dicts (distinct arrays, so nothing is served from cache between layers). The
+    fused form holds the same values as the separate one, concatenated (q|k|v on the head axis,
+    gate|up on the hidden axis), so both forms compute the same function."""
     D, N, K, H, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     out = []
     for i in range(layers):
         ks = jax.random.split(jax.random.fold_in(key, i), 7)
         s = D ** -0.5
-        w = {"o": jax.random.normal(ks[3], (N, H, D), dtype) * s,
+        w = {"q": jax.random.normal(ks[0], (D, N, H), dtype) * s,
+             "k": jax.random.normal(ks[1], (D, K, H), dtype) * s,
+             "v": jax.random.normal(ks[2], (D, K, H), dtype) * s,
+             "o": jax.random.normal(ks[3], (N, H, D), dtype) * s,
+             "gate": jax.random.normal(ks[4], (D, F), dtype) * s,
+             "up": jax.random.normal(ks[5], (D, F), dtype) * s,
              "down": jax.random.normal(ks[6], (F, D), dtype) * F ** -0.5}
         if fused:
-            w["qkv"] = jax.random.normal(ks[0], (D, N + 2 * K, H), dtype) * s
-            w["gate_up"] = jax.random.normal(ks[4], (D, 2 * F), dtype) * s
-        else:
-            w["q"] = jax.random.normal(ks[0], (D, N, H), dtype) * s
-            w["k"] = jax.random.normal(ks[1], (D, K, H), dtype) * s
-            w["v"] = jax.random.normal(ks[2], (D, K, H), dtype) * s
-            w["gate"] = jax.random.normal(ks[4], (D, F), dtype) * s
-            w["up"] = jax.random.normal(ks[5], (D, F), dtype) * s
+            w["qkv"] = jnp.concatenate([w.pop("q"), w.pop("k"), w.pop("v")], axis=1)
+            w["gate_up"] = jnp.concatenate([w.pop("gate"), w.pop("up")], axis=1)
         out.append(w)
     return out
 

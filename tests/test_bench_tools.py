@@ -225,3 +225,23 @@ def test_bench_cpu_cache_layout_tiny(tmp_path):
     (path,) = tmp_path.glob("cpu_cache_layout_*.json")
     row = json.loads(path.read_text())["rows"][0]
     assert all(row[k] > 0 for k in ("slot_major_ms", "head_major_ms", "head_major_reduce_ms"))
+
+
+def test_bench_gemm_rows_tiny(tmp_path):
+    """The fused and separate projection forms hold the same values and compute the same stack; the
+    benchmark writes one row per form and row count plus the LM head."""
+    from bench import bench_gemm_rows as b
+    from longspec_jax.configs import tiny_config
+
+    cfg = tiny_config()
+    x = jax.random.normal(jax.random.key(5), (1, 3, cfg.hidden_size), jnp.float32)
+    sep = b.stack_fn(cfg, False)(x, b.layer_weights(cfg, 2, False, jax.random.key(0), jnp.float32))
+    fus = b.stack_fn(cfg, True)(x, b.layer_weights(cfg, 2, True, jax.random.key(0), jnp.float32))
+    assert float(jnp.max(jnp.abs(sep))) > 0.1
+    assert jnp.allclose(sep, fus, rtol=1e-4, atol=1e-4)
+    assert b.main(["--tiny", "--rows", "1", "3", "--reps", "1", "--tag", "t", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gemm_rows_tiny_*_t.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted((r["form"], r["rows"]) for r in rows) == sorted(
+        (f, t) for f in ("separate", "fused", "lm_head") for t in (1, 3))
+    assert all(r["ms"] > 0 for r in rows)
