@@ -4,6 +4,7 @@ cache compaction, greedy generation, RoPE per kind, and sharded vs unsharded exe
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +77,13 @@ def hf_incremental(hf, ids, prompt_len):
     with torch.no_grad():
         r = hf(torch.tensor(ids[:, :prompt_len]), use_cache=True)
         out.append(r.logits.numpy())
-        past = r.past_key_values
+        # transformers renamed `past_key_values` to `cache` (5.2x deprecates the old name): use
+        # whichever this version's forward takes, so the test runs on the CPU and GPU machines alike.
+        name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        past = getattr(r, name)
         for t in range(prompt_len, ids.shape[1]):
-            r = hf(torch.tensor(ids[:, t:t + 1]), past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = hf(torch.tensor(ids[:, t:t + 1]), use_cache=True, **{name: past})
+            past = getattr(r, name)
             out.append(r.logits.numpy())
     return np.concatenate(out, axis=1)
 
