@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     layers = args.layers or (2 if args.tiny else cfg.num_layers)
     dtype = jnp.bfloat16
     detail: dict = {}
-    bw, peak = measure_ceilings(args.tiny or jax.default_backend() == "cpu", dtype, detail)
+    bw, peak = measure_ceilings(args.tiny, dtype, detail)
     key = jax.random.key(0)
     head = jax.random.normal(jax.random.key(1), (cfg.hidden_size, cfg.vocab_size), dtype) * cfg.hidden_size ** -0.5
     rows_out = []

@@ -253,3 +253,28 @@ def test_train_tiny_tokenizer(tmp_path):
     assert len(hf) == 300
     _check_tokenizer(hf)
     assert len(hf(corpus[1])["input_ids"]) < len(corpus[1].encode()) / 2  # merges were learned
+
+
+def test_corpus_subset_is_deterministic_and_within_budget(tmp_path, capsys):
+    """scripts/corpus_subset.py: same seed, same lines; the budget holds; whole lines only; an
+    impossible budget is refused with a message naming the fix."""
+    import random
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import corpus_subset
+
+    rng = random.Random(7)
+    lines = [json.dumps({"name": f"p{i}", "text": "x" * rng.randint(10, 200)}) + "\n" for i in range(50)]
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(lines))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert corpus_subset.main([str(src), str(a), "--max-chars", "2000", "--seed", "3"]) == 0
+    assert corpus_subset.main([str(src), str(b), "--max-chars", "2000", "--seed", "3"]) == 0
+    kept = a.read_text().splitlines(keepends=True)
+    assert a.read_text() == b.read_text()
+    assert 0 < len(kept) < len(lines) and sum(map(len, kept)) <= 2000
+    assert set(kept) <= set(lines)
+    assert kept != corpus_subset.subset(lines, 2000, 4)  # another seed, another subset
+    with pytest.raises(SystemExit):
+        corpus_subset.main([str(src), str(tmp_path / "c.jsonl"), "--max-chars", "5"])
+    assert "raise it" in capsys.readouterr().err
