@@ -8,6 +8,10 @@
 #                                      # commit per tree, with a trace per loop: ops and device ms per phase
 #   bash bench/gpu_issue6.sh chains    # 8k, T = 0, chains of 5 and 4 with and without the 2048-token draft
 #                                      # vocabulary, at PREC (auto = highest for float32) and DTYPE (float32)
+#   bash bench/gpu_issue6.sh distill   # continue the shipped draft's stage 2 with train.distill = each of
+#                                      # DISTILLS (STEPS steps on DATA), then held-out tau of the shipped and
+#                                      # the new drafts (2k / 8k / 16k, NPROMPTS prompts, chain of 4 and the
+#                                      # 69-node tree, T = 0); drafts under runs/, all results in one tarball
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -36,5 +40,27 @@ case "$phase" in
       --trees chain=1,1,1,1,1 chain4=1,1,1,1 --draft-vocab top2048=longspec_jax/demo/draft_vocab/top2048.npy \
       --matmul-precision "${PREC:-auto}" --dtype "${DTYPE:-float32}" --out "$OUT/demo_${gpu}_chains${TAG:-}.json" \
       > "$OUT/demo_${gpu}_chains${TAG:-}.log" 2>&1; echo "rc=$?"; tail -12 "$OUT/demo_${gpu}_chains${TAG:-}.log"
+    ;;
+  distill)  # distill_<gpu>.tgz: metrics, logs, bench JSON per draft, the trained drafts
+    D=${DATA:-data/corpus/train_s3.jsonl}
+    [ -f "$D" ] || xz -dk "$D.xz"
+    W=/tmp/distill; mkdir -p "$W"; drafts="shipped=longspec_jax/demo/draft"
+    for a in ${DISTILLS:-1.0 0.5}; do
+      name=d${a/./}
+      timeout "${TLIMIT:-170}" python -m train.run --config train/configs/demo_draft_stage2.yaml "data.paths=[$D]" \
+        model.target=longspec_jax/demo/target model.draft_init=longspec_jax/demo/draft train.steps=${STEPS:-1200} \
+        optim.lr=${LR:-4e-4} data.seed=3 train.seed=3 train.distill=$a checkpoint.export_dir=runs/$name \
+        log.metrics=$W/train_${name}.jsonl log.every=20 > "$W/train_${name}.log" 2>&1
+      echo "train $name rc=$?"; tail -1 "$W/train_${name}.jsonl"
+      [ -f runs/$name/model.safetensors ] && drafts="$drafts $name=runs/$name"
+    done
+    for spec in $drafts; do
+      name=${spec%%=*}
+      timeout "${BLIMIT:-120}" python -m bench.bench_demo --draft "${spec#*=}" --num-prompts ${NPROMPTS:-6} \
+        --contexts ${CTX:-2048 8192 16384} --new-tokens 256 --temperatures 0 --trees default tree69=4,16,16,16,16 \
+        --out "$W/demo_${gpu}_${name}.json" > "$W/demo_${name}.log" 2>&1
+      echo "bench $name rc=$?"; grep "tau" "$W/demo_${name}.log" | tail -6
+    done
+    tar czf "$OUT/distill_${gpu}.tgz" -C / tmp/distill $(ls -d runs/d* 2>/dev/null | sed 's|^|'"$PWD"'/|' | sed 's|^/||')
     ;;
 esac

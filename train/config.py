@@ -158,7 +158,15 @@ class TrainSection:
       for 32k sequences) or "flash" (jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA
       GPUs with bf16/f16 compute, XLA elsewhere; the fastest choice on GPUs).
     log_target_loss: also compute the frozen target's CE on the same tokens (logged only, as the
-      original's "train/large_loss"; costs one more LM-head pass).
+      original's "train/large_loss"; costs one more LM-head pass) and the draft's top-1 agreement
+      with the target ("agree").
+    distill: weight a in [0, 1] of knowledge distillation from the frozen target (draft objective):
+      loss = (1 - a) * CE(data) + a * T^2 * KL(p_target || p_draft) at temperature T =
+      distill_temperature. 0 (default) is the paper's recipe, plain CE on the data. Greedy
+      verification accepts a draft token when it is the target's argmax, so matching the target's
+      distribution rather than the data's is what raises acceptance (DistillSpec); it costs one more
+      LM-head pass per chunk (the same one log_target_loss pays).
+    distill_temperature: T > 0 of the KL term.
     seed: RNG seed for initialisation, lags and positions.
     """
 
@@ -173,6 +181,8 @@ class TrainSection:
     attention: str = "model"
     attention_chunk: int = 1024
     log_target_loss: bool = True
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     seed: int = 42
 
 
@@ -401,6 +411,14 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"need 1 <= train.min_lag <= train.max_lag, got {t.min_lag}, {t.max_lag}")
     if d.seq_len < 2:
         raise TrainConfigError(f"data.seq_len must be >= 2, got {d.seq_len}")
+    if not 0.0 <= t.distill <= 1.0:
+        raise TrainConfigError(f"train.distill is the weight of the distillation term and must be in [0, 1], "
+                               f"got {t.distill}")
+    if not t.distill_temperature > 0:
+        raise TrainConfigError(f"train.distill_temperature must be > 0, got {t.distill_temperature}")
+    if t.distill > 0 and t.objective != "draft":
+        raise TrainConfigError("train.distill needs train.objective=draft (it distills the frozen target into "
+                               "the draft); set train.distill=0 for the lm objective")
     if t.loss_chunk < 1:
         raise TrainConfigError(f"train.loss_chunk must be >= 1, got {t.loss_chunk}")
     if isinstance(p.sinks, str) and p.sinks != "random":

@@ -5,6 +5,8 @@ Draft objective (spec 5.1): per micro-batch,
     _, (k, v)  = target.forward_train(tokens, pos)              # frozen (bf16), no gradient
     h          = draft.forward_train(tokens, pos, k, v, lag)    # lag j ~ U{min_lag..max_lag}, one per step
     loss       = CE(h @ W_head (float32, chunked), next tokens) # only loss-mask tokens count
+    (train.distill = a > 0: loss = (1 - a) CE + a T^2 KL(target || draft) at temperature T, the
+    target's logits computed chunk by chunk from its last hidden states; not in the spec's recipe)
 LM objective: the target itself is trained, `h = target.forward_train(tokens, pos)[0]`.
 
 Gradient accumulation is an explicit `lax.scan` over the A micro-batches of a step; gradients of
@@ -123,14 +125,20 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
       trained_graphdef: graphdef of the trained model (draft, or target for "lm").
       frozen_graphdef: graphdef of the frozen target ("draft" objective; None for "lm").
       batch: {"tokens": [A, B, T] int32, "loss_mask": [A, B, T]} (A micro-batches).
-    Metrics: loss (mean CE over counted tokens), tokens (count), grad_norm, lag, and for the
-      draft objective target_loss (the frozen target's CE on the same tokens, logged only, spec 5.1).
+    Metrics: loss (mean objective over counted tokens: the CE, or the distillation mix), tokens
+      (count), grad_norm, lag; for the draft objective with the target's logits computed
+      (log_target_loss or distill > 0) also ce (the draft's CE on the data), agree (share of counted
+      tokens where the draft's argmax equals the target's at this step's lag), target_loss (the
+      frozen target's CE on the same tokens, logged only, spec 5.1) and kl (KL(target || draft) at
+      distill_temperature).
     """
     t, p = cfg.train, cfg.positions
     objective = t.objective
     T = cfg.data.seq_len
     max_off = pos_lib.max_offset_for(T, max_position_embeddings, p.max_offset)
     remat = t.remat
+    # The target's logits are needed for distillation and for the logged target loss / agreement.
+    with_target_logits = objective == "draft" and (t.distill > 0 or t.log_target_loss)
 
     def positions_for(key, B):
         return pos_lib.anchor_offset_positions(
@@ -157,19 +165,21 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
             return draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed)
 
         h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
-        total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
-        if t.log_target_loss:
-            tgt_total, _ = loss_lib.chunked_cross_entropy(tgt_h, head, tokens, mask, chunk=t.loss_chunk)
+        if with_target_logits:
+            total, parts = loss_lib.chunked_draft_losses(h, tgt_h, head, tokens, mask, chunk=t.loss_chunk,
+                                                         distill=t.distill, temperature=t.distill_temperature)
+            count = parts.pop("count")
         else:
-            tgt_total = jnp.zeros((), jnp.float32)
-        return total, (count, tgt_total)
+            total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
+            parts = {}
+        return total, (count, parts)
 
     def lm_loss(params, frozen, tokens, mask, positions, lag):
         del frozen, lag
         h = lm_forward(trained_graphdef, params, tokens, positions, remat, t.attention, t.attention_chunk)
         head = loss_lib.head_weight(nnx.merge(trained_graphdef, params))
         total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
-        return total, (count, jnp.zeros((), jnp.float32))
+        return total, (count, {})
 
     loss_fn = draft_loss if objective == "draft" else lm_loss
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -183,16 +193,19 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
         A, B = tokens.shape[:2]
 
         def micro(carry, xs):
-            g_acc, loss_acc, n_acc, tgt_acc = carry
+            g_acc, loss_acc, n_acc, parts_acc = carry
             a, tok, m = xs
             positions = positions_for(jax.random.fold_in(k_pos, a), B)
-            (total, (count, tgt_total)), g = grad_fn(state.params, frozen, tok, m, positions, lag)
+            (total, (count, parts)), g = grad_fn(state.params, frozen, tok, m, positions, lag)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
-            return (g_acc, loss_acc + total, n_acc + count, tgt_acc + tgt_total), None
+            parts_acc = jax.tree.map(jnp.add, parts_acc, parts)
+            return (g_acc, loss_acc + total, n_acc + count, parts_acc), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (g_sum, loss_sum, n, tgt_sum), _ = jax.lax.scan(micro, init, (jnp.arange(A), tokens, mask))
+        part_names = ("ce", "kl", "target_ce", "agree") if with_target_logits else ()
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                {k: jnp.zeros((), jnp.float32) for k in part_names})
+        (g_sum, loss_sum, n, parts_sum), _ = jax.lax.scan(micro, init, (jnp.arange(A), tokens, mask))
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -203,8 +216,12 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
             "grad_norm": optax.global_norm(grads),
             "lag": lag,
         }
-        if objective == "draft" and t.log_target_loss:
-            metrics["target_loss"] = tgt_sum / denom
+        if with_target_logits:
+            metrics["ce"] = parts_sum["ce"] / denom
+            metrics["agree"] = parts_sum["agree"] / denom
+            metrics["kl"] = parts_sum["kl"] / denom
+            if t.log_target_loss:
+                metrics["target_loss"] = parts_sum["target_ce"] / denom
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
 
