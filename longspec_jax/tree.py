@@ -129,10 +129,15 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max c
 
 
 # On a CPU the verification is compute-bound from the first extra node (every node costs a full row
-# through every matmul), so the default there is a short chain: with the demo pair on a 2-core CPU
+# through every matmul), so the default there is a chain: with the first demo draft on a 2-core CPU
 # at 8k context (bench/results/demo_cpu_trees_8k.json), (1, 1, 1, 1) gave 1.73x AR, (1, 1, 1, 1, 1)
-# 1.48x, (2, 2, 2, 2) 1.24x and the 69-node tree 0.57x.
-CPU_TREE = (1, 1, 1, 1)
+# 1.48x, (2, 2, 2, 2) 1.24x and the 69-node tree 0.57x. That draft's fifth level accepted 6% of the
+# time; the distilled draft shipped since (bench/README.md, "The distilled draft") accepts deep
+# drafts, and the chain of 5 overtook the chain of 4: CPU, 8k, four prompts
+# (demo_cpu_8k_distill_chains.json) tau 4.51 vs 3.61, 2.40x vs 2.36x AR (2.73x vs 2.47x with the
+# 2048-id draft vocabulary); H200 (demo_H200_distill_T0.json, launch-bound like a CPU for this
+# model) 2.09x / 2.68x / 2.10x vs 1.98x / 2.18x / 1.91x at 4k / 8k / 16k, 1.51x vs 1.61x at 2k.
+CPU_TREE = (1, 1, 1, 1, 1)
 
 # At temperature > 0 a chain whose drafts are sampled from the draft distribution (speculative
 # sampling, `verify.accept_sampled_chain`) accepts far more than any beam tree, whose deterministic

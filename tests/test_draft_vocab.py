@@ -127,7 +127,7 @@ def test_default_tree_for_context_table():
     with pytest.raises(ValueError, match=">= 0"):
         f(-1)
     # CPUs: verification is compute-bound, a short chain at every length
-    assert f(100, "cpu").widths == f(10**6, "cpu").widths == tree_lib.CPU_TREE == (1, 1, 1, 1)
+    assert f(100, "cpu").widths == f(10**6, "cpu").widths == tree_lib.CPU_TREE == (1, 1, 1, 1, 1)
     assert f(100, "gpu").widths == (4, 16, 16, 16, 16)
     # T > 0: a sampled chain (speculative sampling accepts more than matching a beam tree)
     assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == tree_lib.SAMPLED_CHAIN == (1,) * 5

@@ -23,8 +23,9 @@ PROMPTS_FILE = os.path.join(HERE, "heldout_prompts.jsonl")
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
 # The draft ships its draft vocabulary (`draft/draft_vocab.json`, the 2048 most frequent ids of the
 # train split, a copy of `draft_vocab/top2048.json`; found by `draft_weights.find_draft_vocab`), so
-# `python -m infer.generate` lets the draft score only those: the same tau on held-out prompts,
-# cheaper draft levels (bench/README.md, "Draft vocabulary"); verification keeps the full vocabulary.
+# `python -m infer.generate` lets the draft score only those: cheaper draft levels, at some cost in
+# tau on prompts whose continuations use rarer ids (bench/README.md, "The distilled draft");
+# verification keeps the full vocabulary, so the output is unchanged.
 
 
 def available() -> bool:
