@@ -31,6 +31,28 @@ def head_weight(target) -> jax.Array:
     return target.lm_head.kernel[...]
 
 
+def _sequence_chunks(hiddens, tokens, loss_mask, chunk: int):
+    """Shift for next-token prediction and cut along T into a scan's [n_chunks, B, chunk, ...] inputs.
+
+    Position t of each hidden state predicts token t + 1, so the last hidden and the first label
+    are dropped; T - 1 is padded up to a multiple of `chunk` with weight-0 rows, which add nothing
+    to any sum or gradient. Returns (hiddens, labels int32, weights float32), each chunked.
+    """
+    B, T = tokens.shape
+    n = T - 1
+    chunk = max(1, min(chunk, n))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+
+    def cut(x):
+        x = x[:, :-1] if x.ndim == 3 else x[:, 1:]
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape((B, n_chunks, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+    return ([cut(h) for h in hiddens], cut(tokens.astype(jnp.int32)), cut(loss_mask.astype(jnp.float32)))
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
                           *, chunk: int = 512) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token CE over counted tokens, and their count.
@@ -45,24 +67,7 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
     Returns:
       (loss_sum float32 scalar, count float32 scalar).
     """
-    B, T, D = hidden.shape
-    # Predict token t+1 from hidden t: drop the last hidden and the first label.
-    h = hidden[:, :-1]
-    labels = tokens[:, 1:].astype(jnp.int32)
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    n = T - 1
-    chunk = max(1, min(chunk, n))
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    if pad:
-        # Padded rows carry weight 0, so they add nothing to the sum or the gradient.
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        labels = jnp.pad(labels, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-    # [n_chunks, B, chunk, ...] so the scan walks the sequence.
-    h = h.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
-    labels = labels.reshape(B, n_chunks, chunk).swapaxes(0, 1)
-    weights = weights.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    (h,), labels, weights = _sequence_chunks([hidden], tokens, loss_mask, chunk)
     head32 = head.astype(jnp.float32)
 
     @jax.checkpoint
@@ -101,24 +106,7 @@ def chunked_draft_losses(hidden: jax.Array, target_hidden: jax.Array, head: jax.
       tokens: "ce" (draft CE on the data), "kl" (the KL term at T, before weighting), "target_ce"
       (the target's CE on the data), "agree" (1 where argmax draft == argmax target), and "count".
     """
-    B, T, D = hidden.shape
-    h = hidden[:, :-1]
-    th = target_hidden[:, :-1]
-    labels = tokens[:, 1:].astype(jnp.int32)
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    n = T - 1
-    chunk = max(1, min(chunk, n))
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        th = jnp.pad(th, ((0, 0), (0, pad), (0, 0)))
-        labels = jnp.pad(labels, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-    h = h.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
-    th = th.reshape(B, n_chunks, chunk, D).swapaxes(0, 1)
-    labels = labels.reshape(B, n_chunks, chunk).swapaxes(0, 1)
-    weights = weights.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    (h, th), labels, weights = _sequence_chunks([hidden, target_hidden], tokens, loss_mask, chunk)
     head32 = head.astype(jnp.float32)
     a, inv_t = float(distill), 1.0 / float(temperature)
 
