@@ -56,7 +56,7 @@ case "$phase" in
     done
     for spec in $drafts; do
       name=${spec%%=*}
-      timeout "${BLIMIT:-120}" python -m bench.bench_demo --draft "${spec#*=}" --num-prompts ${NPROMPTS:-6} \
+      timeout "${BLIMIT:-120}" python -m bench.bench_demo --draft "${spec#*=}" --num-prompts ${NPROMPTS:-4} \
         --contexts ${CTX:-2048 8192 16384} --new-tokens 256 --temperatures 0 --trees default tree69=4,16,16,16,16 \
         --out "$W/demo_${gpu}_${name}.json" > "$W/demo_${name}.log" 2>&1
       echo "bench $name rc=$?"; grep "tau" "$W/demo_${name}.log" | tail -6
