@@ -115,12 +115,14 @@ def chunked_draft_losses(hidden: jax.Array, target_hidden: jax.Array, head: jax.
         logits = jnp.einsum("BCD,DV->BCV", h_c.astype(jnp.float32), head32, preferred_element_type=jnp.float32)
         t_logits = jax.lax.stop_gradient(
             jnp.einsum("BCD,DV->BCV", th_c.astype(jnp.float32), head32, preferred_element_type=jnp.float32))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        ce = lse - jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
-        t_ce = jax.nn.logsumexp(t_logits, axis=-1) - jnp.take_along_axis(t_logits, y_c[..., None], axis=-1)[..., 0]
+        log_q = jax.nn.log_softmax(logits, axis=-1)
+        log_p = jax.nn.log_softmax(t_logits, axis=-1)
+        ce = -jnp.take_along_axis(log_q, y_c[..., None], axis=-1)[..., 0]
+        t_ce = -jnp.take_along_axis(log_p, y_c[..., None], axis=-1)[..., 0]
         agree = (jnp.argmax(logits, axis=-1) == jnp.argmax(t_logits, axis=-1)).astype(jnp.float32)
-        log_p = jax.nn.log_softmax(t_logits * inv_t, axis=-1)
-        log_q = jax.nn.log_softmax(logits * inv_t, axis=-1)
+        if inv_t != 1.0:  # at T = 1 the KL reuses the CE's log-softmaxes (one pass over V fewer each)
+            log_p = jax.nn.log_softmax(t_logits * inv_t, axis=-1)
+            log_q = jax.nn.log_softmax(logits * inv_t, axis=-1)
         kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
         objective = (1.0 - a) * ce + (a * temperature * temperature) * kl
         sums = [jnp.sum(x * w_c) for x in (objective, ce, kl, t_ce, agree)]
