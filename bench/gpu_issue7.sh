@@ -13,6 +13,8 @@
 #   bash bench/gpu_issue7.sh pingpong  # prefix kernel: GPU tests, then warpgroup ping-pong / padding-warpgroup
 #                                      # skip against a previous kernel (BASE: a file from `git show
 #                                      # REV:pallas_kernels/prefix_decode.py`), installs this GPU's table
+#   bash bench/gpu_issue7.sh lone      # prefix kernel: GPU tests, then the lone last tile's knobs at T = 69 / 37
+#                                      # (tune_prefix --lone), merged into this GPU's table (E2E=1: + 8B verify at 32k)
 #   bash bench/gpu_issue7.sh gemm      # weight matmuls at verification row counts under XLA GEMM settings
 #                                      # (VARIANTS, each its own process), then the 8B verification at 32k
 #                                      # under each of E2EVARIANTS
@@ -27,6 +29,21 @@ case "$phase" in
     timeout 260 python bench/tune_prefix.py --install --T 69 37 16 5 --S 32768 131072 4096 --reps 3 \
       --out "$OUT" > "$OUT/tune.log" 2>&1; echo "tune rc=$?"; tail -22 "$OUT/tune.log"
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+    ;;
+  lone)  # prefix kernel: GPU tests, then the lone last tile's knobs (split count, shared blocks)
+    # swept at T = 69 / 37 and merged into this GPU's table; E2E=1: then the 8B verification at 32k
+    timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-lone_tile or two_warpgroups}" \
+      > "$OUT/lone_tests.log" 2>&1
+    echo "tests rc=$?"; tail -4 "$OUT/lone_tests.log"
+    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --lone --install --T ${TS:-69 37} \
+      --S ${SS:-32768 131072 4096} --reps 3 --out "$OUT" > "$OUT/lone_tune.log" 2>&1
+    echo "tune rc=$?"; grep -v "^{" "$OUT/lone_tune.log" | tail -10
+    cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+    if [ -n "${E2E:-}" ]; then
+      timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
+        --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/lone_e2e.log" 2>&1
+      echo "e2e rc=$?"; grep -v "^  \[" "$OUT/lone_e2e.log" | tail -8
+    fi
     ;;
   pingpong)
     timeout "${TESTLIMIT:-240}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-prefix}" > "$OUT/pingpong_tests.log" 2>&1

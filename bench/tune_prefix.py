@@ -2,13 +2,14 @@
 
 For each attention shape (G query heads per KV head, K KV heads, head dim H, batch 1), query count
 T (the AR step, the draft levels and the verification trees) and cache capacity S (holding S - 200
-tokens), every valid (num_wg, block_kv, stages, num_splits) of `prefix_decode.prefix_attention` is
+tokens), every valid knob set (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share) of `prefix_decode.prefix_attention` is
 checked against the float32 reference and timed (U invocations per jitted call, cycling over enough
 caches to exceed L2; median of repeats). The fastest valid config per shape goes to
 
     pallas_kernels/tuning/prefix_<device kind>.json   (with --install; else only bench/results)
 
-which `prefix_decode.default_config` reads. The JSON also keeps every variant's time, the
+which `prefix_decode.default_config` reads (merged: the swept shapes replace their entries, the
+table's other shapes stay). The JSON also keeps every variant's time, the
 heuristic's time and the max(bytes / bandwidth, flops / matmul peak) floor, with bandwidth and
 peak measured in the same run.
 
@@ -50,12 +51,38 @@ def measure_ceilings(interpret):
     return (float("nan"), float("nan")) if interpret else bench_kernels.measure_ceilings()
 
 
-def variants(T, G, K, B, S, H, quick=False):
+def lone_variants(T, G, K, B, S, H):
+    """Knob sets for the last row tile when it holds one warpgroup of real rows (`--lone`): two
+    compute warpgroups, 128-slot blocks, ping-pong off and on; for the heuristic's split count P and
+    for the P that puts the sharing form at two waves of CTAs, the lone tile at P splits with its
+    second warpgroup idle (the kernel before the knob), at ceil(2P / 3) splits idle (each CTA
+    longer, for the one warpgroup's lower rate), and shared (each warpgroup half of every block's
+    keys) at ceil(P / 2) and ceil(2P / 3) splits."""
+    rows = T * G
+    if not prefix_decode.lone_tile(rows, 2):
+        return []
+    m_tiles = -(-rows // (2 * prefix_decode.ROWS_PER_WG))
+    stages = prefix_decode.smem_stages(2, 128, H)
+    target = 2 * SM_COUNT if S >= 16384 else SM_COUNT
+    p_h = prefix_decode.heuristic_config(T, G, K, B, S, H)[3]
+    p_b = max(1, round(target / (K * B * (m_tiles - 0.5))))
+    out = []
+    for sp in sorted({p_h, p_b}):
+        sp = min(sp, S // 128)
+        for pp in (False, True):
+            for lsp, share in ((sp, False), (-(-2 * sp // 3), False), (-(-sp // 2), True), (-(-2 * sp // 3), True)):
+                out.append((2, 128, stages, sp, pp, lsp, share))
+    return list(dict.fromkeys(out))
+
+
+def variants(T, G, K, B, S, H, quick=False, lone=False):
     """Valid knob sets for a shape: num_wg (1, or 2 where rows > 64), block_kv 64 / 128, the
     deepest pipeline that fits SMEM, split counts giving 1, 2, 3 and 4 waves of CTAs, and, with
     two compute warpgroups, the warpgroup ping-pong off and on. `quick`: the heuristic's split
-    count only."""
+    count only. `lone`: only `lone_variants` where the last row tile is lone."""
     rows = T * G
+    if lone and prefix_decode.lone_tile(rows, 2):
+        return lone_variants(T, G, K, B, S, H)
     out = []
     for num_wg in ((1,) if rows <= 64 else (1, 2)):
         for block_kv in (64, 128):
@@ -73,7 +100,7 @@ def variants(T, G, K, B, S, H, quick=False):
                 splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for sp in splits:
                 for pp in ((False, True) if num_wg == 2 else (False,)):
-                    out.append((num_wg, block_kv, stages, sp, pp))
+                    out.append((num_wg, block_kv, stages, sp, pp, sp, False))
     return out
 
 
@@ -88,7 +115,7 @@ def load_baseline(path):
     return mod
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None):
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False):
     B = 1
     N = G * K
     length = S - 200 if S > 400 else S - 3
@@ -109,17 +136,17 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         if cfg == "baseline":
             call = lambda q, kc, vc: baseline.prefix_attention(q, kc, vc, lengths, interpret=interpret)  # noqa: E731
         else:
-            wg, bk, st, sp, pp = cfg
+            wg, bk, st, sp, pp, lsp, lsh = cfg
             call = lambda q, kc, vc: prefix_decode.prefix_attention(  # noqa: E731
                 q, kc, vc, lengths, num_wg=wg, block_kv=bk, stages=st, num_splits=sp, pingpong=pp,
-                interpret=interpret)
+                lone_splits=lsp, lone_share=lsh, interpret=interpret)
 
         def run(qs, caches, lengths):
             return [call(qs[i], *caches[i % nbuf]) for i in range(U if not interpret else 1)]
         return jax.jit(run)
 
     heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = variants(T, G, K, B, S, H, quick)
+    cands = variants(T, G, K, B, S, H, quick, lone)
     if heur not in cands:
         cands.append(heur)
     if baseline is not None:
@@ -164,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--interpret", action="store_true", help="check the variants in interpret mode (CPU), no timing")
     ap.add_argument("--install", action="store_true", help="also write pallas_kernels/tuning/<device>.json")
     ap.add_argument("--quick", action="store_true", help="the heuristic's split count only (fewer variants)")
+    ap.add_argument("--lone", action="store_true",
+                    help="where the last row tile is lone, sweep only its knobs (lone_splits, lone_share)")
     ap.add_argument("--baseline", help="a previous prefix_decode.py to time next to the current kernel")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
@@ -184,17 +213,31 @@ def main(argv=None):
         if args.install and not args.interpret:  # after every point: a time-limited run keeps its table
             os.makedirs(tuning.TABLE_DIR, exist_ok=True)
             keys = ("G", "K", "B", "H", "T", "S", "config", "t_us", "heuristic_config", "heuristic_t_us", "floor_us")
-            # A table entry's config holds five knobs: (num_wg, block_kv, stages, num_splits, pingpong).
-            table = dict(meta=meta, entries=[{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]])
-            with open(os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind)), "w") as f:
+            # A table entry's config holds seven knobs: (num_wg, block_kv, stages, num_splits, pingpong,
+            # lone_splits, lone_share).
+            # Merged into the installed table: this run's shapes replace their entries, others stay.
+            path = os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind))
+            shape = lambda e: tuple(e[k] for k in ("G", "K", "B", "H", "T", "S"))  # noqa: E731
+            new = [{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]]
+            old, table_meta = [], dict(meta)
+            if os.path.exists(path):
+                with open(path) as f:
+                    prev = json.load(f)
+                old = [e for e in prev.get("entries", []) if shape(e) not in {shape(n) for n in new}]
+                if old:  # where the kept entries come from
+                    table_meta["kept_entries_meta"] = prev.get("meta", {}).get("kept_entries_meta", prev.get("meta"))
+            table = dict(meta=table_meta, entries=sorted(old + new, key=lambda e: (e["G"], e["S"], -e["T"])))
+            with open(path, "w") as f:
                 json.dump(table, f, indent=1)
+            tuning.load_table.cache_clear()
 
     baseline = load_baseline(args.baseline) if args.baseline else None
     for G in args.G:
         for S in args.S:
             for T in args.T:
                 t0 = time.perf_counter()
-                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline)
+                e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline,
+                               args.lone)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])

@@ -61,14 +61,27 @@ ROWS_PER_WG = 64  # wgmma M per warpgroup
 
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
-                   m_tiles, num_wg, block_kv, stages, num_splits, window, scale_log2, dtype, pingpong,
-                   interpret):
-    """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`."""
+                   m_tiles, num_wg, block_kv, stages, num_splits, lone_splits, lone, share, window, scale_log2,
+                   dtype, pingpong, interpret):
+    """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`.
+
+    The grid's first axis enumerates, per KV head, the (m_tiles - 1) * num_splits CTAs of the
+    leading row tiles, then the `lone_splits` CTAs of the last tile (the same count unless that
+    tile is `lone`: one warpgroup of real rows, two compute warpgroups). With `share`, a lone
+    tile's two warpgroups both hold its real rows and each takes one half of every block's keys;
+    the second writes its partial into the tile's padding rows (merged like another split)."""
     q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
     S, bk = capacity, block_kv
     nblocks = S // bk
-    km, split, b = lax.axis_index("km"), lax.axis_index("split"), lax.axis_index("b")
-    kh, mt = lax.div(km, m_tiles), lax.rem(km, m_tiles)
+    rows_cta = num_wg * ROWS_PER_WG
+    km, b = lax.axis_index("km"), lax.axis_index("b")
+    units = (m_tiles - 1) * num_splits + lone_splits
+    kh, u = lax.div(km, units), lax.rem(km, units)
+    n_lead = (m_tiles - 1) * num_splits
+    in_last = u >= n_lead
+    mt = jnp.where(in_last, m_tiles - 1, lax.div(u, num_splits))
+    split = jnp.where(in_last, u - n_lead, lax.rem(u, num_splits))
+    splits_here = jnp.where(in_last, lone_splits, num_splits)
     wg = lax.axis_index("wg")
 
     # --- the visible ring interval, in blocks (scalars, identical in every warpgroup) ---
@@ -82,7 +95,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     # A wrapped interval whose two ends share a block would touch that block twice: clamp to the
     # whole ring once (the per-key mask still selects exactly the visible slots).
     nv = jnp.where(c > 0, jnp.minimum(last_blk - first_blk + 1, nblocks), 0)
-    per_split = lax.div(nv + num_splits - 1, num_splits)
+    per_split = lax.div(nv + splits_here - 1, splits_here)
     v0 = split * per_split
     steps = jnp.clip(nv - v0, 0, per_split)
 
@@ -126,9 +139,11 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             pl.when(wg == 0)(schedule)
         return out
 
-    row0 = mt * (num_wg * ROWS_PER_WG) + wg * ROWS_PER_WG
+    row0 = mt * rows_cta + wg * ROWS_PER_WG  # this warpgroup's output rows
+    sharing = in_last if (lone and share) else False  # a lone tile whose two warpgroups split its blocks
+    idle = (row0 >= rows) & jnp.logical_not(sharing)
     if num_wg > 1:
-        @pl.when((wg < num_wg) & (row0 >= rows))
+        @pl.when((wg < num_wg) & idle)
         def _padding_wg():
             plgpu.set_max_registers(232, action="increase")
             # A warpgroup whose 64 rows are all padding (e.g. T * G = 276 rows in 3 x 128) computes
@@ -145,12 +160,13 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
             schedule_around(lambda: lax.fori_loop(0, steps, idle, None))
 
-    @pl.when((wg < num_wg) & (row0 < rows))
+    @pl.when((wg < num_wg) & jnp.logical_not(idle))
     def _compute_wg():
         if num_wg > 1:
             plgpu.set_max_registers(232, action="increase")
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)], q_smem, q_bar.at[wg])
+        q_row0 = jnp.where(sharing, mt * rows_cta, row0)  # sharing: both warpgroups hold the first 64 rows
+        plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(q_row0, ROWS_PER_WG)], q_smem, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
 
         wgmma_layout = plgpu.Layout.WGMMA
@@ -158,17 +174,24 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         l_i = layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), wgmma_layout.reduce(1), interpret)
         acc = layout_cast(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), wgmma_layout, interpret)
 
-        def body(step, carry, masked):
+        def body(step, carry, masked, half=None):
+            """One block; `half` (share mode): only that half of the block's keys."""
             acc, m_i, l_i = carry
             slot = lax.rem(step, stages)
+            if half is None:
+                k_tile, v_tile, key0, width = k_smem.at[slot], v_smem.at[slot], 0, bk
+            else:
+                width = bk // 2
+                key0 = half * width
+                k_tile, v_tile = k_smem.at[slot, pl.ds(key0, width)], v_smem.at[slot, pl.ds(key0, width)]
             plgpu.barrier_wait(k_bar.at[slot])
-            qk = matmul_nt(q_smem, k_smem.at[slot], interpret, after_issue=schedule)
+            qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
             plgpu.barrier_arrive(k_cons.at[slot])
             s = qk * scale_log2  # base-2 logits
             if masked:
                 # Ring visibility of each key slot of this block: (newest - s) mod S < c.
                 blk = lax.rem(first_blk + v0 + step, nblocks)
-                slot_ids = blk * bk + iota((ROWS_PER_WG, bk), 1, wgmma_layout, interpret)
+                slot_ids = blk * bk + key0 + iota((ROWS_PER_WG, width), 1, wgmma_layout, interpret)
                 back = newest - slot_ids
                 back = jnp.where(back < 0, back + S, back)
                 s = jnp.where(back < c, s, -jnp.inf)
@@ -188,36 +211,47 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 plgpu.barrier_wait(sched)  # the tensor cores are ours
             else:
                 plgpu.barrier_wait(v_bar.at[slot])
-            acc = matmul_nn_acc(acc, p16, v_smem.at[slot], interpret)
+            acc = matmul_nn_acc(acc, p16, v_tile, interpret)
             plgpu.barrier_arrive(v_cons.at[slot])
             return acc, m_new, l_i
 
+        def finish(carry):
+            acc, m_i, l_i = carry
+            # Empty split (steps == 0): out 0, lse -inf, never NaN.
+            has = l_i > 0
+            l_safe = jnp.where(has, l_i, 1.0)
+            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            q_smem[...] = acc.astype(dtype)  # the q tile is dead: reuse its SMEM for the output
+            lse_smem[...] = jnp.where(has, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
+            plgpu.wait_smem_to_gmem(0)
+
         # Only the first and the last virtual block can hold invisible slots (the interval's two
         # ends); interior blocks skip the per-key mask arithmetic.
-        head = jnp.minimum(jnp.where(v0 == 0, 1, 0), steps)
-        tail = jnp.where((v0 + steps == nv) & (steps > head), 1, 0)
-        def loops():
+        def loops(half=None):
+            head = jnp.minimum(jnp.where(v0 == 0, 1, 0), steps)
+            tail = jnp.where((v0 + steps == nv) & (steps > head), 1, 0)
             carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(0, head, functools.partial(body, masked=True), carry)
-            carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False), carry)
-            return lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True), carry)
+            carry = lax.fori_loop(0, head, functools.partial(body, masked=True, half=half), carry)
+            carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False, half=half), carry)
+            return lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True, half=half), carry)
 
-        acc, m_i, l_i = schedule_around(loops)
-
-        # Empty split (steps == 0): out 0, lse -inf, never NaN.
-        has = l_i > 0
-        l_safe = jnp.where(has, l_i, 1.0)
-        acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        q_smem[...] = acc.astype(dtype)  # the q tile is dead: reuse its SMEM for the output
-        lse_smem[...] = jnp.where(has, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kh, split, pl.ds(row0, ROWS_PER_WG)])
-        plgpu.wait_smem_to_gmem(0)
+        if lone and share:
+            # A sharing CTA: both warpgroups hold the tile's 64 real rows, warpgroup p takes key
+            # half p of every block (the pipeline protocol is unchanged: both consume each block).
+            pl.when(jnp.logical_not(sharing))(lambda: finish(schedule_around(loops)))
+            for parity in range(2):
+                pl.when(sharing & (wg == parity))(
+                    functools.partial(lambda p: finish(schedule_around(lambda: loops(p))), parity))
+        else:
+            finish(schedule_around(loops))
 
 
 def default_config(T, G, K, B, S, H):
-    """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong) for a problem shape: the
+    """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share)
+    for a problem shape: the
     device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
     has the shape, else `heuristic_config`."""
     from pallas_kernels import tuning
@@ -251,13 +285,21 @@ def heuristic_config(T, G, K, B, S, H):
     # Warpgroup ping-pong: measured on an H200 (`bash bench/gpu_issue7.sh pingpong`, jax 0.11.2) it
     # gains 2-10% at 276 rows (three row tiles; 10% at 32k in both runs) over the same kernel
     # without it, and nothing at 148 rows (two).
-    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3
+    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3, num_splits, False
+
+
+def lone_tile(rows, num_wg):
+    """Whether the last row tile holds one warpgroup of real rows next to one of padding."""
+    rows_cta = num_wg * ROWS_PER_WG
+    return num_wg == 2 and (-(-rows // rows_cta) - 1) * rows_cta + ROWS_PER_WG >= rows
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
-                                             "num_splits", "pingpong", "interpret"))
+                                             "num_splits", "pingpong", "lone_splits", "lone_share",
+                                             "interpret"))
 def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, num_wg=None,
-                     block_kv=None, stages=None, num_splits=None, pingpong=None, interpret=False):
+                     block_kv=None, stages=None, num_splits=None, pingpong=None, lone_splits=None,
+                     lone_share=None, interpret=False):
     """Attention of T queries over the visible slots of a static-capacity KV cache.
 
     Args:
@@ -268,6 +310,9 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
       sm_scale: softmax scale (default 1/sqrt(H)).
       num_wg, block_kv, stages, num_splits, pingpong: static tuning knobs (None =
         default_config); pingpong (two compute warpgroups only) alternates them on the tensor cores.
+      lone_splits, lone_share: static knobs for a last row tile with one warpgroup of real rows
+        (`lone_tile`): its split count (None = default_config), and whether its second warpgroup
+        shares the first one's rows, each taking half of every block's keys, instead of idling.
       interpret: run in Mosaic GPU interpret mode (CPU).
 
     Returns:
@@ -286,7 +331,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     G = N // K
-    d_wg, d_bk, d_st, d_sp, d_pp = default_config(T, G, K, B, S, H)
+    d_wg, d_bk, d_st, d_sp, d_pp, d_lsp, d_lsh = default_config(T, G, K, B, S, H)
     if stages is None and (num_wg or d_wg, block_kv or d_bk) != (d_wg, d_bk):
         stages = smem_stages(num_wg or d_wg, block_kv or d_bk, H)  # the default's depth is for other tiles
     num_wg = num_wg or d_wg
@@ -299,12 +344,20 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         raise ValueError(f"stages={stages} with num_wg={num_wg}, block_kv={block_kv}, H={H} exceeds shared "
                          f"memory; at most {smem_stages(num_wg, block_kv, H)} (prefix_decode.smem_stages)")
     pingpong = bool(d_pp if pingpong is None else pingpong) and num_wg == 2
+    rows = T * G
+    lone = lone_tile(rows, num_wg)
+    if not lone:
+        lone_splits, lone_share = num_splits, False
+    else:
+        lone_splits = lone_splits or (d_lsp if (num_wg, num_splits) == (d_wg, d_sp) else num_splits)
+        lone_share = bool(d_lsh if lone_share is None else lone_share)
+    if num_splits < 1 or lone_splits < 1:
+        raise ValueError(f"num_splits={num_splits} and lone_splits={lone_splits} must be >= 1")
     if S % block_kv:
         raise ValueError(f"cache capacity S={S} must be a multiple of block_kv={block_kv} "
                          "(allocate the cache in multiples of 128 slots)")
     scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
 
-    rows = T * G
     rows_cta = num_wg * ROWS_PER_WG
     m_tiles = -(-rows // rows_cta)
     m_pad = m_tiles * rows_cta
@@ -316,7 +369,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     swizzle = plgpu.SwizzleTransform(128)
     kernel_body = functools.partial(
         _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
-        stages=stages, num_splits=num_splits, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
+        stages=stages, num_splits=num_splits, lone_splits=lone_splits, lone=lone, share=lone_share, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
         pingpong=pingpong, interpret=interpret)
 
     def entry(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
@@ -337,17 +390,31 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
 
     o_part, lse_part = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, K, num_splits, m_pad, H), q.dtype),
-                  jax.ShapeDtypeStruct((B, K, num_splits, m_pad), jnp.float32)),
-        grid=(K * m_tiles, num_splits, B),
-        grid_names=("km", "split", "b"),
+        out_type=(jax.ShapeDtypeStruct((B, K, max(num_splits, lone_splits), m_pad, H), q.dtype),
+                  jax.ShapeDtypeStruct((B, K, max(num_splits, lone_splits), m_pad), jnp.float32)),
+        grid=(K * ((m_tiles - 1) * num_splits + lone_splits), B),
+        grid_names=("km", "b"),
         num_threads=num_wg + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )(lengths.astype(jnp.int32), qf, k_cache, v_cache)
 
-    out, lse = combine_splits(o_part[:, :, :, :rows], lse_part[:, :, :, :rows])
+    if not lone:
+        out, lse = combine_splits(o_part[:, :, :num_splits, :rows], lse_part[:, :, :num_splits, :rows])
+    else:
+        # Leading tiles over their splits; the lone tile over its own (and, sharing, the second
+        # warpgroup's partials in the tile's padding rows, merged as further splits).
+        r0, r = (m_tiles - 1) * rows_cta, rows - (m_tiles - 1) * rows_cta
+        o_last, l_last = o_part[:, :, :lone_splits, r0:r0 + r], lse_part[:, :, :lone_splits, r0:r0 + r]
+        if lone_share:
+            r1 = r0 + ROWS_PER_WG
+            o_last = jnp.concatenate([o_last, o_part[:, :, :lone_splits, r1:r1 + r]], axis=2)
+            l_last = jnp.concatenate([l_last, lse_part[:, :, :lone_splits, r1:r1 + r]], axis=2)
+        out, lse = combine_splits(o_last, l_last)
+        if r0:
+            o_lead, l_lead = combine_splits(o_part[:, :, :num_splits, :r0], lse_part[:, :, :num_splits, :r0])
+            out, lse = jnp.concatenate([o_lead, out], axis=2), jnp.concatenate([l_lead, lse], axis=2)
     out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
     lse = lse.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
     return out.astype(q.dtype), lse

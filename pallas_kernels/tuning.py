@@ -51,9 +51,10 @@ def current_device_kind() -> str | None:
 
 
 def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | None = None,
-           table_dir: str = TABLE_DIR) -> tuple[int, int, int, int, bool] | None:
-    """(num_wg, block_kv, stages, num_splits, pingpong) from the device's table, or None. Entries
-    written before the ping-pong knob existed (four numbers) were measured without it."""
+           table_dir: str = TABLE_DIR) -> tuple[int, int, int, int, bool, int, bool] | None:
+    """(num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share) from the device's
+    table, or None. Entries written before a knob existed were measured without it: four numbers
+    mean no ping-pong, five mean the lone last tile ran at num_splits with its second warpgroup idle."""
     device_kind = device_kind if device_kind is not None else current_device_kind()
     if device_kind is None or S < MIN_TUNED_CAPACITY:
         return None
@@ -73,10 +74,14 @@ def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | No
     e = next((e for e in by_rows if e["T"] * e["G"] >= rows), by_rows[-1])
     num_wg, block_kv, stages, num_splits = e["config"][:4]
     pingpong = bool(e["config"][4]) if len(e["config"]) > 4 else False
+    lone_splits = int(e["config"][5]) if len(e["config"]) > 5 else num_splits
+    lone_share = bool(e["config"][6]) if len(e["config"]) > 6 else False
     if S % block_kv:
         return None
     # A deeper tiling than the rows need, or more splits than blocks, is never useful.
     if rows <= 64:
         num_wg = 1
     num_splits = max(1, min(num_splits, S // block_kv))
-    return int(num_wg), int(block_kv), int(stages), int(num_splits), pingpong and num_wg == 2
+    lone_splits = max(1, min(lone_splits, S // block_kv))
+    return (int(num_wg), int(block_kv), int(stages), int(num_splits), pingpong and num_wg == 2, lone_splits,
+            lone_share and num_wg == 2)

@@ -200,10 +200,17 @@ def test_tune_prefix_variants_and_baseline():
     from pallas_kernels import prefix_decode
 
     full = tune_prefix.variants(69, 4, 8, 1, 32768, 128)
-    assert {(wg, pp) for wg, _, _, _, pp in full} == {(1, False), (2, False), (2, True)}
+    assert {(wg, pp) for wg, _, _, _, pp, _, _ in full} == {(1, False), (2, False), (2, True)}
+    assert all(lsp == sp and not lsh for _, _, _, sp, _, lsp, lsh in full)  # lone knobs at their old values
     quick = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True)
-    assert {sp for _, _, _, sp, _ in quick} == {prefix_decode.heuristic_config(69, 4, 8, 1, 32768, 128)[3]}
-    assert all(wg == 1 and not pp for wg, _, _, _, pp in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
+    assert {v[3] for v in quick} == {prefix_decode.heuristic_config(69, 4, 8, 1, 32768, 128)[3]}
+    assert all(v[0] == 1 and not v[4] for v in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
+    # --lone: the lone tile's knobs, the old form (lone_splits == num_splits, idle) among them.
+    lone = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, lone=True)
+    assert (2, 128, 2, 11, True, 11, False) in lone and (2, 128, 2, 13, True, 7, True) in lone
+    assert all(v[0] == 2 and v[5] <= v[3] for v in lone)
+    assert tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True, lone=True) == \
+        tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True)  # 256 rows: no lone tile
     base = tune_prefix.load_baseline(prefix_decode.__file__)
     assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
     assert os.path.samefile(base.__file__, prefix_decode.__file__)

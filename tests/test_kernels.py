@@ -151,6 +151,24 @@ def test_prefix_interpret_padding_warpgroup(pingpong):
                  num_splits=3, num_wg=2, pingpong=pingpong)
 
 
+@pytest.mark.parametrize("lone_splits,pingpong", [(2, True), pytest.param(4, False, marks=slow)])
+def test_prefix_interpret_lone_tile_shared(lone_splits, pingpong):
+    """The lone last tile's second warpgroup shares the first one's rows, each warpgroup taking one
+    half of every block's keys; the second writes its partial into the tile's padding rows. 140
+    rows: tile 1 is lone. The leading tile runs 3 splits, the lone tile `lone_splits` (2 or 4:
+    batch row 0's 4 blocks as 2 + 2 or one each, row 1's 2 blocks with empty splits too); the
+    masked first and last blocks of the ring interval fall in both key halves."""
+    check_prefix("pallas_interpret", jnp.float16, 2, 35, 4, 1, 64, 256, [250, 70], None, block_kv=64,
+                 num_splits=3, num_wg=2, pingpong=pingpong, lone_splits=lone_splits, lone_share=True)
+
+
+@slow
+def test_prefix_interpret_lone_tile_fewer_splits():
+    """The lone tile at fewer splits than the leading tiles (its second warpgroup idle)."""
+    check_prefix("pallas_interpret", jnp.float16, 2, 35, 4, 1, 64, 256, [250, 70], None, block_kv=64,
+                 num_splits=3, num_wg=2, pingpong=True, lone_splits=1, lone_share=False)
+
+
 @slow
 @pytest.mark.parametrize("kind,T,N,block_k", [("chain", 5, 4, None), ("star", 9, 8, None), ("random", 70, 4, 64)])
 def test_tree_interpret_slow(kind, T, N, block_k):
@@ -318,6 +336,19 @@ def test_prefix_gpu_two_warpgroups(case, pingpong):
 
 
 @gpu
+@pytest.mark.parametrize("case", [
+    (jnp.bfloat16, 1, 69, 32, 8, 128, 32768, [32568], None),  # 276 rows: tile 2 is lone
+    (jnp.float16, 2, 37, 32, 8, 128, 4096, [4000, 129], None),  # 148 rows: tile 1 is lone
+    (jnp.bfloat16, 2, 9, 32, 8, 128, 1024, [1500, 5000], 200),  # 36 rows: the only tile is lone
+])
+@pytest.mark.parametrize("lone_splits,lone_share,pingpong", [(7, True, True), (3, True, False), (5, False, True)])
+def test_prefix_gpu_lone_tile(case, lone_splits, lone_share, pingpong):
+    dtype, B, T, N, K, H, S, lengths, window = case
+    check_prefix("pallas", dtype, B, T, N, K, H, S, lengths, window, num_wg=2, block_kv=128, num_splits=13,
+                 pingpong=pingpong, lone_splits=lone_splits, lone_share=lone_share)
+
+
+@gpu
 @pytest.mark.parametrize("kind,T,N,K,H,dtype", [
     ("chain", 1, 32, 8, 128, jnp.bfloat16), ("star", 6, 32, 8, 128, jnp.float16),
     ("random", 16, 40, 8, 128, jnp.bfloat16), ("random", 74, 32, 8, 128, jnp.bfloat16),
@@ -340,8 +371,8 @@ def test_prefix_heuristic_pingpong():
     G = 4), where the H200 sweep measured it faster, and off below."""
     from pallas_kernels import prefix_decode as pd
 
-    assert pd.heuristic_config(69, 4, 8, 1, 32768, 128) == (2, 128, 2, 11, True)
-    assert pd.heuristic_config(37, 4, 8, 1, 32768, 128) == (2, 128, 2, 17, False)
+    assert pd.heuristic_config(69, 4, 8, 1, 32768, 128)[:5] == (2, 128, 2, 11, True)
+    assert pd.heuristic_config(37, 4, 8, 1, 32768, 128)[:5] == (2, 128, 2, 17, False)
     assert pd.heuristic_config(16, 4, 8, 1, 32768, 128)[4] is False
 
 
@@ -367,16 +398,18 @@ def test_tuning_table_lookup(tmp_path):
     kind = "Test GPU 80GB"
     entries = [dict(G=4, K=8, B=1, H=128, T=T, S=S, config=cfg) for T, S, cfg in [
         (16, 32768, [1, 64, 4, 33]), (69, 32768, [2, 128, 2, 11]), (69, 131072, [1, 128, 3, 22]),
-        (37, 131072, [2, 128, 2, 20, 1])]]  # a five-number entry carries the ping-pong knob
+        (37, 131072, [2, 128, 2, 20, 1]),  # a five-number entry carries the ping-pong knob
+        (37, 65536, [2, 128, 2, 22, 1, 11, 1])]]  # seven numbers: the lone tile's knobs too
     (tmp_path / tuning.device_file_name(kind)).write_text(json.dumps({"entries": entries}))
     look = lambda T, S, **kw: tuning.lookup(T, kw.get("G", 4), 8, kw.get("B", 1), S, 128, device_kind=kind,  # noqa: E731
                                             table_dir=str(tmp_path))
-    assert look(69, 32768) == (2, 128, 2, 11, False)  # four numbers: measured without ping-pong
-    assert look(37, 20480) == (2, 128, 2, 11, False)  # rows 148 -> the 276-row entry of the 32k table
-    assert look(37, 33536) == (2, 128, 2, 20, True)   # capacity above 32k -> 128k table
+    assert look(69, 32768) == (2, 128, 2, 11, False, 11, False)  # four numbers: measured without ping-pong
+    assert look(37, 20480) == (2, 128, 2, 11, False, 11, False)  # rows 148 -> the 276-row entry of the 32k table
+    assert look(37, 33536) == (2, 128, 2, 22, True, 11, True)  # capacity above 32k -> the 64k table
+    assert look(37, 65536 + 128) == (2, 128, 2, 20, True, 20, False)  # five numbers: lone tile as before
     assert look(5, 33536) is None                     # 20 rows: no one-warpgroup entry in that table
-    assert look(1, 32768) == (1, 64, 4, 33, False)
-    assert look(69, 1 << 20) == (1, 128, 3, 22, False)  # beyond every tuned capacity: the largest rows
+    assert look(1, 32768) == (1, 64, 4, 33, False, 33, False)
+    assert look(69, 1 << 20) == (1, 128, 3, 22, False, 22, False)  # beyond every tuned capacity: the largest rows
     assert look(69, 4096 + 64) is None           # 4160 % 128 != 0: the table's block does not tile it
     assert look(1, 32768)[3] <= 32768 // 64
     assert look(69, 2048) is None                # below MIN_TUNED_CAPACITY
