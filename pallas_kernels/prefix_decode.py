@@ -65,23 +65,21 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                    dtype, pingpong, interpret):
     """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`.
 
-    The grid's first axis enumerates, per KV head, the (m_tiles - 1) * num_splits CTAs of the
-    leading row tiles, then the `lone_splits` CTAs of the last tile (the same count unless that
-    tile is `lone`: one warpgroup of real rows, two compute warpgroups). With `share`, a lone
+    The grid is (KV head x row tile, split, batch) with max(num_splits, lone_splits) splits; the
+    last row tile runs `lone_splits` of them (the same count unless that tile is `lone`: one
+    warpgroup of real rows, two compute warpgroups) and its CTAs beyond exit at once, so the
+    default configs keep the CTA order the kernel was tuned with. With `share`, a lone
     tile's two warpgroups both hold its real rows and each takes one half of every block's keys;
     the second writes its partial into the tile's padding rows (merged like another split)."""
     q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
     S, bk = capacity, block_kv
     nblocks = S // bk
     rows_cta = num_wg * ROWS_PER_WG
-    km, b = lax.axis_index("km"), lax.axis_index("b")
-    units = (m_tiles - 1) * num_splits + lone_splits
-    kh, u = lax.div(km, units), lax.rem(km, units)
-    n_lead = (m_tiles - 1) * num_splits
-    in_last = u >= n_lead
-    mt = jnp.where(in_last, m_tiles - 1, lax.div(u, num_splits))
-    split = jnp.where(in_last, u - n_lead, lax.rem(u, num_splits))
+    km, split, b = lax.axis_index("km"), lax.axis_index("split"), lax.axis_index("b")
+    kh, mt = lax.div(km, m_tiles), lax.rem(km, m_tiles)
+    in_last = mt == m_tiles - 1
     splits_here = jnp.where(in_last, lone_splits, num_splits)
+    active = split < splits_here  # a CTA beyond its tile's split count does nothing
     wg = lax.axis_index("wg")
 
     # --- the visible ring interval, in blocks (scalars, identical in every warpgroup) ---
@@ -103,7 +101,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         blk = lax.rem(first_blk + v0 + step, nblocks)
         return (b, pl.ds(blk * bk, bk), kh)
 
-    @pl.when(wg == num_wg)
+    @pl.when((wg == num_wg) & active)
     def _memory_wg():
         if num_wg > 1:
             plgpu.set_max_registers(40, action="decrease")
@@ -143,7 +141,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     sharing = in_last if (lone and share) else False  # a lone tile whose two warpgroups split its blocks
     idle = (row0 >= rows) & jnp.logical_not(sharing)
     if num_wg > 1:
-        @pl.when((wg < num_wg) & idle)
+        @pl.when((wg < num_wg) & idle & active)
         def _padding_wg():
             plgpu.set_max_registers(232, action="increase")
             # A warpgroup whose 64 rows are all padding (e.g. T * G = 276 rows in 3 x 128) computes
@@ -160,7 +158,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
             schedule_around(lambda: lax.fori_loop(0, steps, idle, None))
 
-    @pl.when((wg < num_wg) & jnp.logical_not(idle))
+    @pl.when((wg < num_wg) & jnp.logical_not(idle) & active)
     def _compute_wg():
         if num_wg > 1:
             plgpu.set_max_registers(232, action="increase")
@@ -392,8 +390,8 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         entry,
         out_type=(jax.ShapeDtypeStruct((B, K, max(num_splits, lone_splits), m_pad, H), q.dtype),
                   jax.ShapeDtypeStruct((B, K, max(num_splits, lone_splits), m_pad), jnp.float32)),
-        grid=(K * ((m_tiles - 1) * num_splits + lone_splits), B),
-        grid_names=("km", "b"),
+        grid=(K * m_tiles, max(num_splits, lone_splits), B),
+        grid_names=("km", "split", "b"),
         num_threads=num_wg + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

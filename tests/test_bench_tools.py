@@ -252,3 +252,16 @@ def test_bench_gemm_rows_tiny(tmp_path):
     assert sorted((r["form"], r["rows"]) for r in rows) == sorted(
         (f, t) for f in ("separate", "fused", "lm_head") for t in (1, 3))
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_profile_prefix_tiny(tmp_path):
+    """The prefix-call profile runs (interpret mode on the CPU) and splits device time into kernel and
+    glue that add up to the total, with the config the call used."""
+    from bench import profile_prefix
+
+    assert profile_prefix.main(["--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("profile_prefix_*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["device_us_per_call"] > 0 and row["device_ops_per_call"] >= 1
+    assert abs(row["kernel_us_per_call"] + row["glue_us_per_call"] - row["device_us_per_call"]) < 1e-6
+    assert len(row["config"]) == 7
