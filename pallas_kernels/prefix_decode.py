@@ -40,6 +40,14 @@ of four idle; 110.6 -> 78.6 us at 32k, 360 -> 280 us at 128k), and the FA3 warpg
 (`pingpong`: the two compute warpgroups alternate on the tensor cores, one's softmax under the
 other's wgmma) takes T = 69 from 110.5 to 99.7 us at 32k (at 128k 369 -> 371 in that run and
 389 -> 352 in another: within run-to-run spread there).
+
+The last row tile of T = 69 (rows 256..275) holds one warpgroup of real rows. Two knobs serve it
+(`lone_splits`: its own split count; `lone_share`: both warpgroups hold its 64 rows and each takes
+one half of every block's keys, the second writing its partial into the tile's padding rows).
+Swept on an H200 (`bash bench/gpu_issue7.sh lone`, bench/README.md): no form beats the default at
+T = 69, 32k; 3-9% at T = 37 and at 128k, measured with a CTA order this kernel no longer uses, so
+no table entry selects them yet. With lone_splits == num_splits and no sharing the kernel and its
+XLA glue are the code from before the knobs.
 """
 
 from __future__ import annotations
@@ -78,8 +86,11 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     km, split, b = lax.axis_index("km"), lax.axis_index("split"), lax.axis_index("b")
     kh, mt = lax.div(km, m_tiles), lax.rem(km, m_tiles)
     in_last = mt == m_tiles - 1
-    splits_here = jnp.where(in_last, lone_splits, num_splits)
-    active = split < splits_here  # a CTA beyond its tile's split count does nothing
+    if lone_splits == num_splits:  # static: the same code as before the lone-tile knobs
+        splits_here, active = num_splits, True
+    else:
+        splits_here = jnp.where(in_last, lone_splits, num_splits)
+        active = split < splits_here  # a CTA beyond its tile's split count does nothing
     wg = lax.axis_index("wg")
 
     # --- the visible ring interval, in blocks (scalars, identical in every warpgroup) ---
@@ -398,17 +409,22 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         interpret=interpret_params(interpret),
     )(lengths.astype(jnp.int32), qf, k_cache, v_cache)
 
-    if not lone:
-        out, lse = combine_splits(o_part[:, :, :num_splits, :rows], lse_part[:, :, :num_splits, :rows])
+    if not lone_share:
+        o_part, lse_part = o_part[:, :, :, :rows], lse_part[:, :, :, :rows]
+        if lone_splits != num_splits:  # the splits a tile does not run hold nothing: weight 0
+            r0 = (m_tiles - 1) * rows_cta
+            runs = lax.broadcasted_iota(jnp.int32, lse_part.shape, 2) < jnp.where(
+                lax.broadcasted_iota(jnp.int32, lse_part.shape, 3) >= r0, lone_splits, num_splits)
+            lse_part = jnp.where(runs, lse_part, -jnp.inf)
+        out, lse = combine_splits(o_part, lse_part)
     else:
-        # Leading tiles over their splits; the lone tile over its own (and, sharing, the second
-        # warpgroup's partials in the tile's padding rows, merged as further splits).
+        # Leading tiles over their splits; the lone tile over its own and the second warpgroup's
+        # partials in the tile's padding rows, merged as further splits.
         r0, r = (m_tiles - 1) * rows_cta, rows - (m_tiles - 1) * rows_cta
-        o_last, l_last = o_part[:, :, :lone_splits, r0:r0 + r], lse_part[:, :, :lone_splits, r0:r0 + r]
-        if lone_share:
-            r1 = r0 + ROWS_PER_WG
-            o_last = jnp.concatenate([o_last, o_part[:, :, :lone_splits, r1:r1 + r]], axis=2)
-            l_last = jnp.concatenate([l_last, lse_part[:, :, :lone_splits, r1:r1 + r]], axis=2)
+        r1 = r0 + ROWS_PER_WG
+        o_last = jnp.concatenate([o_part[:, :, :lone_splits, r0:r0 + r], o_part[:, :, :lone_splits, r1:r1 + r]], axis=2)
+        l_last = jnp.concatenate([lse_part[:, :, :lone_splits, r0:r0 + r], lse_part[:, :, :lone_splits, r1:r1 + r]],
+                                 axis=2)
         out, lse = combine_splits(o_last, l_last)
         if r0:
             o_lead, l_lead = combine_splits(o_part[:, :, :num_splits, :r0], lse_part[:, :, :num_splits, :r0])
