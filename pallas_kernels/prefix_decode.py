@@ -149,7 +149,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         return out
 
     row0 = mt * rows_cta + wg * ROWS_PER_WG  # this warpgroup's output rows
-    sharing = in_last if (lone and share) else False  # a lone tile whose two warpgroups split its blocks
+    sharing = in_last if (lone and share) else False  # a lone tile whose two warpgroups split its keys
     idle = (row0 >= rows) & jnp.logical_not(sharing)
     if num_wg > 1:
         @pl.when((wg < num_wg) & idle & active)
@@ -259,10 +259,9 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
 
 def default_config(T, G, K, B, S, H):
-    """Static tuning knobs: (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share)
-    for a problem shape: the
-    device's measured table (`pallas_kernels.tuning`, written by bench/tune_prefix.py) where it
-    has the shape, else `heuristic_config`."""
+    """Static tuning knobs (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share)
+    for a problem shape: the device's measured table (`pallas_kernels.tuning`, written by
+    bench/tune_prefix.py) where it has the shape, else `heuristic_config`."""
     from pallas_kernels import tuning
 
     return tuning.lookup(T, G, K, B, S, H) or heuristic_config(T, G, K, B, S, H)
@@ -321,7 +320,8 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         default_config); pingpong (two compute warpgroups only) alternates them on the tensor cores.
       lone_splits, lone_share: static knobs for a last row tile with one warpgroup of real rows
         (`lone_tile`): its split count (None = default_config), and whether its second warpgroup
-        shares the first one's rows, each taking half of every block's keys, instead of idling.
+        shares the first one's rows, each taking half of every block's keys, instead of idling
+        (run on the GPU with block_kv = 128; 64-slot blocks only in interpret mode so far).
       interpret: run in Mosaic GPU interpret mode (CPU).
 
     Returns:
