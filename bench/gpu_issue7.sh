@@ -30,7 +30,7 @@ case "$phase" in
       --out "$OUT" > "$OUT/tune.log" 2>&1; echo "tune rc=$?"; tail -22 "$OUT/tune.log"
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
     ;;
-  lone)  # prefix kernel: GPU tests, then the lone last tile's knobs (split count, shared blocks)
+  lone)  # prefix kernel: GPU tests, then the lone last tile's knobs (split count, key halves shared)
     # swept at T = 69 / 37 and merged into this GPU's table; E2E=1: then the 8B verification at 32k
     timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-lone_tile or two_warpgroups}" \
       > "$OUT/lone_tests.log" 2>&1

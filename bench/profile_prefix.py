@@ -21,11 +21,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import bench_kernels  # noqa: E402
+from bench import bench_kernels, tune_prefix  # noqa: E402
 from bench.bench_e2e import summarize_trace  # noqa: E402
 from pallas_kernels import prefix_decode  # noqa: E402
 
@@ -38,15 +37,10 @@ def is_kernel(name: str) -> bool:
     return "mosaic" in low or "prefix_kernel" in low or "entry" in low
 
 
-def profile_point(G, K, H, S, T, interpret, reps):
-    B, N = 1, G * K
-    length = S - 200 if S > 400 else S - 3
-    ks = jax.random.split(jax.random.key(S + T), 3 * U)
-    nbuf = 1 if interpret else U
-    qs = [jax.random.normal(ks[i], (B, T, N, H), jnp.bfloat16) for i in range(U)]
-    caches = [(jax.random.normal(ks[U + i], (B, S, K, H), jnp.bfloat16),
-               jax.random.normal(ks[2 * U + i], (B, S, K, H), jnp.bfloat16)) for i in range(nbuf)]
-    lengths = jnp.full((B,), length, jnp.int32)
+def profile_point(G, K, H, S, T, interpret, reps, bw, peak):
+    B = 1
+    qs, caches, lengths, length, floor = tune_prefix.point_inputs(G, K, H, S, T, interpret, bw, peak)
+    nbuf = len(caches)
     calls = 1 if interpret else U
 
     @jax.jit
@@ -55,7 +49,7 @@ def profile_point(G, K, H, S, T, interpret, reps):
                 for i in range(calls)]
 
     jax.block_until_ready(run(qs, caches, lengths))
-    row = {"T": T, "S": S, "G": G, "K": K, "H": H, "length": length,
+    row = {"T": T, "S": S, "G": G, "K": K, "H": H, "length": length, "floor_us": floor * 1e6,
            "config": list(prefix_decode.default_config(T, G, K, B, S, H))}
     if not interpret:
         row["wall_us_per_call"] = bench_kernels.timeit(run, (qs, caches, lengths), reps=reps)[0] / calls * 1e6
@@ -71,6 +65,7 @@ def profile_point(G, K, H, S, T, interpret, reps):
     kern = sum(o["ms_per_iteration"] for o in ops if is_kernel(o["name"])) * 1e3
     total = summ["device_ms_per_iteration"] * 1e3
     row.update(device_us_per_call=total, kernel_us_per_call=kern, glue_us_per_call=total - kern,
+               kernel_vs_floor=kern / (floor * 1e6),
                device_ops_per_call=summ["ops_per_iteration"],
                glue_ops=[{"name": o["name"][:80], "us_per_call": o["ms_per_iteration"] * 1e3}
                          for o in ops if not is_kernel(o["name"])][:8])
@@ -96,20 +91,24 @@ def main(argv=None):
     meta = dict(benchmark="prefix_profile", device=kind, jax=jax.__version__, python=platform.python_version(),
                 command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
                 time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    # Floors: max(bytes / copy bandwidth, flops / bf16 matmul peak), both measured in this run.
+    bw, peak = (float("nan"), float("nan")) if interpret else bench_kernels.measure_ceilings()
+    meta.update(copy_bw_Bps=bw, bf16_peak_flops=peak)
     rows = []
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile_prefix_" + kind.replace(" ", "_") + ".json")
     for S in args.S:
         for T in args.T:
-            rows.append(profile_point(args.G, args.K, args.H, S, T, interpret, args.reps))
+            rows.append(profile_point(args.G, args.K, args.H, S, T, interpret, args.reps, bw, peak))
             with open(path, "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"wrote {path}")
-    print("     S    T  config                          wall_us  device_us  kernel_us  glue_us  ops")
+    print("     S    T  config                          wall_us  device_us  kernel_us  glue_us  ops  floor_us  kernel/floor")
     for r in rows:
         print(f"{r['S']:6d} {r['T']:4d}  {str(r['config']):30s} {r.get('wall_us_per_call', float('nan')):8.1f} "
               f"{r.get('device_us_per_call', float('nan')):10.1f} {r.get('kernel_us_per_call', float('nan')):10.1f} "
-              f"{r.get('glue_us_per_call', float('nan')):8.1f} {r.get('device_ops_per_call', float('nan')):4.0f}")
+              f"{r.get('glue_us_per_call', float('nan')):8.1f} {r.get('device_ops_per_call', float('nan')):4.0f} "
+              f"{r['floor_us']:9.1f} {r.get('kernel_vs_floor', float('nan')):12.2f}")
     return 0
 
 

@@ -115,7 +115,10 @@ def load_baseline(path):
     return mod
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False):
+def point_inputs(G, K, H, S, T, interpret, bw=float("nan"), peak=float("nan")):
+    """Batch-1 inputs of one (G, K, H, S, T) point: U query sets, the caches they cycle over (U of
+    them natively, enough to exceed L2; one in interpret mode), lengths S - 200, and the
+    max(bytes / bw, flops / peak) floor of one call. Returns (qs, caches, lengths, length, floor)."""
     B = 1
     N = G * K
     length = S - 200 if S > 400 else S - 3
@@ -128,7 +131,13 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
     lengths = jnp.full((B,), length, jnp.int32)
     bytes_read = 2 * B * length * K * H * 2 + 2 * qs[0].size * 2
     flops = 4 * B * T * N * length * H
-    floor = max(bytes_read / bw, flops / peak)
+    return qs, caches, lengths, length, max(bytes_read / bw, flops / peak)
+
+
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False):
+    B = 1
+    qs, caches, lengths, length, floor = point_inputs(G, K, H, S, T, interpret, bw, peak)
+    nbuf = len(caches)
     r_out, r_lse = ref.prefix_attention_ref(qs[0], *caches[0], lengths)
     r_out, r_lse = np.asarray(r_out, np.float32), np.asarray(r_lse)
 

@@ -45,8 +45,8 @@ The last row tile of T = 69 (rows 256..275) holds one warpgroup of real rows. Tw
 (`lone_splits`: its own split count; `lone_share`: both warpgroups hold its 64 rows and each takes
 one half of every block's keys, the second writing its partial into the tile's padding rows).
 Swept on an H200 (`bash bench/gpu_issue7.sh lone`, bench/README.md): no form beats the default at
-T = 69, 32k; 3-9% at T = 37 and at 128k, measured with a CTA order this kernel no longer uses, so
-no table entry selects them yet. With lone_splits == num_splits and no sharing the kernel and its
+T = 69, 32k; 7% at T = 37, 32k and 3% at T = 69, 128k, measured with a CTA order this kernel no
+longer uses, so no table entry selects them yet. With lone_splits == num_splits and no sharing the kernel and its
 XLA glue are the code from before the knobs.
 """
 
@@ -358,10 +358,12 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     if not lone:
         lone_splits, lone_share = num_splits, False
     else:
-        lone_splits = lone_splits or (d_lsp if (num_wg, num_splits) == (d_wg, d_sp) else num_splits)
+        if lone_splits is None:
+            lone_splits = d_lsp if (num_wg, num_splits) == (d_wg, d_sp) else num_splits
         lone_share = bool(d_lsh if lone_share is None else lone_share)
     if num_splits < 1 or lone_splits < 1:
-        raise ValueError(f"num_splits={num_splits} and lone_splits={lone_splits} must be >= 1")
+        raise ValueError(f"num_splits={num_splits} and lone_splits={lone_splits} must be >= 1 "
+                         "(or None for the tuned default)")
     if S % block_kv:
         raise ValueError(f"cache capacity S={S} must be a multiple of block_kv={block_kv} "
                          "(allocate the cache in multiples of 128 slots)")

@@ -388,6 +388,8 @@ def test_prefix_bad_knobs():
         pd.prefix_attention(q, kv, kv, lengths, num_wg=2, block_kv=128, stages=4, interpret=True)
     with pytest.raises(ValueError, match="1 or 2 compute warpgroups"):
         pd.prefix_attention(q, kv, kv, lengths, num_wg=3, interpret=True)
+    with pytest.raises(ValueError, match="lone_splits=0 must be >= 1"):  # 160 rows: the second tile is lone
+        pd.prefix_attention(q, kv, kv, lengths, num_wg=2, lone_splits=0, interpret=True)
 
 
 def test_tuning_table_lookup(tmp_path):

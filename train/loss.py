@@ -86,6 +86,9 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, tokens: jax.Array,
     return total, jnp.sum(weights)
 
 
+DRAFT_PARTS = ("ce", "kl", "target_ce", "agree")  # the logged sums of `chunked_draft_losses`, in order
+
+
 def chunked_draft_losses(hidden: jax.Array, target_hidden: jax.Array, head: jax.Array, tokens: jax.Array,
                          loss_mask: jax.Array, *, chunk: int = 512, distill: float = 0.0,
                          temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -134,10 +137,9 @@ def chunked_draft_losses(hidden: jax.Array, target_hidden: jax.Array, head: jax.
         o, p = chunk_terms(*xs)
         return (obj + o, parts + p), None
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((4,), jnp.float32))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((len(DRAFT_PARTS),), jnp.float32))
     (total, parts), _ = jax.lax.scan(body, init, (h, th, labels, weights))
-    names = ("ce", "kl", "target_ce", "agree")
-    out = {k: parts[i] for i, k in enumerate(names)}
+    out = {k: parts[i] for i, k in enumerate(DRAFT_PARTS)}
     out["count"] = jnp.sum(weights)
     return total, out
 

@@ -202,7 +202,7 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
             return (g_acc, loss_acc + total, n_acc + count, parts_acc), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.params)
-        part_names = ("ce", "kl", "target_ce", "agree") if with_target_logits else ()
+        part_names = loss_lib.DRAFT_PARTS if with_target_logits else ()
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                 {k: jnp.zeros((), jnp.float32) for k in part_names})
         (g_sum, loss_sum, n, parts_sum), _ = jax.lax.scan(micro, init, (jnp.arange(A), tokens, mask))
