@@ -15,6 +15,8 @@
 #                                      # REV:pallas_kernels/prefix_decode.py`), installs this GPU's table
 #   bash bench/gpu_issue7.sh lone      # prefix kernel: GPU tests, then the lone last tile's knobs at T = 69 / 37
 #                                      # (tune_prefix --lone), merged into this GPU's table (E2E=1: + 8B verify at 32k)
+#   bash bench/gpu_issue7.sh overlap   # prefix kernel: GPU tests, then FA3's intra-warpgroup overlap off / on per variant
+#                                      # (tune_prefix --overlap), merged into this GPU's table (E2E=1: + 8B verify at 32k)
 #   bash bench/gpu_issue7.sh gemm      # weight matmuls at verification row counts under XLA GEMM settings
 #                                      # (VARIANTS, each its own process), then the 8B verification at 32k
 #                                      # under each of E2EVARIANTS
@@ -43,6 +45,21 @@ case "$phase" in
       timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
         --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/lone_e2e.log" 2>&1
       echo "e2e rc=$?"; grep -v "^  \[" "$OUT/lone_e2e.log" | tail -8
+    fi
+    ;;
+  overlap)  # prefix kernel: GPU tests of the intra-warpgroup overlap, then each quick variant with it off and on
+    # (same run), merged into this GPU's table; E2E=1: then the 8B verification at 32k with the new table
+    timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-overlap}" \
+      > "$OUT/overlap_tests.log" 2>&1
+    echo "tests rc=$?"; tail -4 "$OUT/overlap_tests.log"
+    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --overlap --install ${BASE:+--baseline "$BASE"} \
+      --T ${TS:-69 37} --S ${SS:-32768 131072} --reps 3 --out "$OUT" > "$OUT/overlap_tune.log" 2>&1
+    echo "tune rc=$?"; grep -v "^{" "$OUT/overlap_tune.log" | tail -10
+    cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+    if [ -n "${E2E:-}" ]; then
+      timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
+        --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/overlap_e2e.log" 2>&1
+      echo "e2e rc=$?"; grep -v "^  \[" "$OUT/overlap_e2e.log" | tail -8
     fi
     ;;
   pingpong)

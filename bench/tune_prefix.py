@@ -2,8 +2,8 @@
 
 For each attention shape (G query heads per KV head, K KV heads, head dim H, batch 1), query count
 T (the AR step, the draft levels and the verification trees) and cache capacity S (holding S - 200
-tokens), every valid knob set (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share) of `prefix_decode.prefix_attention` is
-checked against the float32 reference and timed (U invocations per jitted call, cycling over enough
+tokens), every valid knob set (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share,
+overlap) of `prefix_decode.prefix_attention` is checked against the float32 reference and timed (U invocations per jitted call, cycling over enough
 caches to exceed L2; median of repeats). The fastest valid config per shape goes to
 
     pallas_kernels/tuning/prefix_<device kind>.json   (with --install; else only bench/results)
@@ -15,6 +15,7 @@ peak measured in the same run.
 
     python bench/tune_prefix.py --install                       # H100: Llama-3-8B heads (G=4, K=8)
     python bench/tune_prefix.py --G 4 5 --install               # + QwQ-32B heads (G=5)
+    python bench/tune_prefix.py --quick --overlap --install     # + each variant with the intra-warpgroup overlap
     python bench/tune_prefix.py --interpret --T 5 --S 512       # CPU smoke run (interpret mode)
 """
 
@@ -71,18 +72,28 @@ def lone_variants(T, G, K, B, S, H):
         sp = min(sp, S // 128)
         for pp in (False, True):
             for lsp, share in ((sp, False), (-(-2 * sp // 3), False), (-(-sp // 2), True), (-(-2 * sp // 3), True)):
-                out.append((2, 128, stages, sp, pp, lsp, share))
+                out.append((2, 128, stages, sp, pp, lsp, share, False))
     return list(dict.fromkeys(out))
 
 
-def variants(T, G, K, B, S, H, quick=False, lone=False):
+def variants(T, G, K, B, S, H, quick=False, lone=False, overlap=False):
     """Valid knob sets for a shape: num_wg (1, or 2 where rows > 64), block_kv 64 / 128, the
     deepest pipeline that fits SMEM, split counts giving 1, 2, 3 and 4 waves of CTAs, and, with
     two compute warpgroups, the warpgroup ping-pong off and on. `quick`: the heuristic's split
-    count only. `lone`: only `lone_variants` where the last row tile is lone."""
+    count only. `lone`: only `lone_variants` where the last row tile is lone. `overlap`: each knob
+    set also with the intra-warpgroup overlap (where the pipeline has >= 2 stages)."""
     rows = T * G
     if lone and prefix_decode.lone_tile(rows, 2):
-        return lone_variants(T, G, K, B, S, H)
+        out = lone_variants(T, G, K, B, S, H)
+    else:
+        out = plain_variants(T, G, K, B, S, H, quick)
+    if overlap:
+        out += [v[:7] + (True,) for v in out if v[2] >= 2]
+    return out
+
+
+def plain_variants(T, G, K, B, S, H, quick):
+    rows = T * G
     out = []
     for num_wg in ((1,) if rows <= 64 else (1, 2)):
         for block_kv in (64, 128):
@@ -100,7 +111,7 @@ def variants(T, G, K, B, S, H, quick=False, lone=False):
                 splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for sp in splits:
                 for pp in ((False, True) if num_wg == 2 else (False,)):
-                    out.append((num_wg, block_kv, stages, sp, pp, sp, False))
+                    out.append((num_wg, block_kv, stages, sp, pp, sp, False, False))
     return out
 
 
@@ -134,7 +145,7 @@ def point_inputs(G, K, H, S, T, interpret, bw=float("nan"), peak=float("nan")):
     return qs, caches, lengths, length, max(bytes_read / bw, flops / peak)
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False):
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False, overlap=False):
     B = 1
     qs, caches, lengths, length, floor = point_inputs(G, K, H, S, T, interpret, bw, peak)
     nbuf = len(caches)
@@ -145,17 +156,17 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         if cfg == "baseline":
             call = lambda q, kc, vc: baseline.prefix_attention(q, kc, vc, lengths, interpret=interpret)  # noqa: E731
         else:
-            wg, bk, st, sp, pp, lsp, lsh = cfg
+            wg, bk, st, sp, pp, lsp, lsh, ov = cfg
             call = lambda q, kc, vc: prefix_decode.prefix_attention(  # noqa: E731
                 q, kc, vc, lengths, num_wg=wg, block_kv=bk, stages=st, num_splits=sp, pingpong=pp,
-                lone_splits=lsp, lone_share=lsh, interpret=interpret)
+                lone_splits=lsp, lone_share=lsh, overlap=ov, interpret=interpret)
 
         def run(qs, caches, lengths):
             return [call(qs[i], *caches[i % nbuf]) for i in range(U if not interpret else 1)]
         return jax.jit(run)
 
     heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = variants(T, G, K, B, S, H, quick, lone)
+    cands = variants(T, G, K, B, S, H, quick, lone, overlap)
     if heur not in cands:
         cands.append(heur)
     if baseline is not None:
@@ -202,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the heuristic's split count only (fewer variants)")
     ap.add_argument("--lone", action="store_true",
                     help="where the last row tile is lone, sweep only its knobs (lone_splits, lone_share)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="also time each variant with the intra-warpgroup overlap (FA3: QK^T of block j with PV of j - 1)")
     ap.add_argument("--baseline", help="a previous prefix_decode.py to time next to the current kernel")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
@@ -222,8 +235,8 @@ def main(argv=None):
         if args.install and not args.interpret:  # after every point: a time-limited run keeps its table
             os.makedirs(tuning.TABLE_DIR, exist_ok=True)
             keys = ("G", "K", "B", "H", "T", "S", "config", "t_us", "heuristic_config", "heuristic_t_us", "floor_us")
-            # A table entry's config holds seven knobs: (num_wg, block_kv, stages, num_splits, pingpong,
-            # lone_splits, lone_share).
+            # A table entry's config holds eight knobs: (num_wg, block_kv, stages, num_splits, pingpong,
+            # lone_splits, lone_share, overlap).
             # Merged into the installed table: this run's shapes replace their entries, others stay.
             path = os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind))
             shape = lambda e: tuple(e[k] for k in ("G", "K", "B", "H", "T", "S"))  # noqa: E731
@@ -246,7 +259,7 @@ def main(argv=None):
             for T in args.T:
                 t0 = time.perf_counter()
                 e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline,
-                               args.lone)
+                               args.lone, args.overlap)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])

@@ -116,3 +116,35 @@ def matmul_nn_acc(acc, a_regs, b_smem, interpret: bool):
         plgpu.wgmma(acc_ref, a_regs, b_smem)
 
     return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def matmul_nt_then_nn_acc(a_smem, b_smem, acc, p_regs, v_smem, between, interpret: bool, after_issue=None):
+    """FA3's intra-warpgroup overlap: issue `s = a @ b.T` (SMEM x SMEM) and `acc + p @ v` (A from
+    registers) back to back as two wgmma groups, run `between(s)` once the first is done while the
+    second still runs on the tensor cores, then wait for it. Returns (between(s), acc + p @ v).
+
+    `after_issue()` (optional) runs once both are issued (the warpgroup ping-pong's hand-over). In
+    interpret mode the two products are plain f32-accumulated dots, in the same order.
+    """
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    if interpret:
+        s = jnp.dot(a_smem[...], b_smem[...].T, preferred_element_type=jnp.float32)
+        if after_issue is not None:
+            after_issue()
+        r = between(s)
+        return r, acc + jnp.dot(p_regs, v_smem[...], preferred_element_type=jnp.float32)
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def scope(s_ref, o_ref):
+        o_ref[...] = acc
+        plgpu.wgmma(s_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+        plgpu.wgmma(o_ref, p_regs, v_smem)
+        if after_issue is not None:
+            after_issue()
+        r = between(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))  # the second group may still run
+        return r, o_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC((a_smem.shape[0], b_smem.shape[0]), jnp.float32),
+                         plgpu.ACC(acc.shape, jnp.float32))

@@ -61,7 +61,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._interpret import interpret_params, iota, layout_cast, matmul_nn_acc, matmul_nt
+from pallas_kernels._interpret import (interpret_params, iota, layout_cast, matmul_nn_acc, matmul_nt,
+                                       matmul_nt_then_nn_acc)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -70,7 +71,7 @@ ROWS_PER_WG = 64  # wgmma M per warpgroup
 
 def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capacity, head_dim, rows,
                    m_tiles, num_wg, block_kv, stages, num_splits, lone_splits, lone, share, window, scale_log2,
-                   dtype, pingpong, interpret):
+                   dtype, pingpong, overlap, interpret):
     """One CTA: rows tile `mt` of KV head `kh`, split `split` of batch row `b`.
 
     The grid is (KV head x row tile, split, batch) with max(num_splits, lone_splits) splits; the
@@ -78,7 +79,9 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     warpgroup of real rows, two compute warpgroups) and its CTAs beyond exit at once, so the
     default configs keep the CTA order the kernel was tuned with. With `share`, a lone
     tile's two warpgroups both hold its real rows and each takes one half of every block's keys;
-    the second writes its partial into the tile's padding rows (merged like another split)."""
+    the second writes its partial into the tile's padding rows (merged like another split).
+    `overlap`: FA3's intra-warpgroup overlap, block j's QK^T and block j - 1's PV issued together
+    and block j's softmax run while the PV is on the tensor cores (needs stages >= 2)."""
     q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
     S, bk = capacity, block_kv
     nblocks = S // bk
@@ -162,8 +165,8 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 slot = lax.rem(step, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_cons.at[slot])
-                schedule()
-                schedule()
+                for _ in range(1 if overlap else 2):  # the compute warpgroups' hand-overs per block
+                    schedule()
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_cons.at[slot])
 
@@ -247,7 +250,93 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             carry = lax.fori_loop(head, steps - tail, functools.partial(body, masked=False, half=half), carry)
             return lax.fori_loop(steps - tail, steps, functools.partial(body, masked=True, half=half), carry)
 
-        if lone and share:
+        # --- the overlapped form (FA3's intra-warpgroup pipelining) ---
+        # Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, takes S_j as soon
+        # as its wgmma group is done, and runs block j's softmax while the PV group is still on the
+        # tensor cores; then O is rescaled by block j's alpha. K_j is released after S_j, V_{j-1}
+        # after the PV (one block later than in the plain loop: the pipeline needs >= 2 stages).
+        def tile(step, half):
+            slot = lax.rem(step, stages)
+            if half is None:
+                return slot, k_smem.at[slot], v_smem.at[slot], 0, bk
+            width = bk // 2
+            return (slot, k_smem.at[slot, pl.ds(half * width, width)], v_smem.at[slot, pl.ds(half * width, width)],
+                    half * width, width)
+
+        def probs(qk, step, m_i, l_i, masked, key0, width):
+            s = qk * scale_log2
+            if masked:
+                blk = lax.rem(first_blk + v0 + step, nblocks)
+                slot_ids = blk * bk + key0 + iota((ROWS_PER_WG, width), 1, wgmma_layout, interpret)
+                back = newest - slot_ids
+                back = jnp.where(back < 0, back + S, back)
+                s = jnp.where(back < c, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+        def first_block(half):
+            # Block 0 of the split: S and its softmax only. Masked always (exact on any block).
+            slot, k_tile, _, key0, width = tile(0, half)
+            plgpu.barrier_wait(k_bar.at[slot])
+            qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
+            plgpu.barrier_arrive(k_cons.at[slot])
+            p16, m_new, l_new, _ = probs(qk, 0, m_i, l_i, True, key0, width)
+            return acc, m_new, l_new, p16
+
+        def overlapped(step, carry, masked, half):
+            acc, m_i, l_i, p_prev = carry
+            slot, k_tile, _, key0, width = tile(step, half)
+            pslot, _, v_prev, _, _ = tile(step - 1, half)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[pslot])
+
+            def softmax(qk):
+                plgpu.barrier_arrive(k_cons.at[slot])
+                return probs(qk, step, m_i, l_i, masked, key0, width)
+
+            (p16, m_new, l_new, alpha), acc = matmul_nt_then_nn_acc(
+                q_smem, k_tile, acc, p_prev, v_prev, softmax, interpret, after_issue=schedule)
+            plgpu.barrier_arrive(v_cons.at[pslot])
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            return acc, m_new, l_new, p16
+
+        def last_pv(carry, half):
+            acc, m_i, l_i, p16 = carry
+            slot, _, v_tile, _, _ = tile(steps - 1, half)
+            plgpu.barrier_wait(v_bar.at[slot])
+            acc = matmul_nn_acc(acc, p16, v_tile, interpret)
+            plgpu.barrier_arrive(v_cons.at[slot])
+            return acc, m_i, l_i
+
+        def run_overlapped(half=None):
+            def pipeline():
+                @pl.when(steps > 0)
+                def _blocks():
+                    # Only the split's last block can hold invisible slots past block 0.
+                    tail = jnp.where((v0 + steps == nv) & (steps > 1), 1, 0)
+                    carry = first_block(half)
+                    carry = lax.fori_loop(1, steps - tail, functools.partial(overlapped, masked=False, half=half),
+                                          carry)
+                    carry = lax.fori_loop(steps - tail, steps, functools.partial(overlapped, masked=True, half=half),
+                                          carry)
+                    finish(last_pv(carry, half))
+
+                @pl.when(steps == 0)
+                def _empty():
+                    finish((acc, m_i, l_i))
+
+            schedule_around(pipeline)
+
+        if overlap:
+            if lone and share:
+                pl.when(jnp.logical_not(sharing))(run_overlapped)
+                for parity in range(2):
+                    pl.when(sharing & (wg == parity))(functools.partial(run_overlapped, parity))
+            else:
+                run_overlapped()
+        elif lone and share:
             # A sharing CTA: both warpgroups hold the tile's 64 real rows, warpgroup p takes key
             # half p of every block (the pipeline protocol is unchanged: both consume each block).
             pl.when(jnp.logical_not(sharing))(lambda: finish(schedule_around(loops)))
@@ -259,8 +348,8 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
 
 def default_config(T, G, K, B, S, H):
-    """Static tuning knobs (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share)
-    for a problem shape: the device's measured table (`pallas_kernels.tuning`, written by
+    """Static tuning knobs (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share,
+    overlap) for a problem shape: the device's measured table (`pallas_kernels.tuning`, written by
     bench/tune_prefix.py) where it has the shape, else `heuristic_config`."""
     from pallas_kernels import tuning
 
@@ -293,7 +382,8 @@ def heuristic_config(T, G, K, B, S, H):
     # Warpgroup ping-pong: measured on an H200 (`bash bench/gpu_issue7.sh pingpong`, jax 0.11.2) it
     # gains 2-10% at 276 rows (three row tiles; 10% at 32k in both runs) over the same kernel
     # without it, and nothing at 148 rows (two).
-    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3, num_splits, False
+    # The intra-warpgroup overlap stays off until a measured table entry turns it on.
+    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3, num_splits, False, False
 
 
 def lone_tile(rows, num_wg):
@@ -304,10 +394,10 @@ def lone_tile(rows, num_wg):
 
 @functools.partial(jax.jit, static_argnames=("window", "sm_scale", "num_wg", "block_kv", "stages",
                                              "num_splits", "pingpong", "lone_splits", "lone_share",
-                                             "interpret"))
+                                             "overlap", "interpret"))
 def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, num_wg=None,
                      block_kv=None, stages=None, num_splits=None, pingpong=None, lone_splits=None,
-                     lone_share=None, interpret=False):
+                     lone_share=None, overlap=None, interpret=False):
     """Attention of T queries over the visible slots of a static-capacity KV cache.
 
     Args:
@@ -322,6 +412,8 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         (`lone_tile`): its split count (None = default_config), and whether its second warpgroup
         shares the first one's rows, each taking half of every block's keys, instead of idling
         (run on the GPU with block_kv = 128; 64-slot blocks only in interpret mode so far).
+      overlap: FA3's intra-warpgroup overlap (block j's QK^T issued with block j - 1's PV, block j's
+        softmax under that PV; needs stages >= 2; None = default_config).
       interpret: run in Mosaic GPU interpret mode (CPU).
 
     Returns:
@@ -340,7 +432,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
     G = N // K
-    d_wg, d_bk, d_st, d_sp, d_pp, d_lsp, d_lsh = default_config(T, G, K, B, S, H)
+    d_wg, d_bk, d_st, d_sp, d_pp, d_lsp, d_lsh, d_ov = default_config(T, G, K, B, S, H)
     if stages is None and (num_wg or d_wg, block_kv or d_bk) != (d_wg, d_bk):
         stages = smem_stages(num_wg or d_wg, block_kv or d_bk, H)  # the default's depth is for other tiles
     num_wg = num_wg or d_wg
@@ -353,6 +445,10 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         raise ValueError(f"stages={stages} with num_wg={num_wg}, block_kv={block_kv}, H={H} exceeds shared "
                          f"memory; at most {smem_stages(num_wg, block_kv, H)} (prefix_decode.smem_stages)")
     pingpong = bool(d_pp if pingpong is None else pingpong) and num_wg == 2
+    overlap = bool(d_ov if overlap is None else overlap)
+    if overlap and stages < 2:
+        raise ValueError(f"overlap=True needs stages >= 2 (V of block j - 1 is held while K of block j "
+                         f"arrives), got stages={stages}; pass overlap=False or a smaller block_kv")
     rows = T * G
     lone = lone_tile(rows, num_wg)
     if not lone:
@@ -381,7 +477,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
     kernel_body = functools.partial(
         _prefix_kernel, capacity=S, head_dim=H, rows=T * G, m_tiles=m_tiles, num_wg=num_wg, block_kv=block_kv,
         stages=stages, num_splits=num_splits, lone_splits=lone_splits, lone=lone, share=lone_share, window=window, scale_log2=scale * LOG2E, dtype=q.dtype,
-        pingpong=pingpong, interpret=interpret)
+        pingpong=pingpong, overlap=overlap, interpret=interpret)
 
     def entry(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
         pl.run_scoped(

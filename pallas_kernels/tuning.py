@@ -51,10 +51,11 @@ def current_device_kind() -> str | None:
 
 
 def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | None = None,
-           table_dir: str = TABLE_DIR) -> tuple[int, int, int, int, bool, int, bool] | None:
-    """(num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share) from the device's
-    table, or None. Entries written before a knob existed were measured without it: four numbers
-    mean no ping-pong, five mean the lone last tile ran at num_splits with its second warpgroup idle."""
+           table_dir: str = TABLE_DIR) -> tuple[int, int, int, int, bool, int, bool, bool] | None:
+    """(num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share, overlap) from the
+    device's table, or None. Entries written before a knob existed were measured without it: four
+    numbers mean no ping-pong, five mean the lone last tile ran at num_splits with its second
+    warpgroup idle, seven mean no intra-warpgroup overlap."""
     device_kind = device_kind if device_kind is not None else current_device_kind()
     if device_kind is None or S < MIN_TUNED_CAPACITY:
         return None
@@ -76,6 +77,7 @@ def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | No
     pingpong = bool(e["config"][4]) if len(e["config"]) > 4 else False
     lone_splits = int(e["config"][5]) if len(e["config"]) > 5 else num_splits
     lone_share = bool(e["config"][6]) if len(e["config"]) > 6 else False
+    overlap = bool(e["config"][7]) if len(e["config"]) > 7 else False
     if S % block_kv:
         return None
     # A deeper tiling than the rows need, or more splits than blocks, is never useful.
@@ -84,4 +86,4 @@ def lookup(T: int, G: int, K: int, B: int, S: int, H: int, device_kind: str | No
     num_splits = max(1, min(num_splits, S // block_kv))
     lone_splits = max(1, min(lone_splits, S // block_kv))
     return (int(num_wg), int(block_kv), int(stages), int(num_splits), pingpong and num_wg == 2, lone_splits,
-            lone_share and num_wg == 2)
+            lone_share and num_wg == 2, overlap and stages >= 2)

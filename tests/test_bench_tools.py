@@ -200,17 +200,20 @@ def test_tune_prefix_variants_and_baseline():
     from pallas_kernels import prefix_decode
 
     full = tune_prefix.variants(69, 4, 8, 1, 32768, 128)
-    assert {(wg, pp) for wg, _, _, _, pp, _, _ in full} == {(1, False), (2, False), (2, True)}
-    assert all(lsp == sp and not lsh for _, _, _, sp, _, lsp, lsh in full)  # lone knobs at their old values
+    assert {(wg, pp) for wg, _, _, _, pp, _, _, _ in full} == {(1, False), (2, False), (2, True)}
+    assert all(lsp == sp and not lsh and not ov for _, _, _, sp, _, lsp, lsh, ov in full)  # later knobs off
     quick = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True)
     assert {v[3] for v in quick} == {prefix_decode.heuristic_config(69, 4, 8, 1, 32768, 128)[3]}
     assert all(v[0] == 1 and not v[4] for v in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
     # --lone: the lone tile's knobs, the old form (lone_splits == num_splits, idle) among them.
     lone = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, lone=True)
-    assert (2, 128, 2, 11, True, 11, False) in lone and (2, 128, 2, 13, True, 7, True) in lone
+    assert (2, 128, 2, 11, True, 11, False, False) in lone and (2, 128, 2, 13, True, 7, True, False) in lone
     assert all(v[0] == 2 and v[5] <= v[3] for v in lone)
     assert tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True, lone=True) == \
         tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True)  # 256 rows: no lone tile
+    # --overlap: every knob set with a >= 2-stage pipeline also with the intra-warpgroup overlap.
+    ov = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, overlap=True)
+    assert ov == quick + [v[:7] + (True,) for v in quick if v[2] >= 2] and any(v[7] for v in ov)
     base = tune_prefix.load_baseline(prefix_decode.__file__)
     assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
     assert os.path.samefile(base.__file__, prefix_decode.__file__)

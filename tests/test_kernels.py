@@ -162,6 +162,24 @@ def test_prefix_interpret_lone_tile_shared(lone_splits, pingpong):
                  num_splits=3, num_wg=2, pingpong=pingpong, lone_splits=lone_splits, lone_share=True)
 
 
+@pytest.mark.parametrize("num_wg,pingpong,lone_share", [
+    (2, True, False), pytest.param(1, False, False, marks=slow), pytest.param(2, False, True, marks=slow)])
+def test_prefix_interpret_overlap(num_wg, pingpong, lone_share):
+    """FA3's intra-warpgroup overlap (block j's QK^T issued with block j - 1's PV, block j's softmax
+    under it): the 140-row, 3-split case of the padding-warpgroup test (splits of 2, 1 and 0 blocks:
+    the one-block and empty splits skip the loop), two stages, so the pipeline's ring wraps while V
+    is held one block longer; with the ping-pong, one warpgroup, and the lone tile sharing keys."""
+    check_prefix("pallas_interpret", jnp.float16, 2, 35, 4, 1, 64, 256, [250, 70], None, block_kv=64, stages=2,
+                 num_splits=3, num_wg=num_wg, pingpong=pingpong, lone_share=lone_share, overlap=True)
+
+
+def test_prefix_interpret_overlap_ring_window():
+    """The overlapped loop over a ring that wraps twice under a window (G = 5, the INTERPRET_PREFIX case):
+    one split walks each row's two blocks (both masked: the interval's ends), an empty row."""
+    check_prefix("pallas_interpret", jnp.float16, 3, 2, 5, 1, 64, 128, [300, 0, 77], 100, block_kv=64, num_splits=1,
+                 stages=2, overlap=True)
+
+
 @slow
 @pytest.mark.parametrize("lone_splits", [1, 4])
 def test_prefix_interpret_lone_tile_own_splits(lone_splits):
@@ -351,6 +369,20 @@ def test_prefix_gpu_lone_tile(case, lone_splits, lone_share, pingpong):
 
 
 @gpu
+@pytest.mark.parametrize("case", [
+    (jnp.bfloat16, 1, 69, 32, 8, 128, 32768, [32568], None),  # 276 rows, three row tiles
+    (jnp.float16, 2, 37, 32, 8, 128, 4096, [4000, 129], None),  # 148 rows
+    (jnp.bfloat16, 2, 9, 32, 8, 128, 1024, [1500, 5000], 200),  # ring wraparound + window, 36 rows
+    (jnp.bfloat16, 2, 1, 32, 8, 128, 131072, [777, 131072], None),  # decode rows, one warpgroup
+])
+@pytest.mark.parametrize("pingpong,lone_share", [(True, False), (False, False), (True, True)])
+def test_prefix_gpu_overlap(case, pingpong, lone_share):
+    dtype, B, T, N, K, H, S, lengths, window = case
+    check_prefix("pallas", dtype, B, T, N, K, H, S, lengths, window, block_kv=128, stages=2, num_splits=13,
+                 pingpong=pingpong, lone_share=lone_share, overlap=True)
+
+
+@gpu
 @pytest.mark.parametrize("kind,T,N,K,H,dtype", [
     ("chain", 1, 32, 8, 128, jnp.bfloat16), ("star", 6, 32, 8, 128, jnp.float16),
     ("random", 16, 40, 8, 128, jnp.bfloat16), ("random", 74, 32, 8, 128, jnp.bfloat16),
@@ -390,6 +422,8 @@ def test_prefix_bad_knobs():
         pd.prefix_attention(q, kv, kv, lengths, num_wg=3, interpret=True)
     with pytest.raises(ValueError, match="lone_splits=0 must be >= 1"):  # 160 rows: the second tile is lone
         pd.prefix_attention(q, kv, kv, lengths, num_wg=2, lone_splits=0, interpret=True)
+    with pytest.raises(ValueError, match="overlap=True needs stages >= 2"):
+        pd.prefix_attention(q, kv, kv, lengths, num_wg=2, stages=1, overlap=True, interpret=True)
 
 
 def test_tuning_table_lookup(tmp_path):
@@ -403,17 +437,19 @@ def test_tuning_table_lookup(tmp_path):
     entries = [dict(G=4, K=8, B=1, H=128, T=T, S=S, config=cfg) for T, S, cfg in [
         (16, 32768, [1, 64, 4, 33]), (69, 32768, [2, 128, 2, 11]), (69, 131072, [1, 128, 3, 22]),
         (37, 131072, [2, 128, 2, 20, 1]),  # a five-number entry carries the ping-pong knob
-        (37, 65536, [2, 128, 2, 22, 1, 11, 1])]]  # seven numbers: the lone tile's knobs too
+        (37, 65536, [2, 128, 2, 22, 1, 11, 1]),  # seven numbers: the lone tile's knobs too
+        (69, 65536, [2, 128, 2, 22, 1, 22, 0, 1])]]  # eight: the intra-warpgroup overlap
     (tmp_path / tuning.device_file_name(kind)).write_text(json.dumps({"entries": entries}))
     look = lambda T, S, **kw: tuning.lookup(T, kw.get("G", 4), 8, kw.get("B", 1), S, 128, device_kind=kind,  # noqa: E731
                                             table_dir=str(tmp_path))
-    assert look(69, 32768) == (2, 128, 2, 11, False, 11, False)  # four numbers: measured without ping-pong
-    assert look(37, 20480) == (2, 128, 2, 11, False, 11, False)  # rows 148 -> the 276-row entry of the 32k table
-    assert look(37, 33536) == (2, 128, 2, 22, True, 11, True)  # capacity above 32k -> the 64k table
-    assert look(37, 65536 + 128) == (2, 128, 2, 20, True, 20, False)  # five numbers: lone tile as before
+    assert look(69, 32768) == (2, 128, 2, 11, False, 11, False, False)  # four numbers: measured without ping-pong
+    assert look(37, 20480) == (2, 128, 2, 11, False, 11, False, False)  # rows 148 -> the 276-row entry of the 32k table
+    assert look(37, 33536) == (2, 128, 2, 22, True, 11, True, False)  # capacity above 32k -> the 64k table
+    assert look(37, 65536 + 128) == (2, 128, 2, 20, True, 20, False, False)  # five numbers: lone tile as before
+    assert look(69, 65536) == (2, 128, 2, 22, True, 22, False, True)  # eight numbers: the overlap on
     assert look(5, 33536) is None                     # 20 rows: no one-warpgroup entry in that table
-    assert look(1, 32768) == (1, 64, 4, 33, False, 33, False)
-    assert look(69, 1 << 20) == (1, 128, 3, 22, False, 22, False)  # beyond every tuned capacity: the largest rows
+    assert look(1, 32768) == (1, 64, 4, 33, False, 33, False, False)
+    assert look(69, 1 << 20) == (1, 128, 3, 22, False, 22, False, False)  # beyond every tuned capacity: the largest rows
     assert look(69, 4096 + 64) is None           # 4160 % 128 != 0: the table's block does not tile it
     assert look(1, 32768)[3] <= 32768 // 64
     assert look(69, 2048) is None                # below MIN_TUNED_CAPACITY
