@@ -92,6 +92,11 @@ def variants(T, G, K, B, S, H, quick=False, lone=False, overlap=False):
     return out
 
 
+def keep_variants(cands, num_wg=None, block_kv=None):
+    """The knob sets with the given num_wg / block_kv (None: any)."""
+    return [c for c in cands if (num_wg is None or c[0] == num_wg) and (block_kv is None or c[1] == block_kv)]
+
+
 def plain_variants(T, G, K, B, S, H, quick):
     rows = T * G
     out = []
@@ -145,7 +150,8 @@ def point_inputs(G, K, H, S, T, interpret, bw=float("nan"), peak=float("nan")):
     return qs, caches, lengths, length, max(bytes_read / bw, flops / peak)
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False, overlap=False):
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False, overlap=False,
+               num_wg=None, block_kv=None):
     B = 1
     qs, caches, lengths, length, floor = point_inputs(G, K, H, S, T, interpret, bw, peak)
     nbuf = len(caches)
@@ -166,7 +172,8 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         return jax.jit(run)
 
     heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = variants(T, G, K, B, S, H, quick, lone, overlap)
+    cands = keep_variants(variants(T, G, K, B, S, H, quick, lone, overlap), num_wg, block_kv) or \
+        variants(T, G, K, B, S, H, quick, lone, overlap)
     if heur not in cands:
         cands.append(heur)
     if baseline is not None:
@@ -215,6 +222,8 @@ def main(argv=None):
                     help="where the last row tile is lone, sweep only its knobs (lone_splits, lone_share)")
     ap.add_argument("--overlap", action="store_true",
                     help="also time each variant with the intra-warpgroup overlap (FA3: QK^T of block j with PV of j - 1)")
+    ap.add_argument("--num-wg", type=int, help="only knob sets with this many compute warpgroups")
+    ap.add_argument("--block-kv", type=int, help="only knob sets with this block size")
     ap.add_argument("--baseline", help="a previous prefix_decode.py to time next to the current kernel")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
@@ -259,7 +268,7 @@ def main(argv=None):
             for T in args.T:
                 t0 = time.perf_counter()
                 e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline,
-                               args.lone, args.overlap)
+                               args.lone, args.overlap, args.num_wg, args.block_kv)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])

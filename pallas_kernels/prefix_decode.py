@@ -264,6 +264,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                     half * width, width)
 
         def probs(qk, step, m_i, l_i, masked, key0, width):
+            """Block `step`'s online-softmax update; p stays float32 (see `overlapped`)."""
             s = qk * scale_log2
             if masked:
                 blk = lax.rem(first_blk + v0 + step, nblocks)
@@ -274,7 +275,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
+            return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 
         def first_block(half):
             # Block 0 of the split: S and its softmax only. Masked always (exact on any block).
@@ -282,8 +283,8 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             plgpu.barrier_wait(k_bar.at[slot])
             qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
             plgpu.barrier_arrive(k_cons.at[slot])
-            p16, m_new, l_new, _ = probs(qk, 0, m_i, l_i, True, key0, width)
-            return acc, m_new, l_new, p16
+            p, m_new, l_new, _ = probs(qk, 0, m_i, l_i, True, key0, width)
+            return acc, m_new, l_new, p.astype(dtype)
 
         def overlapped(step, carry, masked, half):
             acc, m_i, l_i, p_prev = carry
@@ -296,11 +297,14 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 plgpu.barrier_arrive(k_cons.at[slot])
                 return probs(qk, step, m_i, l_i, masked, key0, width)
 
-            (p16, m_new, l_new, alpha), acc = matmul_nt_then_nn_acc(
+            (p, m_new, l_new, alpha), acc = matmul_nt_then_nn_acc(
                 q_smem, k_tile, acc, p_prev, v_prev, softmax, interpret, after_issue=schedule)
             plgpu.barrier_arrive(v_cons.at[pslot])
+            # Registers a wgmma reads (the next PV's A operand, the accumulator) are written only
+            # after this PV is done: ptxas serialises every wgmma of the kernel otherwise (C7513,
+            # seen with the bf16 cast inside the softmax above).
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            return acc, m_new, l_new, p16
+            return acc, m_new, l_new, p.astype(dtype)
 
         def last_pv(carry, half):
             acc, m_i, l_i, p16 = carry
