@@ -52,7 +52,7 @@ case "$phase" in
     timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-overlap}" \
       > "$OUT/overlap_tests.log" 2>&1
     echo "tests rc=$?"; tail -4 "$OUT/overlap_tests.log"
-    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --overlap --install ${BASE:+--baseline "$BASE"} \
+    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --overlap --install ${BASE:+--baseline "$BASE"} ${TUNEARGS:-} \
       --T ${TS:-69 37} --S ${SS:-32768 131072} --reps 3 --out "$OUT" > "$OUT/overlap_tune.log" 2>&1
     echo "tune rc=$?"; grep -v "^{" "$OUT/overlap_tune.log" | tail -10
     cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null

@@ -82,7 +82,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
     the second writes its partial into the tile's padding rows (merged like another split).
     `overlap`: FA3's intra-warpgroup overlap, block j's QK^T and block j - 1's PV issued together
     and block j's softmax run while the PV is on the tensor cores (needs stages >= 2)."""
-    q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched = scoped
+    q_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_cons, v_cons, sched, turn = scoped
     S, bk = capacity, block_kv
     nblocks = S // bk
     rows_cta = num_wg * ROWS_PER_WG
@@ -144,12 +144,28 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
     def schedule_around(loop):
         """Run `loop()` inside the ping-pong's opening and closing hand-overs (warpgroup 0 first)."""
+        if pingpong and overlap:  # the turns: warpgroup 1 gives the first, warpgroup 0 takes the last
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+            out = loop()
+            pl.when(wg == 0)(lambda: plgpu.barrier_wait(turn.at[0]))
+            return out
         if pingpong:
             pl.when(wg == 1)(schedule)
         out = loop()
         if pingpong:
             pl.when(wg == 0)(schedule)
         return out
+
+    # The ping-pong of the overlapped form (FA3's): a warpgroup waits for its turn, issues its block's
+    # two wgmma groups, and passes the turn on without waiting, so the two warpgroups' issues
+    # alternate and each one's softmax runs under the other's matmuls.
+    def take_turn():
+        if pingpong:
+            plgpu.barrier_wait(turn.at[wg])
+
+    def pass_turn():
+        if pingpong:
+            plgpu.barrier_arrive(turn.at[1 - wg])
 
     row0 = mt * rows_cta + wg * ROWS_PER_WG  # this warpgroup's output rows
     sharing = in_last if (lone and share) else False  # a lone tile whose two warpgroups split its keys
@@ -165,7 +181,11 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 slot = lax.rem(step, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_cons.at[slot])
-                for _ in range(1 if overlap else 2):  # the compute warpgroups' hand-overs per block
+                if overlap:  # the overlapped form's turn per block
+                    take_turn()
+                    pass_turn()
+                else:
+                    schedule()
                     schedule()
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_cons.at[slot])
@@ -281,7 +301,8 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             # Block 0 of the split: S and its softmax only. Masked always (exact on any block).
             slot, k_tile, _, key0, width = tile(0, half)
             plgpu.barrier_wait(k_bar.at[slot])
-            qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
+            take_turn()
+            qk = matmul_nt(q_smem, k_tile, interpret, after_issue=pass_turn)
             plgpu.barrier_arrive(k_cons.at[slot])
             p, m_new, l_new, _ = probs(qk, 0, m_i, l_i, True, key0, width)
             return acc, m_new, l_new, p.astype(dtype)
@@ -297,8 +318,9 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
                 plgpu.barrier_arrive(k_cons.at[slot])
                 return probs(qk, step, m_i, l_i, masked, key0, width)
 
+            take_turn()
             (p, m_new, l_new, alpha), acc = matmul_nt_then_nn_acc(
-                q_smem, k_tile, acc, p_prev, v_prev, softmax, interpret, after_issue=schedule)
+                q_smem, k_tile, acc, p_prev, v_prev, softmax, interpret, after_issue=pass_turn)
             plgpu.barrier_arrive(v_cons.at[pslot])
             # Registers a wgmma reads (the next PV's A operand, the accumulator) are written only
             # after this PV is done: ptxas serialises every wgmma of the kernel otherwise (C7513,
@@ -496,6 +518,7 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
             plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
             plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
             plgpu.Barrier(num_arrivals=num_wg),  # ping-pong schedule (unused without it)
+            plgpu.Barrier(num_barriers=2),  # the overlapped form's ping-pong turns (unused without both)
             collective_axes="wg",
         )
 
