@@ -48,6 +48,17 @@ Swept on an H200 (`bash bench/gpu_issue7.sh lone`, bench/README.md): no form bea
 T = 69, 32k; 7% at T = 37, 32k and 3% at T = 69, 128k, measured with a CTA order this kernel no
 longer uses, so no table entry selects them yet. With lone_splits == num_splits and no sharing the kernel and its
 XLA glue are the code from before the knobs.
+
+FA3's intra-warpgroup overlap (`overlap`): iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+as two wgmma groups, waits for the first only, and runs block j's softmax while the PV is on the
+tensor cores. The bf16 cast of P and the rescale of O come after the PV's wait: with the cast inside
+the softmax, ptxas serialised every wgmma of the kernel (C7513, bench/results/dump_prefix_H200_69_32k.txt)
+and the form lost 2-30%. With the ping-pong, a warpgroup waits for its turn, issues both groups and
+passes the turn on without waiting (FA3's scheme; the two-hand-over barrier of the plain form made
+the pair slower than either alone). Measured on an H200 against the same knobs without it, same run
+(`bash bench/gpu_issue7.sh overlap`, bench/results/tune_prefix_H200_overlap*.json): T = 69 at 32k
+107.4 -> 96.3 us (2.0x its compute floor), at 128k 357.8 -> 353.1 us (the best form there has no
+ping-pong: 390.9 -> 353.1), T = 37 at 32k 80.5 -> 77.8 us; it is in the H200 table and the heuristic.
 """
 
 from __future__ import annotations
@@ -408,8 +419,12 @@ def heuristic_config(T, G, K, B, S, H):
     # Warpgroup ping-pong: measured on an H200 (`bash bench/gpu_issue7.sh pingpong`, jax 0.11.2) it
     # gains 2-10% at 276 rows (three row tiles; 10% at 32k in both runs) over the same kernel
     # without it, and nothing at 148 rows (two).
-    # The intra-warpgroup overlap stays off until a measured table entry turns it on.
-    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3, num_splits, False, False
+    # The intra-warpgroup overlap: measured on an H200 (`bash bench/gpu_issue7.sh overlap`, jax 0.11.2)
+    # with two compute warpgroups, T = 37 / 69 and 4k / 32k / 128k, it is 1-29% faster than the same
+    # knobs without it at every point but one (T = 37, 4k, with the ping-pong, which the heuristic
+    # does not pick there: 5% slower). Not measured with one warpgroup since its serialised first form, so off there.
+    overlap = num_wg == 2 and stages >= 2
+    return num_wg, block_kv, stages, num_splits, num_wg == 2 and m_tiles >= 3, num_splits, False, overlap
 
 
 def lone_tile(rows, num_wg):

@@ -267,4 +267,4 @@ def test_profile_prefix_tiny(tmp_path):
     (row,) = json.loads(path.read_text())["rows"]
     assert row["device_us_per_call"] > 0 and row["device_ops_per_call"] >= 1
     assert abs(row["kernel_us_per_call"] + row["glue_us_per_call"] - row["device_us_per_call"]) < 1e-6
-    assert len(row["config"]) == 7
+    assert len(row["config"]) == 8  # (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share, overlap)

@@ -402,12 +402,15 @@ def test_hybrid_gpu(kind, T, N, lengths, window):
 
 def test_prefix_heuristic_pingpong():
     """The heuristic turns the warpgroup ping-pong on from three 128-row tiles (276 rows at T = 69,
-    G = 4), where the H200 sweep measured it faster, and off below."""
+    G = 4), where the H200 sweep measured it faster, and off below; the overlap with two warpgroups."""
     from pallas_kernels import prefix_decode as pd
 
     assert pd.heuristic_config(69, 4, 8, 1, 32768, 128)[:5] == (2, 128, 2, 11, True)
     assert pd.heuristic_config(37, 4, 8, 1, 32768, 128)[:5] == (2, 128, 2, 17, False)
     assert pd.heuristic_config(16, 4, 8, 1, 32768, 128)[4] is False
+    # The intra-warpgroup overlap: on with two compute warpgroups (measured on an H200), off with one.
+    assert pd.heuristic_config(69, 4, 8, 1, 32768, 128)[7] is True
+    assert pd.heuristic_config(5, 4, 8, 1, 32768, 128)[7] is False
 
 
 def test_prefix_bad_knobs():
