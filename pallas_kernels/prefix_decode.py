@@ -486,7 +486,9 @@ def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None
         raise ValueError(f"stages={stages} with num_wg={num_wg}, block_kv={block_kv}, H={H} exceeds shared "
                          f"memory; at most {smem_stages(num_wg, block_kv, H)} (prefix_decode.smem_stages)")
     pingpong = bool(d_pp if pingpong is None else pingpong) and num_wg == 2
-    overlap = bool(d_ov if overlap is None else overlap)
+    if overlap is None:  # the default's choice for its own warpgroup count; the heuristic's rule otherwise
+        overlap = bool(d_ov if num_wg == d_wg else num_wg == 2) and stages >= 2
+    overlap = bool(overlap)
     if overlap and stages < 2:
         raise ValueError(f"overlap=True needs stages >= 2 (V of block j - 1 is held while K of block j "
                          f"arrives), got stages={stages}; pass overlap=False or a smaller block_kv")

@@ -214,6 +214,9 @@ def test_tune_prefix_variants_and_baseline():
     # --overlap: every knob set with a >= 2-stage pipeline also with the intra-warpgroup overlap.
     ov = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, overlap=True)
     assert ov == quick + [v[:7] + (True,) for v in quick if v[2] >= 2] and any(v[7] for v in ov)
+    # --num-wg / --block-kv keep only the knob sets with those values.
+    assert {(v[0], v[1]) for v in tune_prefix.keep_variants(ov, num_wg=2, block_kv=128)} == {(2, 128)}
+    assert tune_prefix.keep_variants(ov) == ov
     base = tune_prefix.load_baseline(prefix_decode.__file__)
     assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
     assert os.path.samefile(base.__file__, prefix_decode.__file__)

@@ -427,6 +427,8 @@ def test_prefix_bad_knobs():
         pd.prefix_attention(q, kv, kv, lengths, num_wg=2, lone_splits=0, interpret=True)
     with pytest.raises(ValueError, match="overlap=True needs stages >= 2"):
         pd.prefix_attention(q, kv, kv, lengths, num_wg=2, stages=1, overlap=True, interpret=True)
+    # Without overlap= the default's overlap gives way to a one-stage pipeline instead of failing.
+    jax.eval_shape(lambda: pd.prefix_attention(q, kv, kv, lengths, num_wg=2, stages=1, interpret=True))
 
 
 def test_tuning_table_lookup(tmp_path):
