@@ -217,6 +217,22 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         l_i = layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), wgmma_layout.reduce(1), interpret)
         acc = layout_cast(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), wgmma_layout, interpret)
 
+        def probs(qk, step, m_i, l_i, masked, key0, width):
+            """Block `step`'s online-softmax update from its raw scores: (p in float32, m, l, alpha)."""
+            s = qk * scale_log2  # base-2 logits
+            if masked:
+                # Ring visibility of each key slot of this block: (newest - s) mod S < c.
+                blk = lax.rem(first_blk + v0 + step, nblocks)
+                slot_ids = blk * bk + key0 + iota((ROWS_PER_WG, width), 1, wgmma_layout, interpret)
+                back = newest - slot_ids
+                back = jnp.where(back < 0, back + S, back)
+                s = jnp.where(back < c, s, -jnp.inf)
+            # Every walked block holds >= 1 visible key, so m_new is finite after the first step.
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            return p, m_new, l_i * alpha + p.sum(axis=1), alpha
+
         def body(step, carry, masked, half=None):
             """One block; `half` (share mode): only that half of the block's keys."""
             acc, m_i, l_i = carry
@@ -230,20 +246,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             plgpu.barrier_wait(k_bar.at[slot])
             qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
             plgpu.barrier_arrive(k_cons.at[slot])
-            s = qk * scale_log2  # base-2 logits
-            if masked:
-                # Ring visibility of each key slot of this block: (newest - s) mod S < c.
-                blk = lax.rem(first_blk + v0 + step, nblocks)
-                slot_ids = blk * bk + key0 + iota((ROWS_PER_WG, width), 1, wgmma_layout, interpret)
-                back = newest - slot_ids
-                back = jnp.where(back < 0, back + S, back)
-                s = jnp.where(back < c, s, -jnp.inf)
-
-            # Every walked block holds >= 1 visible key, so m_new is finite after the first step.
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            p, m_new, l_i, alpha = probs(qk, step, m_i, l_i, masked, key0, width)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p16 = p.astype(dtype)
             if pingpong:
@@ -293,20 +296,6 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
             width = bk // 2
             return (slot, k_smem.at[slot, pl.ds(half * width, width)], v_smem.at[slot, pl.ds(half * width, width)],
                     half * width, width)
-
-        def probs(qk, step, m_i, l_i, masked, key0, width):
-            """Block `step`'s online-softmax update; p stays float32 (see `overlapped`)."""
-            s = qk * scale_log2
-            if masked:
-                blk = lax.rem(first_blk + v0 + step, nblocks)
-                slot_ids = blk * bk + key0 + iota((ROWS_PER_WG, width), 1, wgmma_layout, interpret)
-                back = newest - slot_ids
-                back = jnp.where(back < 0, back + S, back)
-                s = jnp.where(back < c, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 
         def first_block(half):
             # Block 0 of the split: S and its softmax only. Masked always (exact on any block).
