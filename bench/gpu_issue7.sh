@@ -26,6 +26,23 @@ mkdir -p "$OUT"
 phase=${1:?phase}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+# A prefix-kernel phase: GPU tests (-k $1), then a quick tune_prefix sweep (its flags: the rest)
+# merged into this GPU's table; E2E=1: then the 8B verification at 32k with the new table.
+kernel_phase() {
+  local name=$1 tests=$2; shift 2
+  timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-$tests}" \
+    > "$OUT/${name}_tests.log" 2>&1
+  echo "tests rc=$?"; tail -4 "$OUT/${name}_tests.log"
+  timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --install "$@" --reps 3 --out "$OUT" \
+    > "$OUT/${name}_tune.log" 2>&1
+  echo "tune rc=$?"; grep -v "^{" "$OUT/${name}_tune.log" | tail -10
+  cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
+  if [ -n "${E2E:-}" ]; then
+    timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
+      --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/${name}_e2e.log" 2>&1
+    echo "e2e rc=$?"; grep -v "^  \[" "$OUT/${name}_e2e.log" | tail -8
+  fi
+}
 case "$phase" in
   tune)  # prefix-kernel tuning table (installed into pallas_kernels/tuning/)
     timeout 260 python bench/tune_prefix.py --install --T 69 37 16 5 --S 32768 131072 4096 --reps 3 \
@@ -34,33 +51,14 @@ case "$phase" in
     ;;
   lone)  # prefix kernel: GPU tests, then the lone last tile's knobs (split count, key halves shared)
     # swept at T = 69 / 37 and merged into this GPU's table; E2E=1: then the 8B verification at 32k
-    timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-lone_tile or two_warpgroups}" \
-      > "$OUT/lone_tests.log" 2>&1
-    echo "tests rc=$?"; tail -4 "$OUT/lone_tests.log"
-    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --lone --install --T ${TS:-69 37} \
-      --S ${SS:-32768 131072 4096} --reps 3 --out "$OUT" > "$OUT/lone_tune.log" 2>&1
-    echo "tune rc=$?"; grep -v "^{" "$OUT/lone_tune.log" | tail -10
-    cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
-    if [ -n "${E2E:-}" ]; then
-      timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
-        --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/lone_e2e.log" 2>&1
-      echo "e2e rc=$?"; grep -v "^  \[" "$OUT/lone_e2e.log" | tail -8
-    fi
+    # shellcheck disable=SC2086
+    kernel_phase lone "lone_tile or two_warpgroups" --lone --T ${TS:-69 37} --S ${SS:-32768 131072 4096}
     ;;
   overlap)  # prefix kernel: GPU tests of the intra-warpgroup overlap, then each quick variant with it off and on
     # (same run), merged into this GPU's table; E2E=1: then the 8B verification at 32k with the new table
-    timeout "${TESTLIMIT:-200}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-overlap}" \
-      > "$OUT/overlap_tests.log" 2>&1
-    echo "tests rc=$?"; tail -4 "$OUT/overlap_tests.log"
-    timeout "${LIMIT:-330}" python bench/tune_prefix.py --quick --overlap --install ${BASE:+--baseline "$BASE"} ${TUNEARGS:-} \
-      --T ${TS:-69 37} --S ${SS:-32768 131072} --reps 3 --out "$OUT" > "$OUT/overlap_tune.log" 2>&1
-    echo "tune rc=$?"; grep -v "^{" "$OUT/overlap_tune.log" | tail -10
-    cp pallas_kernels/tuning/*.json "$OUT/" 2>/dev/null
-    if [ -n "${E2E:-}" ]; then
-      timeout "${E2ELIMIT:-300}" python bench/bench_e2e.py --contexts 32768 --trees "4 16 16 16 16" "1 1 1 1" \
-        --loop-trees "4 16 16 16 16" --steps 8 --out "$OUT" > "$OUT/overlap_e2e.log" 2>&1
-      echo "e2e rc=$?"; grep -v "^  \[" "$OUT/overlap_e2e.log" | tail -8
-    fi
+    # shellcheck disable=SC2086
+    kernel_phase overlap overlap --overlap ${BASE:+--baseline "$BASE"} ${TUNEARGS:-} --T ${TS:-69 37} \
+      --S ${SS:-32768 131072}
     ;;
   pingpong)
     timeout "${TESTLIMIT:-240}" python -m pytest -q -m gpu tests/test_kernels.py -k "${TESTK:-prefix}" > "$OUT/pingpong_tests.log" 2>&1
