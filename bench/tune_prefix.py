@@ -172,8 +172,8 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         return jax.jit(run)
 
     heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = keep_variants(variants(T, G, K, B, S, H, quick, lone, overlap), num_wg, block_kv) or \
-        variants(T, G, K, B, S, H, quick, lone, overlap)
+    cands = variants(T, G, K, B, S, H, quick, lone, overlap)
+    cands = keep_variants(cands, num_wg, block_kv) or cands  # a filter that keeps nothing: all of them
     if heur not in cands:
         cands.append(heur)
     if baseline is not None:

@@ -53,7 +53,7 @@ FA3's intra-warpgroup overlap (`overlap`): iteration j issues S_j = Q K_j^T and 
 as two wgmma groups, waits for the first only, and runs block j's softmax while the PV is on the
 tensor cores. The bf16 cast of P and the rescale of O come after the PV's wait: with the cast inside
 the softmax, ptxas serialised every wgmma of the kernel (C7513, bench/results/dump_prefix_H200_69_32k.txt)
-and the form lost 2-30%. With the ping-pong, a warpgroup waits for its turn, issues both groups and
+and the form lost 0.3-31%. With the ping-pong, a warpgroup waits for its turn, issues both groups and
 passes the turn on without waiting (FA3's scheme; the two-hand-over barrier of the plain form made
 the pair slower than either alone). Measured on an H200 against the same knobs without it, same run
 (`bash bench/gpu_issue7.sh overlap`, bench/results/tune_prefix_H200_overlap*.json): T = 69 at 32k
@@ -217,6 +217,16 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         l_i = layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), wgmma_layout.reduce(1), interpret)
         acc = layout_cast(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), wgmma_layout, interpret)
 
+        def tile(step, half):
+            """(slot, K tile, V tile, first key, key count) of block `step`; `half` (share mode): that
+            half of the block's keys."""
+            slot = lax.rem(step, stages)
+            if half is None:
+                return slot, k_smem.at[slot], v_smem.at[slot], 0, bk
+            width = bk // 2
+            return (slot, k_smem.at[slot, pl.ds(half * width, width)], v_smem.at[slot, pl.ds(half * width, width)],
+                    half * width, width)
+
         def probs(qk, step, m_i, l_i, masked, key0, width):
             """Block `step`'s online-softmax update from its raw scores: (p in float32, m, l, alpha)."""
             s = qk * scale_log2  # base-2 logits
@@ -236,13 +246,7 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         def body(step, carry, masked, half=None):
             """One block; `half` (share mode): only that half of the block's keys."""
             acc, m_i, l_i = carry
-            slot = lax.rem(step, stages)
-            if half is None:
-                k_tile, v_tile, key0, width = k_smem.at[slot], v_smem.at[slot], 0, bk
-            else:
-                width = bk // 2
-                key0 = half * width
-                k_tile, v_tile = k_smem.at[slot, pl.ds(key0, width)], v_smem.at[slot, pl.ds(key0, width)]
+            slot, k_tile, v_tile, key0, width = tile(step, half)
             plgpu.barrier_wait(k_bar.at[slot])
             qk = matmul_nt(q_smem, k_tile, interpret, after_issue=schedule)
             plgpu.barrier_arrive(k_cons.at[slot])
@@ -289,14 +293,6 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
         # as its wgmma group is done, and runs block j's softmax while the PV group is still on the
         # tensor cores; then O is rescaled by block j's alpha. K_j is released after S_j, V_{j-1}
         # after the PV (one block later than in the plain loop: the pipeline needs >= 2 stages).
-        def tile(step, half):
-            slot = lax.rem(step, stages)
-            if half is None:
-                return slot, k_smem.at[slot], v_smem.at[slot], 0, bk
-            width = bk // 2
-            return (slot, k_smem.at[slot, pl.ds(half * width, width)], v_smem.at[slot, pl.ds(half * width, width)],
-                    half * width, width)
-
         def first_block(half):
             # Block 0 of the split: S and its softmax only. Masked always (exact on any block).
             slot, k_tile, _, key0, width = tile(0, half)
@@ -355,22 +351,18 @@ def _prefix_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *, capa
 
             schedule_around(pipeline)
 
-        if overlap:
-            if lone and share:
-                pl.when(jnp.logical_not(sharing))(run_overlapped)
-                for parity in range(2):
-                    pl.when(sharing & (wg == parity))(functools.partial(run_overlapped, parity))
-            else:
-                run_overlapped()
-        elif lone and share:
+        def run_plain(half=None):
+            finish(schedule_around(lambda: loops(half)))
+
+        run = run_overlapped if overlap else run_plain
+        if lone and share:
             # A sharing CTA: both warpgroups hold the tile's 64 real rows, warpgroup p takes key
             # half p of every block (the pipeline protocol is unchanged: both consume each block).
-            pl.when(jnp.logical_not(sharing))(lambda: finish(schedule_around(loops)))
+            pl.when(jnp.logical_not(sharing))(run)
             for parity in range(2):
-                pl.when(sharing & (wg == parity))(
-                    functools.partial(lambda p: finish(schedule_around(lambda: loops(p))), parity))
+                pl.when(sharing & (wg == parity))(functools.partial(run, parity))
         else:
-            finish(schedule_around(loops))
+            run()
 
 
 def default_config(T, G, K, B, S, H):
