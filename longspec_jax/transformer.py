@@ -74,6 +74,19 @@ class Transformer(nnx.Module):
             return self.embedder.attend(h)
         return self.lm_head(h)
 
+    def head_weight(self) -> jax.Array:
+        """The output projection as [D, V] in its storage dtype: the untied LM head, or the transposed
+        tied embedding. The one accessor for everything that reads the head outside `logits`
+        (training losses, draft-vocabulary columns)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embedder.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    @property
+    def head_dtype(self):
+        """Compute dtype of the LM head: the operand dtype of the einsum in `logits`."""
+        return self.embedder.dtype if self.cfg.tie_word_embeddings else self.lm_head.dtype
+
     def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin [B, T, H] float32 of this model's RoPE at `positions` [B, T]."""
         return rope_cos_sin(self.cfg.rope, self.cfg.head_dim, positions)
