@@ -72,11 +72,11 @@ class Acceptance:
     tokens: jax.Array
 
 
-def target_choices(key: jax.Array, logits: jax.Array, sampling) -> jax.Array:
-    """int32 [B, Nn]: one independent target draw per node (argmax when temperature == 0).
+def target_choices(key: jax.Array | None, logits: jax.Array, sampling) -> jax.Array:
+    """int32 [B, Nn]: one independent target draw per node (argmax for rows at temperature 0).
 
-    `sampling.sample` draws with a single key over all leading dimensions; jax.random.categorical
-    uses independent randomness per row, which is what the losslessness argument needs.
+    `key` is one key or a [B] array of per-row keys; either way every (row, node) gets independent
+    randomness (`sampling.categorical`), which is what the losslessness argument needs.
     """
     return sampling_lib.sample(key, logits, sampling).astype(jnp.int32)
 
@@ -112,25 +112,29 @@ def accept_sampled_chain(key: jax.Array, tree: Tree, shape: TreeShape, logits: j
                          sampling) -> Acceptance:
     """Speculative sampling over a chain whose drafts were drawn from q (module docstring).
 
+    Rows at temperature 0 are exact too: q and p are one-hot, so a draft is accepted iff it is the
+    target's argmax and the residual (or p_D) is the target's argmax: greedy acceptance.
+
     Args:
-      key: PRNG key for the acceptance draws and the bonus token (fresh every iteration).
+      key: PRNG key, or [B] per-row keys, for the acceptance draws and the bonus token (fresh every
+        iteration).
       tree: a chain (node d at depth d, parent d - 1); tree.tokens[:, d] = x_d ~ q_d for d >= 1.
       shape: its static shape (`shape.is_chain`).
       logits: float32 [B, D + 1, V] the target's logits at nodes 0..D.
       q_probs: float32 [B, D, V] q_d, the draft distribution x_d was drawn from (probabilities over
         the full vocabulary; zero outside a draft vocabulary).
-      sampling: SamplingParams with temperature > 0 (p = exp(process_logits(logits, sampling))).
+      sampling: SamplingParams or RowSampling (p = exp(process_logits(logits, sampling))).
     """
-    if not shape.is_chain or sampling.is_greedy:
-        raise ValueError("accept_sampled_chain needs a chain tree shape and temperature > 0")
+    if not shape.is_chain:
+        raise ValueError(f"accept_sampled_chain needs a chain tree shape (one node per depth), got {shape}")
     D, G = shape.depth, shape.max_accept
     B = logits.shape[0]
     p = jnp.exp(sampling_lib.process_logits(logits, sampling))  # [B, D + 1, V]
     drafts = tree.tokens[:, 1:]  # [B, D] x_1 .. x_D
     p_x = jnp.take_along_axis(p[:, :D], drafts[:, :, None], axis=-1)[..., 0]  # p_{d-1}(x_d)
     q_x = jnp.take_along_axis(q_probs, drafts[:, :, None], axis=-1)[..., 0]  # q_d(x_d) > 0 (it was drawn)
-    k_u, k_bonus = jax.random.split(key)
-    u = jax.random.uniform(k_u, (B, D), jnp.float32)
+    k_u, k_bonus = sampling_lib.split(key)
+    u = sampling_lib.uniform(k_u, (B, D))
     ok = u * q_x < p_x  # u < p / q without dividing by a possibly tiny q
     k = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)  # leading accepts
     p_k = jnp.take_along_axis(p, k[:, None, None], axis=1)[:, 0]  # [B, V] target at node k
@@ -141,7 +145,7 @@ def accept_sampled_chain(key: jax.Array, tree: Tree, shape: TreeShape, logits: j
     # rounding) can only follow a rejection of probability ~0, and p_k is then the right law.
     use_p = (k == D)[:, None] | (mass <= 0.0)
     bonus_p = jnp.where(use_p, p_k, residual / jnp.where(mass > 0.0, mass, 1.0))
-    bonus = jax.random.categorical(k_bonus, jnp.log(bonus_p), axis=-1).astype(jnp.int32)  # [B]
+    bonus = sampling_lib.categorical(k_bonus, jnp.log(bonus_p))  # [B]
     j = jnp.arange(G)[None, :]
     padded = jnp.concatenate([drafts, jnp.zeros((B, 1), drafts.dtype)], axis=1)  # [B, G]
     tokens = jnp.where(j < k[:, None], padded, bonus[:, None]).astype(jnp.int32)

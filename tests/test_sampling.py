@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longspec_jax.sampling import SamplingParams, greedy, process_logits, sample
+from longspec_jax.sampling import RowSampling, SamplingParams, greedy, process_logits, sample
 
 # Tolerances (float32 log-probs; the filtering masks themselves must match exactly).
 LOGP_ATOL = 1e-5
@@ -44,18 +44,19 @@ def _random_logits(seed, shape, scale=3.0):
     return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32) * scale)
 
 
-@pytest.mark.parametrize("bad,flag", [
-    (dict(temperature=-0.1), "--temperature"),
-    (dict(temperature=float("nan")), "--temperature"),
-    (dict(temperature=float("inf")), "--temperature"),
-    (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"),
-    (dict(top_p=-0.2), "--top-p"),
-    (dict(top_k=-1), "--top-k"),
-    (dict(top_k=2.5), "--top-k"),
+@pytest.mark.parametrize("bad,field", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=-0.2), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k"),
 ])
-def test_params_validation_names_the_flag(bad, flag):
-    with pytest.raises(ValueError, match=flag):
+def test_params_validation_names_the_field(bad, field):
+    """From Python the message names the argument (the CLI maps it to its flag)."""
+    with pytest.raises(ValueError, match=rf"^{field} must be .*got {list(bad.values())[0]!r}"):
         SamplingParams(**bad)
 
 
@@ -164,3 +165,25 @@ def test_greedy_equals_jnp_argmax_on_ties_nans_and_infs():
             x[4, rng.integers(0, 37, 2)] = [np.inf, np.nan][trial % 2]
             xj = jnp.asarray(x, dtype)
             np.testing.assert_array_equal(np.asarray(greedy(xj)), np.asarray(jnp.argmax(xj, axis=-1)))
+
+
+def test_row_sampling_equals_each_rows_own_settings():
+    """Per-row settings as data: one call over mixed rows gives each row exactly what its own
+    SamplingParams gives alone (greedy rows one-hot, filters per row)."""
+    logits = jnp.asarray(_random_logits(7, (5, 3, 61)))
+    rows = [SamplingParams(), SamplingParams(0.7, 5, 1.0), SamplingParams(1.3, 0, 0.8), SamplingParams(1.0),
+            SamplingParams(0.9, 12, 0.6)]
+    mixed = np.asarray(jax.jit(process_logits)(logits, RowSampling.of(rows)))
+    for b, params in enumerate(rows):
+        np.testing.assert_array_equal(mixed[b], np.asarray(process_logits(logits[b:b + 1], params))[0])
+    keys = jax.random.split(jax.random.key(3), 5)
+    toks = np.asarray(jax.jit(sample)(keys, logits, RowSampling.of(rows)))
+    np.testing.assert_array_equal(toks[0], np.asarray(logits[0]).argmax(-1))  # the greedy row
+    for b, params in enumerate(rows):  # a row's draws depend on its own key only
+        np.testing.assert_array_equal(toks[b], np.asarray(sample(keys[b:b + 1], logits[b:b + 1], params))[0])
+    assert (np.isfinite(mixed[1]).sum(-1) == 5).all()
+
+
+def test_row_sampling_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="2 rows but the batch has 3"):
+        RowSampling.rows([SamplingParams(), SamplingParams()], 3)

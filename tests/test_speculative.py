@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import ar
-from infer import speculative as spec
+from infer import decoder as spec
+from infer.decoder import generate_ar
+from infer.loop import start_jit
+from infer.runtime import Compiler
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import Draft, ring_capacity
 from longspec_jax.kv_cache import KVCache
-from longspec_jax.sampling import SamplingParams, process_logits
+from longspec_jax.sampling import RowSampling, SamplingParams, process_logits
 from longspec_jax.transformer import Transformer
 
 CAPACITY = 128  # one cache shape for every greedy test (prompts <= 16 tokens, max_new <= 40)
@@ -84,13 +86,15 @@ def _prompts(seed, lengths, vocab=96):
 
 
 def _ar(target, prompts, n, eos=(), capacity=CAPACITY):
-    res = ar.generate_ar(target, prompts, max_new_tokens=n, eos_ids=eos, cache_capacity=capacity)
-    return res.sequences()
+    res = generate_ar(target, prompts, max_new_tokens=n, eos_ids=eos, cache_capacity=capacity)
+    return res.tokens
 
 
-def _spec(target, draft, shape, prompts, n, eos=(), capacity=CAPACITY, sampling=None, seed=0, sample_drafts=True):
+def _spec(target, draft, shape, prompts, n, eos=(), capacity=CAPACITY, sampling=None, seed=0, sample_drafts=True,
+          compiler=None):
     return spec.generate_tree(target, draft, prompts, tree_shape=shape, max_new_tokens=n, eos_ids=eos,
-                              cache_capacity=capacity, sampling=sampling, seed=seed, sample_drafts=sample_drafts)
+                              cache_capacity=capacity, sampling=sampling, seed=seed, sample_drafts=sample_drafts,
+                              compiler=compiler)
 
 
 def _check_equal(target, draft, shape, seed, n=40, lengths=(5, 11, 16)):
@@ -114,23 +118,23 @@ def test_greedy_matches_ar_slow(shape):
     for seed in range(4):
         _check_equal(*random_models(seed), shape, seed)
     res = _check_equal(*agreeing_models(7), shape, 7)
-    assert res.stats["tau"] > 0.75 * len(shape)
+    assert res.spec.tau > 0.75 * len(shape)
 
 
 def test_full_acceptance_regime():
     for seed in range(2):
         res = _check_equal(*agreeing_models(seed), CHAIN, seed)
         # every drafted depth was accepted, most iterations accepted all D = 4 drafts
-        assert min(res.stats["accepted_by_depth"]) > 0
-        assert res.stats["accept_hist"][-1] >= 0.8 * sum(res.stats["accept_hist"])
-        assert res.stats["tau"] > 4.0  # at most 5 = D + 1 tokens per target forward
+        assert min(res.spec.accepted_by_depth) > 0
+        assert res.spec.accept_hist[-1] >= 0.8 * sum(res.spec.accept_hist)
+        assert res.spec.tau > 4.0  # at most 5 = D + 1 tokens per target forward
 
 
 def test_zero_acceptance_regime():
     for seed in range(2):
         res = _check_equal(*disagreeing_models(seed), WIDE, seed)
-        assert res.stats["accepted_by_depth"] == [0, 0]
-        assert res.stats["tau"] == 1.0  # exactly one token per target forward
+        assert res.spec.accepted_by_depth == [0, 0]
+        assert res.spec.tau == 1.0  # exactly one token per target forward
 
 
 def test_eos_inside_accepted_path():
@@ -143,7 +147,7 @@ def test_eos_inside_accepted_path():
     res = _spec(target, draft, CHAIN, prompts, 40, eos=eos)
     assert res.tokens[0] == free[:idx + 1] == _ar(target, prompts, 40, eos=eos)[0]
     assert res.stop_reason == ["eos"]
-    assert res.stats["accepted_by_depth"][-1] > 0
+    assert res.spec.accepted_by_depth[-1] > 0
 
 
 def test_cache_nearly_full_stops_cleanly():
@@ -158,20 +162,21 @@ def test_cache_nearly_full_stops_cleanly():
         # it stopped exactly when another tree (5 slots after the committed length) would not fit
         committed = len(p) + len(got) - 1
         assert CAPACITY < committed + 5 <= CAPACITY + 5
-    with pytest.raises(ValueError, match="cache-capacity 120 cannot hold"):
+    with pytest.raises(ValueError, match=r"--cache-capacity\) 120 cannot hold"):
         _spec(target, draft, CHAIN, [[1] * 118], 4, capacity=120)
 
 
 def test_compiles_once_per_bucket_without_host_sync():
+    compiler = Compiler()
     target, draft = random_models(11)
-    _spec(target, draft, CHAIN, _prompts(0, (4, 7, 9)), 20)
-    before = dict(ar.COMPILE_COUNTS)
+    _spec(target, draft, CHAIN, _prompts(0, (4, 7, 9)), 20, compiler=compiler)
+    before = dict(compiler.compiles)
     t2, d2 = random_models(12)
     # other weights, prompt lengths in the same bucket, EOS ids, max_new in the same output bucket
-    _spec(t2, d2, CHAIN, _prompts(1, (12, 3, 16)), 24, eos=(3, 4))
-    _spec(target, draft, CHAIN, _prompts(2, (1, 2, 3)), 17, eos=(5,), seed=3)
-    assert dict(ar.COMPILE_COUNTS) == before
-    loops = [exe for key, exe in ar._EXECUTABLES.items() if key[0] == "spec_loop"]
+    _spec(t2, d2, CHAIN, _prompts(1, (12, 3, 16)), 24, eos=(3, 4), compiler=compiler)
+    _spec(target, draft, CHAIN, _prompts(2, (1, 2, 3)), 17, eos=(5,), seed=3, compiler=compiler)
+    assert dict(compiler.compiles) == before
+    loops = compiler.executables("run")
     assert loops
     for exe in loops:
         hlo = exe.as_text().lower()
@@ -181,21 +186,23 @@ def test_compiles_once_per_bucket_without_host_sync():
 
 def test_draft_ring_shape_independent_of_context():
     target, draft = random_models(0)
-    dec = spec.SpeculativeDecoder(target, draft, tree_shape=WIDE)
-    assert dec.ring_slots == ring_capacity(WINDOW, 3, multiple=8) == 16  # xla path: smallest ring
+    dec = spec.Decoder(target, draft, tree_shape=WIDE)
+    loop = dec.loop_for(16, 4)
+    assert dec.ring_slots(loop.max_accept) == ring_capacity(WINDOW, 3, multiple=8) == 16  # xla path: smallest ring
     shapes = []
     for P, cap in ((16, 128), (256, 1024)):
         B = 2
         cache = KVCache.init(target.cfg, B, cap, jnp.float32)
-        st = spec._Static(dec.shape, SamplingParams(), 64, 4)
         out = jax.eval_shape(
-            lambda ts, ds, c: spec._start(ts, ds, c, jnp.zeros((B, 32)), jnp.zeros((B, P), jnp.int32),
-                                          jnp.full((B,), P, jnp.int32), jax.random.key(0), jnp.int32(4),
-                                          jnp.zeros((4,), jnp.int32), t_graph=dec._t_graph, d_graph=dec._d_graph,
-                                          st=st, ring_slots=dec.ring_slots),
-            dec._t_state, dec._d_state, cache)
+            lambda ts, ds, c: start_jit(ts, ds, c, jnp.zeros((B, 32)), jnp.zeros((B, 16), jnp.int32),
+                                        jnp.full((B,), P, jnp.int32), jax.random.split(jax.random.key(0), B),
+                                        jnp.full((B,), 4, jnp.int32), jnp.zeros((B, 4), jnp.int32),
+                                        RowSampling.rows(SamplingParams(), B), loop=loop, t_graph=dec.t_graph,
+                                        d_graph=dec.d_graph, out_size=64, max_accept=loop.max_accept,
+                                        ring_slots=16),
+            dec.t_state, dec.d_state, cache)
         shapes.append((out.ring.k.shape, out.cache.k[0].shape))
-    assert shapes[0][0] == shapes[1][0] == (2, dec.ring_slots, 2, 8)
+    assert shapes[0][0] == shapes[1][0] == (2, 16, 2, 8)
     assert shapes[0][1] != shapes[1][1]
 
 
@@ -256,8 +263,8 @@ def _check_distribution(params, models, n_samples, seed, shape=(3, 3), sample_dr
     assert _chi2_pvalue(counts12, joint) > CHI2_ALPHA
     assert _chi2_pvalue(counts3, p3) > CHI2_ALPHA
     # the tree path was exercised: drafts were accepted at depth 1 and 2 in many rows
-    assert res.stats["accepted_by_depth"][0] > 0.05 * n_samples
-    assert res.stats["accepted_by_depth"][1] > 0
+    assert res.spec.accepted_by_depth[0] > 0.05 * n_samples
+    assert res.spec.accepted_by_depth[1] > 0
     return res
 
 
@@ -298,7 +305,7 @@ def test_sampled_chain_accepts_more_when_both_are_spread():
     params = SamplingParams(temperature=1.0)
     sampled = _spec(target, draft, CHAIN, prompts, 24, sampling=params, seed=6, capacity=64)
     matched = _spec(target, draft, CHAIN, prompts, 24, sampling=params, seed=6, capacity=64, sample_drafts=False)
-    assert sampled.stats["tau"] > 1.5 * matched.stats["tau"], (sampled.stats["tau"], matched.stats["tau"])
+    assert sampled.spec.tau > 1.5 * matched.spec.tau, (sampled.spec.tau, matched.spec.tau)
 
 
 def test_detects_a_biased_sampler():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from longspec_jax import verify
-from longspec_jax.sampling import SamplingParams
+from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape, expand, init_tree
 
 
@@ -142,8 +142,38 @@ def test_sampled_chain_two_tokens_follow_the_target():
     assert counts[3].sum() > 0  # token 3 reached through the residual
 
 
-def test_sampled_chain_refuses_trees_and_greedy():
-    tree, shape = _chain(jnp.zeros((1, 3), jnp.int32), 8)
-    logits, q = jnp.zeros((1, 3, 8)), jnp.full((1, 2, 8), 1 / 8)
+def test_sampled_chain_refuses_trees():
+    tree_shape = TreeShape((2, 2))
+    tree = init_tree(tree_shape, jnp.zeros((1,), jnp.int32))
+    logits, q = jnp.zeros((1, 5, 8)), jnp.full((1, 2, 8), 1 / 8)
     with pytest.raises(ValueError, match="chain"):
-        verify.accept_sampled_chain(jax.random.key(0), tree, shape, logits, q, SamplingParams())
+        verify.accept_sampled_chain(jax.random.key(0), tree, tree_shape, logits, q, SamplingParams(temperature=1.0))
+
+
+def test_sampled_chain_is_greedy_acceptance_for_greedy_rows():
+    """Rows at temperature 0 in a sampled chain (a mixed serving batch): with one-hot q (the draft's
+    argmax) the rule accepts exactly the drafts that equal the target's argmax and emits the
+    target's argmax after them, like `accept` with greedy choices, whatever the keys."""
+    V, B, D = 11, 64, 3
+    rng = np.random.default_rng(1)
+    target_logits = jnp.asarray(rng.normal(size=(B, D + 1, V)), jnp.float32)
+    argmax = np.asarray(target_logits).argmax(-1)  # [B, D + 1]
+    # drafts: the target's argmax at the previous node, corrupted at a random depth per row
+    drafts = argmax[:, :D].copy()
+    cut = rng.integers(0, D + 1, B)
+    for b in range(B):
+        if cut[b] < D:
+            drafts[b, cut[b]] = (drafts[b, cut[b]] + 1) % V
+    tokens = jnp.asarray(np.concatenate([np.zeros((B, 1), np.int64), drafts], axis=1), jnp.int32)
+    tree, shape = _chain(tokens, V)
+    q = jax.nn.one_hot(tokens[:, 1:], V)  # [B, D, V]
+    rows = RowSampling.rows([SamplingParams(), SamplingParams(temperature=1.0)] * (B // 2), B)
+    keys = jax.random.split(jax.random.key(5), B)
+    acc = verify.accept_sampled_chain(keys, tree, shape, target_logits, q, rows)
+    want = verify.accept(tree, shape, verify.target_choices(None, target_logits, SamplingParams()))
+    greedy_rows = np.arange(B) % 2 == 0
+    k = np.asarray(acc.num_accepted)
+    np.testing.assert_array_equal(k[greedy_rows], np.asarray(want.num_accepted)[greedy_rows])
+    np.testing.assert_array_equal(k[greedy_rows], np.minimum(cut, D)[greedy_rows])
+    for b in np.flatnonzero(greedy_rows):
+        np.testing.assert_array_equal(np.asarray(acc.tokens)[b, :k[b] + 1], np.asarray(want.tokens)[b, :k[b] + 1])

@@ -1,0 +1,92 @@
+"""Which tree shape to run when the user fixes none: measured policy, kept apart from the tree
+topology (`longspec_jax/tree.py`), which is pure.
+
+Two questions, both answered from measured costs (`docs/perf_notes.md`, "Tree shape by context"
+and "Speculation under load"):
+
+* `tree_for_context`: one request. A wide tree pays off where verifying many rows costs little
+  more than one (a large target on a GPU, memory-bound up to ~300 rows per forward); its width
+  shrinks at long context, where the verification's prefix attention turns compute-bound
+  (arithmetic intensity 4T FLOP/byte with GQA group 4, ridge near T ~ 74). On a CPU every extra
+  node costs a full row of compute, and a small target on a GPU is launch-bound: there a short
+  chain wins. At temperature > 0 a chain with sampled drafts accepts more than any beam tree.
+* `tree_for_load`: the serving engine, per step. Each active row adds its tree's nodes to one
+  verification forward; past the point where the forward stops being memory-bound the tree only
+  costs, so the shape shrinks as rows grow and speculation stops (plain AR) where it cannot win.
+"""
+
+from __future__ import annotations
+
+from longspec_jax.tree import TreeShape
+
+# (max context, widths) for a large target on a GPU, one request at temperature 0.
+CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (
+    (32768, (4, 16, 16, 16, 16)),  # <= 32k: 69 nodes (LongSpec's own shape)
+    (65536, (4, 8, 8, 8, 8)),      # <= 64k: 37 nodes
+    (None, (2, 4, 4, 4, 4)),       # beyond: 19 nodes, prefix attention near bandwidth at 128k
+)
+
+# CPUs and launch-bound (small) targets: a chain of five drafts.
+CPU_TREE = (1, 1, 1, 1, 1)
+
+# Temperature > 0 with sampled drafts: a chain of the default depth.
+SAMPLED_CHAIN = (1, 1, 1, 1, 1)
+
+# Below this many bytes of target parameters a GPU decode step is launch-bound, not a weight read.
+LAUNCH_BOUND_BYTES = 512 * 2**20
+
+# Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. Rows x nodes
+# stays under ~300 verification rows, where weight matmuls are still memory-bound.
+GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
+    (2, (4, 16, 16, 16, 16)),
+    (4, (2, 4, 4, 4, 4)),
+    (16, (1, 1, 1, 1, 1)),
+    (None, None),
+)
+
+# Serving on a CPU (or a launch-bound target): every node is a row of compute, so the chain
+# shortens as rows grow; measured with the demo pair on a 2-core CPU.
+CPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
+    (2, (1, 1, 1, 1, 1)),
+    (4, (1, 1, 1)),
+    (None, None),
+)
+
+
+def is_launch_bound(platform: str | None, target_bytes: int | None) -> bool:
+    """CPUs, and GPUs running a target of fewer than `LAUNCH_BOUND_BYTES` parameter bytes."""
+    return platform == "cpu" or (target_bytes is not None and target_bytes < LAUNCH_BOUND_BYTES)
+
+
+def tree_for_context(context_len: int, platform: str | None = None, temperature: float = 0.0,
+                     sampled_chains: bool = True, target_bytes: int | None = None) -> TreeShape:
+    """The tree shape for one request decoding up to `context_len` tokens (prompt + new tokens).
+
+    `CPU_TREE` on CPUs and for targets of fewer than `LAUNCH_BOUND_BYTES` parameter bytes
+    (`target_bytes`; None = unknown, treated as large); at `temperature > 0` with sampled chains a
+    chain (`SAMPLED_CHAIN`); otherwise `CONTEXT_TREE_TABLE` by context length.
+    """
+    context_len = int(context_len)
+    if context_len < 0:
+        raise ValueError(f"context length must be >= 0, got {context_len}")
+    if is_launch_bound(platform, target_bytes):
+        return TreeShape(CPU_TREE)
+    if temperature > 0 and sampled_chains:
+        return TreeShape(SAMPLED_CHAIN)
+    for limit, widths in CONTEXT_TREE_TABLE:
+        if limit is None or context_len <= limit:
+            return TreeShape(widths)
+    raise AssertionError("CONTEXT_TREE_TABLE must end with a catch-all row")
+
+
+def load_table(platform: str | None, target_bytes: int | None):
+    """The serving table (`GPU_LOAD_TABLE` or `CPU_LOAD_TABLE`) for this device and target."""
+    return CPU_LOAD_TABLE if is_launch_bound(platform, target_bytes) else GPU_LOAD_TABLE
+
+
+def tree_for_load(active_rows: int, table) -> TreeShape | None:
+    """The tree shape (None = plain AR) for a step with `active_rows` running requests."""
+    for limit, widths in table:
+        if limit is None or active_rows <= limit:
+            return None if widths is None else TreeShape(widths)
+    raise AssertionError("a load table must end with a catch-all row")

@@ -1,0 +1,280 @@
+"""The decode step and loop: autoregressive, or LongSpec tree speculative decoding (spec section 3).
+
+`DecodeLoop` is the static part (hashable: the `self` of every jitted entry point); `DecodeState`
+(`infer/state.py`) the carry. One step advances every running row at once:
+
+  AR (`tree=None`): one target forward on the root (the last emitted token), one draw, one token.
+  Tree (`tree=TreeShape`), per row, all shapes static (Nn = 1 + sum(widths), G = depth + 1):
+  1. Draft: D forwards of the one-block draft, level by level (root, depth 1 .. D-1), each
+     followed by a global beam-search step (`tree.expand`) that fixes the next level's nodes.
+     Self-attention reads the constant-size ring plus the tree's own K/V under the ancestor mask;
+     cross-attention reads the target's last-layer cache [0, c). Optionally over a draft vocabulary
+     (`vocab`: the LM head restricted to V' columns).
+  2. Verify: one target forward over the Nn tree tokens at positions c + depth, written at cache
+     slots c + [0, Nn): hybrid tree attention (committed prefix + ancestor mask).
+  3. Accept (`longspec_jax.verify`): one target draw per node, walk down the matching children;
+     k accepted drafts + 1 bonus token are emitted. A chain with `sample_drafts` draws its drafts
+     from the draft distribution and accepts by speculative sampling instead. Lossless at any
+     temperature, per row.
+  4. Commit: `kv_cache.compact` moves the k + 1 accepted rows to slots c .. c + k in EVERY target
+     layer (a chain's accepted path is already in place); their draft K/V go into the ring. Then
+     c <- c + k + 1 and the bonus token becomes the next root.
+
+Invariants at the top of every step, per row: the target cache holds positions [0, c) in every
+layer; the root sits at position c; the draft ring holds positions [0, c) (the draft cross-attends
+to exactly the committed tokens, t_last = c). AR steps keep the ring current too when a draft is
+present, so one state may alternate between AR and tree steps (the serving engine does).
+
+Compaction in every layer instead of the original's re-feed of accepted tokens keeps each
+verification at Nn rows (not Nn + D) and a single committed length per row; it moves <= G rows per
+layer with one gather and one dynamic_update_slice per buffer.
+
+Stop reasons per row: an EOS id emitted (output truncated right after it), the token budget
+reached (truncated to exactly it), or the cache cannot hold another step (`cache_full`; never a
+silent clamp: dynamic_update_slice would clamp the write offset and corrupt the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
+from longspec_jax import kv_cache as kvc
+from longspec_jax import sampling as smp
+from longspec_jax import verify
+from longspec_jax.draft_vocab import cut_logits
+from longspec_jax.tree import TreeShape, expand, init_tree
+
+MAX_ITERS = 2**31 - 1  # `run` without a step budget
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLoop:
+    """What shapes one compiled decode step (frozen, hashable: the static `self` of `start`/`run`).
+
+    Attributes:
+      tree: the draft tree's nodes per depth, or None for autoregressive steps (no draft needed).
+      sample_drafts: a chain draws its drafts from the draft distribution q and accepts by
+        speculative sampling (`verify.accept_sampled_chain`); otherwise drafts are the beam
+        search's argmax choices and acceptance is sample-and-match. Both are exact for every row at
+        any temperature; sampling accepts more where distributions are spread.
+    """
+
+    tree: TreeShape | None = None
+    sample_drafts: bool = False
+
+    def __post_init__(self):
+        if self.sample_drafts and (self.tree is None or not self.tree.is_chain):
+            raise ValueError(f"sample_drafts needs a chain tree shape (one node per depth), got {self.tree}")
+
+    @property
+    def max_accept(self) -> int:
+        """G: the most tokens one step emits."""
+        return 1 if self.tree is None else self.tree.max_accept
+
+    @property
+    def num_nodes(self) -> int:
+        """Cache slots one step writes past the committed length."""
+        return 1 if self.tree is None else self.tree.num_nodes
+
+    # ---------------------------------------------------------------------------------------
+    # pure functions (call them inside jit)
+
+    def first_state(self, target, draft, cache, hidden_last, tail, lengths, key, max_new, eos_ids, sampling,
+                    *, out_size: int, max_accept: int, ring_slots: int | None) -> DecodeState:
+        """The state after a prefill: draw each row's first token, fill the draft ring.
+
+        Args:
+          cache: the prefilled target cache (positions [0, lengths) valid).
+          hidden_last: float32 [B, D] the last prompt token's final hidden state.
+          tail: int32 [B, R] the last R = ring_slots prompt tokens (R = 1 without a draft); entry i
+            sits at position lengths - R + i (entries at negative positions are ignored).
+          lengths: int32 [B] prompt lengths; key: [B] PRNG keys; max_new: int32 [B] token budgets;
+          eos_ids: int32 [B, E] stop ids padded with -1; sampling: RowSampling.
+        """
+        B = hidden_last.shape[0]
+        logits = target.logits(hidden_last[:, None, :])[:, 0]  # [B, V] float32
+        first = smp.sample(smp.fold_in(key, 0), logits, sampling)
+        ring = None
+        if draft is not None:
+            # Draft prefill: the ring needs only the K/V of the last R prompt tokens, which depend on
+            # (token, position) alone; cost independent of the prompt length.
+            R = tail.shape[1]
+            pos = lengths[:, None] - R + jnp.arange(R)[None, :]  # [B, R]
+            ring = draft.init_ring(target.embed(tail), pos, pos >= 0, ring_slots, cache_dtype=cache.dtype)
+        zeros = jnp.zeros((B,), jnp.int32)
+        state = DecodeState(
+            cache=cache, ring=ring, committed=lengths.astype(jnp.int32), root=first,
+            out=jnp.zeros((B, out_size + max_accept), jnp.int32), out_len=zeros, max_new=max_new.astype(jnp.int32),
+            eos_ids=eos_ids.astype(jnp.int32), done=jnp.zeros((B,), bool), stop_reason=zeros, key=key,
+            sampling=sampling, iters=zeros, accept_hist=jnp.zeros((B, max_accept), jnp.int32))
+        return self._advance(state, first[:, None], zeros, jnp.ones((B,), bool), cache, ring, state.committed,
+                             count_step=False)
+
+    def draft_tree(self, target, draft, state: DecodeState, vocab=None, key=None):
+        """This step's tree by D draft forwards (levels 0 .. D-1) for every row.
+
+        vocab: None, or (ids int32 [V'], head [D, V']) of a draft vocabulary: logits, log_softmax and
+        top-k run over the V' columns, mapped back to full-vocabulary ids in `expand`.
+        key: per-row keys for `sample_drafts` (each draft token drawn from q); then the q
+        distributions come back as float32 [B, D, V] (zero outside a draft vocabulary), else None.
+        Returns (tree, positions [B, Nn], tree_k, tree_v [B, Nn, K, H], q).
+        """
+        shape = self.tree
+        B = state.root.shape[0]
+        c = state.committed
+        tree = init_tree(shape, state.root)
+        positions = tree.positions(shape, c)  # [B, Nn]
+        K, H = draft.cfg.num_kv_heads, draft.cfg.head_dim
+        tree_k = jnp.zeros((B, shape.num_nodes, K, H), state.ring.k.dtype)
+        tree_v = jnp.zeros_like(tree_k)
+        k_last, v_last = state.cache.k[-1], state.cache.v[-1]
+        q_probs = []
+        for level in range(shape.depth):  # static unroll: each level has its own static width
+            o, n = shape.offsets[level], shape.level_sizes[level]
+            with jax.named_scope(f"draft_level{level}"):  # phases in profiles (bench latency --profile)
+                x = target.embed(tree.tokens[:, o:o + n])
+                h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
+                                                    tree.mask[:, o:o + n], k_last, v_last, c)
+                logits = target.logits(h) if vocab is None else cut_logits(target, h, vocab[1])
+                logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, n, V(')]
+                if self.sample_drafts:  # a chain (n == 1) drawing its next token from q
+                    logq_s = smp.process_logits(logits, state.sampling)  # [B, 1, V(')]
+                    col = smp.categorical(smp.fold_in(key, level), logq_s)  # [B, 1]
+                    cols = jnp.arange(logq.shape[-1])[None, None, :]
+                    logq = jnp.where(cols == col[..., None], logq, -jnp.inf)  # the beam step keeps that token
+                    q = jnp.exp(logq_s[:, 0])
+                    if vocab is not None:  # columns -> full vocabulary, zero elsewhere
+                        q = jnp.zeros((B, target.cfg.vocab_size), q.dtype).at[:, vocab[0]].set(q)
+                    q_probs.append(q)
+                tree = expand(tree, shape, level, logq, vocab_ids=None if vocab is None else vocab[0])
+        return tree, positions, tree_k, tree_v, (jnp.stack(q_probs, axis=1) if q_probs else None)
+
+    def step(self, target, draft, state: DecodeState, vocab=None) -> DecodeState:
+        """One decode step for every row (module docstring); done rows are left unchanged."""
+        active = ~state.done
+        c = state.committed
+        k_draft, k_verify = smp.split(smp.fold_in(state.key, state.iters + 1))
+        if self.tree is None:
+            with jax.named_scope("verify"):
+                h, cache = target(state.root[:, None], c[:, None], state.cache, c)
+                tok = smp.sample(k_verify, target.logits(h)[:, 0], state.sampling)  # [B]
+            ring = state.ring
+            if draft is not None:  # keep the ring current: it must hold [0, c + 1) after this step
+                k, v = draft.self_kv(target.embed(state.root[:, None]), c[:, None])
+                ring = ring.write(k, v, c[:, None], active[:, None])
+            return self._advance(state, tok[:, None], jnp.zeros_like(c), active, cache, ring, c)
+
+        shape = self.tree
+        G = shape.max_accept
+        tree, positions, tree_k, tree_v, q_probs = self.draft_tree(target, draft, state, vocab, k_draft)
+        with jax.named_scope("verify"):
+            hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
+            logits = target.logits(hidden)  # [B, Nn, V] float32
+        with jax.named_scope("accept"):
+            if self.sample_drafts:
+                acc = verify.accept_sampled_chain(k_verify, tree, shape, logits, q_probs, state.sampling)
+            else:
+                acc = verify.accept(tree, shape, verify.target_choices(k_verify, logits, state.sampling))
+            k = acc.num_accepted
+        with jax.named_scope("commit"):
+            j = jnp.arange(G)[None, :]
+            if shape.is_chain:  # the accepted path is nodes 0 .. k: already in place in every layer
+                path_k, path_v = tree_k[:, :G], tree_v[:, :G]
+            else:
+                cache = kvc.compact(cache, c, acc.path, jnp.where(active, k + 1, 0))
+                path_k = jnp.take_along_axis(tree_k, acc.path[:, :, None, None], axis=1)  # [B, G, K, H]
+                path_v = jnp.take_along_axis(tree_v, acc.path[:, :, None, None], axis=1)
+            ring = state.ring.write(path_k, path_v, c[:, None] + j, (j <= k[:, None]) & active[:, None])
+        return self._advance(state, acc.tokens, k, active, cache, ring, c)
+
+    def _advance(self, state: DecodeState, tokens, k, active, cache, ring, c, count_step: bool = True):
+        """Emit tokens[:, :k + 1] of the active rows (honouring stop ids and the budget), commit
+        k + 1 tokens, set the next root and the stop reasons."""
+        count = k + 1
+        G = tokens.shape[1]
+        j = jnp.arange(G)[None, :]
+        valid = j < count[:, None]
+        is_eos = jnp.any(tokens[:, :, None] == state.eos_ids[:, None, :], axis=-1) & valid  # -1 pads never match
+        hit_eos = jnp.any(is_eos, axis=1)
+        first_eos = jnp.argmax(is_eos, axis=1)
+        n = jnp.where(hit_eos, first_eos + 1, count)  # truncate right after the first stop id
+        n = jnp.where(active, jnp.minimum(n, state.max_new - state.out_len), 0)
+        # out has M + G columns and out_len < max_new <= M while active, so this write never clamps.
+        out = jnp.where(active[:, None], kvc.write_rows(state.out, tokens, state.out_len), state.out)
+        out_len = state.out_len + n
+        hit_eos = hit_eos & active & (first_eos < n)
+        hit_max = out_len >= state.max_new
+        new_c = jnp.where(active, c + count, c) if count_step else c
+        root = jnp.where(active, jnp.take_along_axis(tokens, k[:, None], axis=1)[:, 0], state.root)
+        # The next step writes slots new_c + [0, Nn): stop the row if they do not fit.
+        cache_full = ~hit_eos & ~hit_max & (new_c + self.num_nodes > cache.capacity)
+        reason = jnp.where(hit_eos, STOP_EOS, jnp.where(hit_max, STOP_MAX_NEW,
+                                                        jnp.where(cache_full, STOP_CACHE_FULL, STOP_RUNNING)))
+        reason = jnp.where(active, reason, state.stop_reason)
+        hist = state.accept_hist
+        if count_step:
+            hist = hist + (active[:, None] & (jnp.arange(hist.shape[1])[None, :] == k[:, None])).astype(jnp.int32)
+        return state.replace(cache=cache, ring=ring, committed=new_c, root=root, out=out, out_len=out_len,
+                             done=state.done | (reason != STOP_RUNNING), stop_reason=reason,
+                             iters=state.iters + (active & count_step).astype(jnp.int32), accept_hist=hist)
+
+    # ---------------------------------------------------------------------------------------
+    # jitted entry points (the loop, graphdefs and buffer sizes static; cache / state donated)
+
+    def start(self, t_state, d_state, cache, hidden_last, tail, lengths, key, max_new, eos_ids, sampling, *,
+              t_graph, d_graph, out_size: int, max_accept: int, ring_slots: int | None) -> DecodeState:
+        """Jitted `first_state` on split models (the cache is donated into the returned state)."""
+        return start_jit(t_state, d_state, cache, hidden_last, tail, lengths, key, max_new, eos_ids, sampling,
+                         loop=self, t_graph=t_graph, d_graph=d_graph, out_size=out_size, max_accept=max_accept,
+                         ring_slots=ring_slots)
+
+    def run(self, t_state, d_state, state: DecodeState, vocab=None, max_iters=MAX_ITERS, stop_on_finish=False, *,
+            t_graph, d_graph) -> DecodeState:
+        """Decode steps until every row is done, `max_iters` steps ran (a run-time int32: streaming
+        slices and serving steps share one executable), or, with `stop_on_finish` (run-time bool), a
+        row that was running at the call finished, so the caller can reuse its slot. The state is
+        donated. vocab: None or the draft-vocabulary pair (ids [V'], head [D, V']), run-time."""
+        return run_jit(t_state, d_state, state, vocab, jnp.int32(max_iters), jnp.bool_(stop_on_finish), loop=self,
+                       t_graph=t_graph, d_graph=d_graph)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "out_size", "max_accept", "ring_slots"),
+                   donate_argnames=("cache",))
+def start_jit(t_state, d_state, cache, hidden_last, tail, lengths, key, max_new, eos_ids, sampling, *,
+              loop: DecodeLoop, t_graph, d_graph, out_size: int, max_accept: int, ring_slots: int | None):
+    """`DecodeLoop.first_state` on split models (see `DecodeLoop.start`)."""
+    target, draft = _merge(t_graph, t_state, d_graph, d_state)
+    return loop.first_state(target, draft, cache, hidden_last, tail, lengths, key, max_new, eos_ids, sampling,
+                            out_size=out_size, max_accept=max_accept, ring_slots=ring_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph"), donate_argnames=("state",))
+def run_jit(t_state, d_state, state: DecodeState, vocab, max_iters, stop_on_finish, *, loop: DecodeLoop, t_graph,
+            d_graph) -> DecodeState:
+    """The decode loop on split models (see `DecodeLoop.run`)."""
+    target, draft = _merge(t_graph, t_state, d_graph, d_state)
+    done_at_call = jnp.sum(state.done)
+
+    def cond(carry):
+        s, i = carry
+        # Stop when every row is done (each stops on a stop id, its token budget, or a full cache),
+        # when this call's step budget is spent, or when a row finished and the caller asked for
+        # its slot back at once.
+        return jnp.any(~s.done) & (i < max_iters) & ~(stop_on_finish & (jnp.sum(s.done) > done_at_call))
+
+    def body(carry):
+        return loop.step(target, draft, carry[0], vocab), carry[1] + 1
+
+    return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
+
+
+def _merge(t_graph, t_state, d_graph, d_state):
+    target = nnx.merge(t_graph, t_state)
+    draft = None if d_graph is None else nnx.merge(d_graph, d_state)
+    return target, draft
