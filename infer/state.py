@@ -92,14 +92,16 @@ class DecodeState:
         ring = None
         if draft_cfg is not None:
             ring = DraftCache.init(draft_cfg, B, ring_slots, dtype)
-        zeros = jnp.zeros((B,), jnp.int32)
+        def zeros():  # a buffer per field: the state is donated, and a buffer can be donated once
+            return jnp.zeros((B,), jnp.int32)
+
         return cls(
             cache=KVCache.init(cfg, B, capacity, dtype, sharding=cache_sharding), ring=ring,
-            committed=jnp.full((B,), committed, jnp.int32), root=zeros,
-            out=jnp.zeros((B, out_size + max_accept), jnp.int32), out_len=zeros,
+            committed=jnp.full((B,), committed, jnp.int32), root=zeros(),
+            out=jnp.zeros((B, out_size + max_accept), jnp.int32), out_len=zeros(),
             max_new=jnp.full((B,), out_size, jnp.int32), eos_ids=jnp.full((B, eos_slots), -1, jnp.int32),
-            done=jnp.zeros((B,), bool), stop_reason=zeros, key=jax.random.split(jax.random.key(seed), B),
-            sampling=RowSampling.rows(SamplingParams(), B), iters=zeros,
+            done=jnp.zeros((B,), bool), stop_reason=zeros(), key=jax.random.split(jax.random.key(seed), B),
+            sampling=jax.tree.map(jnp.asarray, RowSampling.rows(SamplingParams(), B)), iters=zeros(),
             accept_hist=jnp.zeros((B, max_accept), jnp.int32))
 
 

@@ -1,0 +1,509 @@
+"""A continuous-batching speculative engine: fixed slots, per-slot sampling as data, prefix reuse.
+
+    engine = Engine(target, draft, max_slots=4, max_context=8192)
+    results = engine.generate([prompt_a, prompt_b], max_new_tokens=256)   # or submit() + step()
+
+The device holds one `DecodeState` of `max_slots` rows (`infer/state.py`): each slot a target KV
+cache of static capacity and a constant-size draft ring. Between decode calls the host admits
+requests into free slots and collects tokens; one jitted `DecodeLoop.run` advances every running
+slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked.
+
+* Admission: a request's prompt is prefilled at batch 1 into a staging cache, a chunk per engine
+  step, interleaved with decode calls so running requests keep streaming while a long prompt loads;
+  then its first token is drawn, the draft ring rebuilt from the prompt's tail, and the row written
+  into its slot (`insert`).
+* Prefix reuse: a finished sequence stays resident in its slot (its KV valid for everything but
+  its last token) until the slot is needed, least recently used first. A request whose token ids
+  extend a resident sequence (the next turn of an agent, another question over the same document)
+  takes that slot and prefills only the new suffix. The draft needs nothing kept: its
+  cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
+* Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
+  number of running slots (`infer/defaults.py`); every shape runs on the same state.
+
+Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
+every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
+beside it, and at T > 0 its distribution is the target's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import queue
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer import defaults, runtime
+from infer.decoder import Decoder
+from infer.loop import DecodeLoop, _merge, run_jit
+from infer.state import STOP_CANCELLED, STOP_NAMES, STOP_RUNNING, DecodeState, eos_array
+from longspec_jax import kv_cache as kvc
+from longspec_jax.sampling import RowSampling, SamplingParams
+from longspec_jax.tree import TreeShape
+
+EOS_SLOTS = 8  # stop ids per request
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request.
+
+    Attributes:
+      prompt: token ids (at least one).
+      max_tokens: most tokens to generate (stop ids included).
+      sampling: temperature / top-k / top-p.
+      stop_ids: ids that end the request (default: the model's EOS ids).
+      seed: PRNG seed (None: the engine draws one); the same seed and prompt give the same tokens.
+      session: optional id that pins the request's sequence to its slot after it finishes, so the
+        session's next turn finds it even under memory pressure (evicted only when no other slot is free).
+      id: set by `submit` when empty.
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop_ids: Sequence[int] | None = None
+    seed: int | None = None
+    session: str | None = None
+    id: str = ""
+
+
+@dataclasses.dataclass
+class Event:
+    """What one engine step produced for one request: new tokens, and whether it finished.
+
+    finish_reason: None while running; then "eos", "max_new_tokens", "cache_full", "cancelled" or
+    "error" (with `error` set). cached_tokens: prompt tokens reused from a resident sequence.
+    """
+
+    request_id: str
+    tokens: list
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Slot:
+    index: int
+    request: Request | None = None   # running (or being prefilled)
+    tokens: list = dataclasses.field(default_factory=list)  # resident sequence: prompt + emitted
+    valid: int = 0                   # leading tokens whose KV in the slot is valid
+    emitted: int = 0                 # tokens already handed out for the running request
+    iters: int = 0                   # decode steps of the running request seen so far
+    last_used: float = 0.0
+    session: str | None = None
+
+
+@dataclasses.dataclass
+class _Prefill:
+    request: Request
+    slot: _Slot
+    rows: np.ndarray                 # [1, padded] the prompt from `start`, right-padded to chunks
+    start: int                       # first position to prefill (= reused tokens)
+    next_chunk: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+class Engine:
+    """Slots, admission, prefix reuse and one decode step for all (module docstring).
+
+    Args:
+      target, draft: the models (draft None: autoregressive only).
+      max_slots: B, requests decoded at once.
+      max_context: most tokens (prompt + generated) per request; sets each slot's cache capacity.
+      tree_shape: a fixed tree for every step, "ar" for none, or None (default) for the load table
+        of `infer/defaults.py` (by device and target size).
+      draft_vocab, cache_dtype, prefill_chunk, mesh: as `Decoder`.
+      steps_per_call: decode steps per device call while nothing waits (more amortise host work;
+        fewer stream more smoothly). A call returns early when a request finishes and another waits.
+      prefill_chunks_per_step: prompt chunks prefilled between two decode calls.
+    """
+
+    def __init__(self, target, draft=None, *, max_slots: int = 8, max_context: int = 32768,
+                 tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
+                 prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, steps_per_call: int = 4,
+                 prefill_chunks_per_step: int = 1, compiler: runtime.Compiler | None = None):
+        if max_slots < 1 or max_context < 2 or steps_per_call < 1 or prefill_chunks_per_step < 1:
+            raise ValueError("max_slots, steps_per_call and prefill_chunks_per_step must be >= 1 and max_context "
+                             f">= 2; got {max_slots}, {steps_per_call}, {prefill_chunks_per_step}, {max_context}")
+        limit = target.cfg.max_position_embeddings
+        if limit and max_context > limit:
+            raise ValueError(f"max_context (--max-context) {max_context} exceeds the model's limit "
+                             f"(max_position_embeddings) {limit}; pass at most {limit}")
+        if tree_shape == "ar":
+            draft, tree_shape = None, None
+        self.dec = Decoder(target, draft, tree_shape=tree_shape, draft_vocab=draft_vocab, sample_drafts=True,
+                           cache_dtype=cache_dtype, prefill_chunk=prefill_chunk, mesh=mesh, compiler=compiler)
+        dec = self.dec
+        self.cfg = target.cfg
+        if draft is None:
+            self.table = ((None, None),)
+        elif dec.shape is not None:
+            self.table = ((None, dec.shape.widths),)
+        else:
+            self.table = defaults.load_table(dec.platform, dec.target_bytes)
+        self.loops = {w: DecodeLoop(None if w is None else TreeShape(w), sample_drafts=w is not None and
+                                    TreeShape(w).is_chain) for _, w in self.table}
+        self.max_accept = max(loop.max_accept for loop in self.loops.values())
+        self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
+        self.B, self.max_context = max_slots, max_context
+        self.chunk = prefill_chunk
+        # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
+        self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
+        self.out_size = max_context
+        self.ring_slots = dec.ring_slots(self.max_accept)
+        self.steps_per_call = steps_per_call
+        self.prefill_chunks_per_step = prefill_chunks_per_step
+        self.slots = [_Slot(i) for i in range(max_slots)]
+        self.waiting: list[Request] = []
+        self.prefill: _Prefill | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng()
+        self._admitting: Request | None = None  # popped from `waiting`, not yet running
+        self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
+                          forwards=0, steps=0, decode_s=0.0, host_s=0.0)
+        self._build()
+
+    # ---------------------------------------------------------------------------------------
+    # device state and executables
+
+    def _build_state(self):
+        dec, cfg = self.dec, self.cfg
+        state = DecodeState.initial(
+            cfg, batch=self.B, capacity=self.capacity, out_size=self.out_size, max_accept=self.max_accept,
+            ring_slots=self.ring_slots, draft_cfg=None if dec.draft is None else dec.draft.cfg, eos_slots=EOS_SLOTS,
+            dtype=dec.cache_dtype)
+        self.state = jax.device_put(state.replace(done=jnp.ones((self.B,), bool)), dec._rep)  # every slot free
+        # The staging cache has `chunk` spare slots: the last chunk's padding is written past the prompt.
+        self.staging = kvc.KVCache.init(cfg, 1, self.capacity + self.chunk, dec.cache_dtype)
+
+    def _build(self):
+        dec, cfg = self.dec, self.cfg
+        self._build_state()
+        graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
+        c, put = dec.compiler, dec.put
+        self._run = {w: c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, dec.vocab, put(np.int32(1)),
+                                                      put(np.bool_(False))), dict(graphs, loop=loop))
+                     for w, loop in self.loops.items()}
+        widest = max(self.loops.values(), key=lambda lp: lp.num_nodes)
+        row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
+        self._insert = c.get("engine_insert", _insert_jit, (dec.t_state, dec.d_state, self.state, self.staging,
+                                                            put(np.zeros((1, cfg.hidden_size), np.float32)), *row,
+                                                            put(np.int32(0))),
+                             dict(graphs, loop=widest, out_size=self.out_size, max_accept=self.max_accept,
+                                  ring_slots=self.ring_slots))
+        self._take_row = c.get("engine_take_row", _take_row_jit, (self.state.cache, self.staging, put(np.int32(0))), {})
+        self._cancel = c.get("engine_cancel", _cancel_jit, (self.state, put(np.int32(0))), {})
+        W = self.steps_per_call * self.max_accept
+        self._window = c.get("engine_window", _window_jit, (self.state, put(np.zeros(self.B, np.int32))), dict(width=W))
+        self._chunk_exe = c.get("prefill", runtime.prefill_chunk_jit, (
+            dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, self.chunk), np.int32)), put(np.int32(0)),
+            put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
+
+    def _row_inputs(self, req: Request, prompt: np.ndarray, seed: int):
+        put = self.dec.put
+        stop = self.cfg.eos_token_ids if req.stop_ids is None else req.stop_ids
+        return (put(runtime.tail_tokens([prompt], self.ring_slots or 1)), put(np.array([prompt.size], np.int32)),
+                put(jax.random.key(seed)[None]), put(np.array([req.max_tokens], np.int32)),
+                put(eos_array(stop, EOS_SLOTS)[None]), jax.tree.map(put, RowSampling.of([req.sampling])))
+
+    # ---------------------------------------------------------------------------------------
+    # requests (thread-safe: other threads call these; only the engine's thread calls step())
+
+    def submit(self, req: Request) -> str:
+        """Queue a request (checked here: a bad one raises ValueError and is not queued); returns its id."""
+        self.check(req)
+        if not req.id:
+            req.id = f"req-{next(self._ids)}"
+        self._inbox.put(("submit", req))
+        return req.id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step boundary (its slot is freed; an Event says "cancelled")."""
+        self._inbox.put(("cancel", request_id))
+
+    def check(self, req: Request) -> None:
+        """Refuse a request the engine cannot run, with a message naming the limit."""
+        n = len(req.prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if n + req.max_tokens > self.max_context:
+            raise ValueError(f"this server's maximum context length is {self.max_context} tokens; the request has "
+                             f"{n} prompt tokens and asks for {req.max_tokens} more ({n + req.max_tokens} in all): "
+                             "shorten the prompt or lower max_tokens")
+        ids = np.asarray(req.prompt)
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        stop = self.cfg.eos_token_ids if req.stop_ids is None else req.stop_ids
+        if len(stop) > EOS_SLOTS:
+            raise ValueError(f"at most {EOS_SLOTS} stop token ids per request, got {len(stop)}")
+
+    @property
+    def running(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    @property
+    def resident(self) -> int:
+        return sum(s.request is None and s.valid > 0 for s in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefill or self.running or not self._inbox.empty())
+
+    # ---------------------------------------------------------------------------------------
+    # one engine step
+
+    def step(self) -> list[Event]:
+        """Admit, prefill a chunk, run one decode call, collect tokens. Returns this step's events."""
+        t0 = time.perf_counter()
+        events: list[Event] = []
+        self._drain(events)
+        try:  # a failure while admitting one request fails that request only
+            if self.prefill is None and self.waiting:
+                self._admit(events)
+            if self.prefill is not None:
+                self._prefill_chunks(events)
+        except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
+            self._fail_admission(e, events)
+        running = [s for s in self.slots if s.request is not None and (self.prefill is None or s is not self.prefill.slot)]
+        if running:
+            width = defaults.tree_for_load(len(running), self.table)
+            widths = None if width is None else width.widths
+            busy = bool(self.waiting or self.prefill)
+            steps = 1 if self.prefill is not None else self.steps_per_call
+            dec = self.dec
+            t_dev = time.perf_counter()
+            try:
+                self.state = self._run[widths](dec.t_state, dec.d_state, self.state, dec.vocab,
+                                               dec.put(np.int32(steps)), dec.put(np.bool_(busy)))
+                self._collect(running, events)
+            except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
+                self._fail_running(e, events)
+            self.stats["decode_s"] += time.perf_counter() - t_dev
+            self.stats["steps"] += 1
+        self.stats["host_s"] += time.perf_counter() - t0
+        return events
+
+    def _fail_admission(self, error: Exception, events):
+        req, self._admitting = self._admitting, None
+        if self.prefill is not None:
+            slot = self.prefill.slot
+            slot.request, slot.tokens, slot.valid, slot.session = None, [], 0, None
+            self.prefill = None
+        if req is not None:
+            events.append(Event(req.id, [], "error", error=f"{type(error).__name__}: {error}"))
+
+    def _fail_running(self, error: Exception, events):
+        for slot in self.slots:
+            if slot.request is not None and (self.prefill is None or slot is not self.prefill.slot):
+                events.append(Event(slot.request.id, [], "error", error=f"{type(error).__name__}: {error}"))
+                slot.request, slot.tokens, slot.valid, slot.session = None, [], 0, None
+        for slot in self.slots:  # the donated state is gone: every resident sequence with it
+            if slot.request is None:
+                slot.tokens, slot.valid = [], 0
+        self.prefill = None
+        self._build_state()
+
+    def _drain(self, events):
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self.waiting.append(item)
+                self.stats["requests"] += 1
+            else:
+                self._cancel_request(item, events)
+
+    def _cancel_request(self, rid: str, events):
+        for i, req in enumerate(self.waiting):
+            if req.id == rid:
+                del self.waiting[i]
+                events.append(Event(rid, [], "cancelled", prompt_tokens=len(req.prompt)))
+                return
+        if self.prefill is not None and self.prefill.request.id == rid:
+            slot = self.prefill.slot
+            slot.request, slot.valid, slot.tokens = None, 0, []
+            self.prefill = None
+            events.append(Event(rid, [], "cancelled"))
+            return
+        for slot in self.slots:
+            if slot.request is not None and slot.request.id == rid:
+                self.state = self._cancel(self.state, self.dec.put(np.int32(slot.index)))
+                self._finish(slot, "cancelled", events)
+                return
+
+    def _admit(self, events):
+        """Start the prefill of the first waiting request in the slot that reuses the most."""
+        free = [s for s in self.slots if s.request is None]
+        if not free:
+            return
+        req = self._admitting = self.waiting.pop(0)
+        prompt = np.asarray(req.prompt, np.int64)
+        # Never reuse the last prompt token: its logits draw the first new token.
+        reuse = {s.index: min(common_prefix(prompt, s.tokens[:s.valid]), prompt.size - 1) for s in free}
+        # Slots pinned to another session are taken last; then the longest reuse, the same session,
+        # the least recently used.
+        best = max(free, key=lambda s: (s.session is None or s.session == req.session, reuse[s.index],
+                                        s.session is not None and s.session == req.session, -s.last_used))
+        start = reuse[best.index]
+        if start > 0:
+            self.stats["prefix_hits"] += 1
+            self.stats["reused_tokens"] += start
+            self.staging = self._take_row(self.state.cache, self.staging, self.dec.put(np.int32(best.index)))
+        best.request, best.tokens, best.valid, best.emitted, best.iters = req, list(map(int, prompt)), start, 0, 0
+        best.session = req.session
+        padded = -(-(prompt.size - start) // self.chunk) * self.chunk
+        rows = np.zeros((1, padded), np.int32)
+        rows[0, :prompt.size - start] = prompt[start:]
+        self.prefill = _Prefill(req, best, rows, start)
+        self.stats["prompt_tokens"] += int(prompt.size)
+
+    def _prefill_chunks(self, events):
+        job, dec = self.prefill, self.dec
+        n = len(job.request.prompt)
+        last = dec.put(np.array([n - 1], np.int32))
+        for _ in range(self.prefill_chunks_per_step):
+            c = job.next_chunk
+            self.staging, self._hidden = self._chunk_exe(
+                dec.t_state, self.staging, dec.put(job.rows[:, c * self.chunk:(c + 1) * self.chunk]),
+                dec.put(np.int32(job.start + c * self.chunk)), last,
+                self._hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
+            job.next_chunk += 1
+            if job.next_chunk * self.chunk >= job.rows.shape[1]:
+                break
+        if job.next_chunk * self.chunk < job.rows.shape[1]:
+            return
+        req, slot = job.request, job.slot
+        seed = req.seed if req.seed is not None else int(self._rng.integers(2**31))
+        prompt = np.asarray(req.prompt, np.int64)
+        self.state, first = self._insert(dec.t_state, dec.d_state, self.state, self.staging, self._hidden,
+                                         *self._row_inputs(req, prompt, seed), dec.put(np.int32(slot.index)))
+        first, done, reason = jax.device_get(first)
+        self.prefill = self._admitting = None
+        slot.emitted = 1
+        slot.tokens.append(int(first))
+        events.append(Event(req.id, [int(first)], prompt_tokens=n, cached_tokens=job.start))
+        if done:
+            self._finish(slot, STOP_NAMES[int(reason)], events)
+
+    def _collect(self, running, events):
+        """Fetch the tokens the last decode call emitted and hand them out."""
+        out, out_len, done, reason, iters = jax.device_get(
+            self._window(self.state, self.dec.put(np.array([s.emitted for s in self.slots], np.int32))))
+        for slot in running:
+            b = slot.index
+            new = out[b, :out_len[b] - slot.emitted].tolist()
+            slot.emitted = int(out_len[b])
+            self.stats["forwards"] += int(iters[b]) - slot.iters
+            slot.iters = int(iters[b])
+            slot.tokens.extend(new)
+            self.stats["generated_tokens"] += len(new)
+            if done[b]:
+                self._finish(slot, STOP_NAMES[int(reason[b])], events, new)
+            elif new:
+                events.append(Event(slot.request.id, new))
+
+    def _finish(self, slot: _Slot, reason: str, events, new=()):
+        req = slot.request
+        events.append(Event(req.id, list(new), reason))
+        slot.request = None
+        # Everything but the last emitted token is in the cache; junk writes of masked rows can
+        # only reach the last `max_nodes` slots.
+        slot.valid = max(0, min(len(slot.tokens) - 1, self.capacity - self.max_nodes))
+        slot.last_used = time.monotonic()
+        if req.session is None:
+            slot.session = None
+
+    # ---------------------------------------------------------------------------------------
+    # notebooks: run requests to completion
+
+    def generate(self, prompts, *, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams] = None,
+                 seed: int = 0, stop_ids=None, on_event: Callable[[Event], None] | None = None) -> list[list[int]]:
+        """Submit every prompt (row b with seed + b) and step until all finish; returns the tokens."""
+        prompts = runtime.as_rows(prompts)
+        params = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
+        ids = [self.submit(Request(p.tolist(), max_new_tokens, params[b], stop_ids, seed + b))
+               for b, p in enumerate(prompts)]
+        out = {i: [] for i in ids}
+        pending = set(ids)
+        while pending:
+            for ev in self.step():
+                if ev.error:
+                    raise RuntimeError(f"request {ev.request_id} failed: {ev.error}")
+                out[ev.request_id].extend(ev.tokens)
+                if on_event is not None:
+                    on_event(ev)
+                if ev.finish_reason is not None:
+                    pending.discard(ev.request_id)
+        return [out[i] for i in ids]
+
+
+# ------------------------------------------------------------------------------------------------
+# jitted pieces (state donated: XLA updates the slot rows in place)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "out_size", "max_accept", "ring_slots"),
+                   donate_argnames=("state",))
+def _insert_jit(t_state, d_state, state, staging, hidden, tail, length, key, max_new, eos_ids, sampling, slot, *,
+                loop, t_graph, d_graph, out_size, max_accept, ring_slots):
+    """Draw the admitted request's first token, build its ring and write its row into slot `slot`.
+    Returns (state, (first token, done, stop reason))."""
+    target, draft = _merge(t_graph, t_state, d_graph, d_state)
+    S = state.cache.capacity
+    cache = kvc.KVCache(k=tuple(k[:, :S] for k in staging.k), v=tuple(v[:, :S] for v in staging.v))
+    row = loop.first_state(target, draft, cache, hidden, tail, length, key, max_new, eos_ids, sampling,
+                           out_size=out_size, max_accept=max_accept, ring_slots=ring_slots)
+    state = jax.tree.map(lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0), state, row)
+    return state, (row.root[0], row.done[0], row.stop_reason[0])
+
+
+@functools.partial(jax.jit, donate_argnames=("staging",))
+def _take_row_jit(cache, staging, slot):
+    """Copy slot `slot` of the engine's cache into the first S slots of the staging cache (a reused
+    prefix is prefilled on from there)."""
+
+    def one(full, stage):
+        row = jax.lax.dynamic_slice_in_dim(full, slot, 1, axis=0)  # [1, S, K, H]
+        return jax.lax.dynamic_update_slice_in_dim(stage, row, 0, axis=1)
+
+    return kvc.KVCache(k=tuple(map(one, cache.k, staging.k)), v=tuple(map(one, cache.v, staging.v)))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _cancel_jit(state: DecodeState, slot):
+    """Stop slot `slot` (its row is masked from the next step on)."""
+    return state.replace(done=state.done.at[slot].set(True),
+                         stop_reason=state.stop_reason.at[slot].set(jnp.where(state.done[slot], state.stop_reason[slot],
+                                                                              STOP_CANCELLED)))
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _window_jit(state: DecodeState, start, *, width: int):
+    """What the host reads after a decode call: each row's tokens from column `start[b]` (width
+    columns: the most one call can emit), out_len, done and stop_reason."""
+    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, state.out.shape[1] - 1)
+    return jnp.take_along_axis(state.out, cols, axis=1), state.out_len, state.done, state.stop_reason, state.iters
+
+
+__all__ = ["Engine", "Event", "Request", "common_prefix", "STOP_RUNNING"]
