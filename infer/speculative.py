@@ -66,7 +66,8 @@ from infer import ar
 from longspec_jax import kv_cache as kvc
 from longspec_jax import sharding as shd
 from longspec_jax import verify
-from longspec_jax.draft import Draft, DraftCache, cut_logits, head_columns, ring_capacity
+from longspec_jax.draft import Draft, DraftCache, ring_capacity
+from longspec_jax.draft_vocab import cut_logits, head_columns, validate as check_draft_vocab
 from longspec_jax.sampling import SamplingParams, process_logits, sample
 from longspec_jax.tree import TreeShape, default_tree_for_context, expand, init_tree
 
@@ -281,26 +282,6 @@ def _start(t_state, d_state, cache, hidden_last, prompt, prompt_lens, key, max_n
     reason = jnp.where(hit_eos, STOP_EOS, jnp.where(hit_max, STOP_MAX_NEW,
                                                     jnp.where(cache_full, STOP_CACHE_FULL, STOP_RUNNING)))
     return state.replace(out=out, out_len=out_len, done=reason != STOP_RUNNING, stop_reason=reason)
-
-
-def check_draft_vocab(ids, vocab_size: int) -> np.ndarray:
-    """Validate a draft vocabulary: a non-empty 1-D list of distinct integer token ids in
-    [0, vocab_size). Returns them as sorted int32 (ascending, so beam-search ties resolve to the
-    lower token id as over the full vocabulary)."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"draft_vocab must be a non-empty 1-D list of token ids, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"draft_vocab must hold integer token ids, got dtype {arr.dtype}")
-    bad = arr[(arr < 0) | (arr >= vocab_size)]
-    if bad.size:
-        raise ValueError(f"draft_vocab has {bad.size} ids outside the target vocabulary [0, {vocab_size}) "
-                         f"(e.g. {bad[:5].tolist()}); was it built with another tokenizer? "
-                         "Rebuild it with scripts/draft_vocab.py for this model's tokenizer.")
-    uniq = np.unique(arr)
-    if uniq.size != arr.size:
-        raise ValueError(f"draft_vocab has {arr.size - uniq.size} duplicate ids; every id must appear once")
-    return uniq.astype(np.int32)
 
 
 @dataclasses.dataclass
