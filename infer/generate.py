@@ -106,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
-    """Refuse counts below 1, before any file is read or any weight is loaded."""
+def check_flags(args):
+    """Refuse flag values that cannot work, before any other file is read or any weight is loaded.
+    Returns (--tree-shape as a `TreeShape` or None, the ids in --draft-vocab FILE or None); the ids
+    are checked against the vocabulary once the target's config is read."""
+    from longspec_jax import draft_vocab
+    from longspec_jax.tree import TreeShape
+
     for flag, value, hint in (("--max-new-tokens", args.max_new_tokens, ""), ("--prompt-tokens", args.prompt_tokens, ""),
                               ("--prefill-chunk", args.prefill_chunk, " (prompt tokens per prefill forward)"),
                               ("--cache-capacity", args.cache_capacity, " (KV slots per sequence; unset = from the "
@@ -115,29 +120,14 @@ def check_args(args) -> None:
                               ("--tensor-parallel", args.tensor_parallel, " (1 = one device)")):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1{hint}, got {value}")
-
-
-def parse_tree_shape(args):
-    """The --tree-shape as a `TreeShape`, or None for the decoder's default by context."""
-    if args.tree_shape is None:
-        return None
-    from longspec_jax.tree import TreeShape
-
     try:
-        return TreeShape.parse(args.tree_shape)
+        shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
     except ValueError as e:
         raise UsageError(f"--tree-shape {' '.join(map(str, args.tree_shape))}: {e}") from None
-
-
-def read_draft_vocab_flag(args):
-    """The token ids of --draft-vocab FILE (format checked; the ids are checked once the target's
-    vocabulary is known), or None for no file ('none' or unset)."""
     if args.draft_vocab is None or args.draft_vocab.lower() == "none":
-        return None
-    from longspec_jax import draft_vocab
-
+        return shape, None
     try:
-        return draft_vocab.read(args.draft_vocab)
+        return shape, draft_vocab.read(args.draft_vocab)
     except ValueError as e:
         raise UsageError(f"--draft-vocab: {e}") from None
 
@@ -256,8 +246,9 @@ def resolve_draft(args) -> str | None:
 
 
 def choose_draft_vocab(args, ids, draft_path, cfg, shape):
-    """The draft vocabulary for --method tree, checked against the target's vocabulary: --draft-vocab
-    FILE (`ids`), else the one the draft ships (unless --draft-vocab none), else None."""
+    """The draft vocabulary for --method tree, checked against the target's vocabulary and the
+    --tree-shape: --draft-vocab FILE (`ids`), else the one the draft ships (unless --draft-vocab
+    none), else None."""
     from longspec_jax import draft_vocab
 
     source = "--draft-vocab"
@@ -269,10 +260,15 @@ def choose_draft_vocab(args, ids, draft_path, cfg, shape):
                   "--draft-vocab none for the full vocabulary)")
     try:
         ids = None if ids is None else draft_vocab.validate(ids, cfg.vocab_size)
-        if shape is not None:
-            shape.check_vocab(cfg.vocab_size if ids is None else ids.size)
     except ValueError as e:
         raise UsageError(f"{source}: {e}") from None
+    if shape is not None:
+        try:
+            shape.check_vocab(cfg.vocab_size if ids is None else ids.size)
+        except ValueError as e:
+            raise UsageError(f"--tree-shape {shape}"
+                             + (f" with the {ids.size}-id draft vocabulary of {source}" if ids is not None else "")
+                             + f": {e}") from None
     return ids
 
 
@@ -355,10 +351,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse's own refusals (exit 2) and --help (exit 0), as a return code
         return e.code
     try:
-        check_args(args)
+        shape, vocab_ids = check_flags(args)
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-        shape = parse_tree_shape(args)
-        vocab_ids = read_draft_vocab_flag(args)
         args.dtype = resolve_dtype(args.dtype)
         dtype = DTYPES[args.dtype]
         if args.model == tiny_random.NAME:
@@ -377,7 +371,7 @@ def main(argv=None) -> int:
         limit = args.prompt_tokens
         if limit is None and args.model == demo.NAME and args.prompt is None and args.prompt_file is None:
             limit = DEMO_PROMPT_TOKENS
-        short = limit is not None and args.prompt_tokens is not None and len(ids) < limit
+        short = args.prompt_tokens is not None and len(ids) < args.prompt_tokens
         if limit is not None:
             ids = ids[:limit]
         check_lengths(len(ids), cfg, args, shape)
