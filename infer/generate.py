@@ -113,10 +113,11 @@ def check_flags(args):
     from longspec_jax import draft_vocab
     from longspec_jax.tree import TreeShape
 
-    for flag, value, hint in (("--max-new-tokens", args.max_new_tokens, ""), ("--prompt-tokens", args.prompt_tokens, ""),
+    for flag, value, hint in (("--max-new-tokens", args.max_new_tokens, ""),
+                              ("--prompt-tokens", args.prompt_tokens, ""),
                               ("--prefill-chunk", args.prefill_chunk, " (prompt tokens per prefill forward)"),
-                              ("--cache-capacity", args.cache_capacity, " (KV slots per sequence; unset = from the "
-                                                                        "prompt)"),
+                              ("--cache-capacity", args.cache_capacity, " (KV slots per sequence; unset = sized "
+                                                                        "from the prompt)"),
                               ("--tensor-parallel", args.tensor_parallel, " (1 = one device)")):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1{hint}, got {value}")

@@ -12,8 +12,9 @@ vocabulary (`draft_vocab.FILE`). Keys are the unprefixed names of `LlamaGlideDec
   post_cross_attention_layernorm.weight [D]      mlp.{gate,up,down}_proj.weight
 
 Leading `model.` / `glide.` / `draft_model.` / `module.` prefixes are stripped (HF
-`base_model_prefix`, the inference module name, the training module name, a DeepSpeed wrapper). `cross_attn.{k,v}_proj.*` exist in the released
-files but are never used by the model (spec 1.3) and are skipped; rotary `inv_freq` buffers too.
+`base_model_prefix`, the inference module name, the training module name, a DeepSpeed wrapper).
+`cross_attn.{k,v}_proj.*` exist in the released files but are never used by the model (spec 1.3)
+and are skipped; rotary `inv_freq` buffers too.
 Everything else must match the table exactly: unknown, missing, duplicate or mis-shaped tensors
 raise `DraftWeightsError` naming them. PyTorch Linear weights are [out, in]; they are transposed and
 reshaped into our [D, N, H] / [N, H, D] / [D, F] kernels.

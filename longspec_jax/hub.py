@@ -88,7 +88,7 @@ def _cached_missing(repo_id: str, kind: str, cache_dir, revision) -> list[str]:
     return _missing(find, kind)
 
 
-def could_be_repo_id(name: str) -> bool:
+def _could_be_repo_id(name: str) -> bool:
     """True when `name` is also a valid Hugging Face repo id of the form owner/name."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -132,7 +132,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, kind: str = "target",
             return expanded
         raise CheckpointError(f"{expanded!r} is a file; pass the checkpoint directory that holds config.json, the "
                               "weights and the tokenizer.")
-    if not could_be_repo_id(name):
+    if not _could_be_repo_id(name):
         raise CheckpointError(f"{kind} checkpoint directory {expanded!r} does not exist; check the path.")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

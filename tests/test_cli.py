@@ -212,7 +212,8 @@ def test_cached_preset_torch_draft_is_found_and_loaded(cached_preset, capsys, mo
     cache_snapshot(cache, "org/tiny-draft", torch_dir)
     loaded = []
     real_load = draft_weights.load_draft
-    monkeypatch.setattr(draft_weights, "load_draft", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    monkeypatch.setattr(draft_weights, "load_draft",
+                        lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
     assert generate.main(["--model", "tiny-preset", "--max-new-tokens", "4", "--tree-shape", "2",
                           "--no-chat-template"]) == 0
     out = capsys.readouterr().out

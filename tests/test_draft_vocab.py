@@ -268,10 +268,10 @@ def test_script_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("v.npy", None, r"--draft-vocab: draft_vocab has 1 ids outside the target vocabulary \[0, 259\)"),
-    ("v.json", '{"vocab": [1, 2]}', '--draft-vocab: draft vocabulary .* is a JSON object without an "ids" list'),
-    ("v.txt", "1 2", "--draft-vocab: draft vocabulary .* must be a .npy or .json file"),
-    ("missing.npy", "", "--draft-vocab: cannot read the draft vocabulary .*No such file"),
+    ("v.npy", None, r"^error: --draft-vocab: draft_vocab has 1 ids outside the target vocabulary \[0, 259\)"),
+    ("v.json", '{"vocab": [1, 2]}', '^error: --draft-vocab: draft vocabulary .* is a JSON object without an "ids"'),
+    ("v.txt", "1 2", "^error: --draft-vocab: draft vocabulary .* must be a .npy or .json file"),
+    ("missing.npy", "", "^error: --draft-vocab: cannot read the draft vocabulary .*No such file"),
 ])
 def test_cli_refuses_a_bad_draft_vocab_before_loading(tmp_path, capsys, monkeypatch, name, content, message):
     import re

@@ -250,9 +250,12 @@ def test_converter_input_errors(tmp_path, capsys):
     notes.write_text("these are my notes, not weights\n")
     assert _convert(tmp_path, notes, tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "notes.pth is not a PyTorch file (torch.save writes a zip archive; this file " \
-                                         "starts with b'these ar')" in err
+    assert err.startswith("error: ")
+    assert "notes.pth is not a PyTorch file (torch.save writes a zip archive; this file starts with b'these ar')" in err
     assert not os.path.exists(tmp_path / "o")
+    (tmp_path / "notes.safetensors").write_text("not weights either\n")
+    assert _convert(tmp_path, tmp_path / "notes.safetensors", tmp_path / "o") == 2
+    assert "notes.safetensors is not a readable safetensors file" in capsys.readouterr().err
     assert _convert(tmp_path, path, tmp_path / "o", "--window", "0") == 2
     assert "--window must be >= 1" in capsys.readouterr().err
 
