@@ -31,8 +31,7 @@ DEFAULT_MODEL = demo.NAME
 # Its default prompt: the first DEMO_PROMPT_TOKENS tokens of a held-out package's code.
 DEMO_PROMPT_TOKENS = 4096
 
-# Streaming is opt-in: its measured cost on a CPU with the tiny model was +4% to +23% ms/token even
-# with adaptive slices (see STREAMING_NOTE in infer/ar.py); not negligible, so not the default.
+# Streaming is opt-in: decoding the text between decode slices adds to the time per token.
 STREAM_BY_DEFAULT = False
 STREAM_EVERY = 8
 STREAM_INTERVAL_S = 0.25
@@ -107,98 +106,196 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(args, dtype):
-    """(model, cfg, tokenizer, checkpoint_dir or None) for --model / --checkpoint."""
+def check_flags(args):
+    """Refuse flag values that cannot work, before any other file is read or any weight is loaded.
+    Returns (--tree-shape as a `TreeShape` or None, the ids in --draft-vocab FILE or None); the ids
+    are checked against the vocabulary once the target's config is read."""
+    from longspec_jax import draft_vocab
+    from longspec_jax.tree import TreeShape
+
+    for flag, value, hint in (("--max-new-tokens", args.max_new_tokens, ""),
+                              ("--prompt-tokens", args.prompt_tokens, ""),
+                              ("--prefill-chunk", args.prefill_chunk, " (prompt tokens per prefill forward)"),
+                              ("--cache-capacity", args.cache_capacity, " (KV slots per sequence; unset = sized "
+                                                                        "from the prompt)"),
+                              ("--tensor-parallel", args.tensor_parallel, " (1 = one device)")):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1{hint}, got {value}")
+    try:
+        shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
+    except ValueError as e:
+        raise UsageError(f"--tree-shape {' '.join(map(str, args.tree_shape))}: {e}") from None
+    if args.draft_vocab is None or args.draft_vocab.lower() == "none":
+        return shape, None
+    try:
+        return shape, draft_vocab.read(args.draft_vocab)
+    except ValueError as e:
+        raise UsageError(f"--draft-vocab: {e}") from None
+
+
+def read_prompt(args) -> str:
+    """The prompt text: --prompt-file, --prompt, the demo's held-out code, or the default prompt."""
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {args.prompt_file!r} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                             f"at offset {e.start}); convert it to UTF-8") from None
+        if not text.strip():
+            raise UsageError(f"--prompt-file {args.prompt_file!r} is empty{' (only whitespace)' if text else ''}; "
+                             "write the text to continue into it, or pass --prompt TEXT")
+        return text
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty; pass the text to continue (e.g. --prompt 'def fib(n):'), or "
+                             "--prompt-file FILE, or leave both out for the default prompt")
+        return args.prompt
+    if args.model == demo.NAME:
+        return demo.heldout_prompts()[0]["text"]
+    return prompts.DEFAULT_PROMPT
+
+
+def open_target(args):
+    """(cfg, tokenizer, checkpoint dir or None) of --model / --checkpoint: config.json and the
+    tokenizer only, which load in well under a second, so that the prompt is checked before the
+    weights load."""
     if args.model == tiny_random.NAME:
         if args.checkpoint:
             raise UsageError(f"--checkpoint cannot be combined with --model {tiny_random.NAME}; "
                              "pass --model PRESET --checkpoint DIR")
-        model, cfg, tok = tiny_random.build(dtype=dtype, attention_impl=args.attention_impl, seed=0)
-        return model, cfg, tok, None
+        return tiny_random.config(), tiny_random.tokenizer(), None
     from longspec_jax import hub, weights
+    from longspec_jax.configs import get_preset
 
+    preset = None
     if args.model == demo.NAME:
         if not demo.available():
             raise UsageError(f"the demo pair is missing from {demo.HERE} (target/ and draft/); reinstall the "
                              f"package, or pass --model {tiny_random.NAME} or a preset")
-        path = args.checkpoint or demo.TARGET_DIR
-        model, cfg, tok = weights.load_target(path, dtype=dtype, attention_impl=args.attention_impl)
-        return model, cfg, tok, path
-    from longspec_jax.configs import get_preset
+        path = hub.resolve_checkpoint(args.checkpoint or demo.TARGET_DIR)
+    else:
+        preset = get_preset(args.model)  # ConfigError listing every valid name
+        path = hub.resolve_checkpoint(args.checkpoint or preset.target_repo)
+    cfg = weights.read_config(path)
+    tokenizer = weights.load_tokenizer(path, cfg)
+    if preset is not None:
+        mismatched = [f for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+                      if getattr(cfg, f) != getattr(preset.config, f)]
+        if mismatched:
+            print(f"warning: checkpoint {path} differs from preset {args.model} in {mismatched}; "
+                  "using the checkpoint's config.", file=sys.stderr)
+    return cfg, tokenizer, path
 
-    preset = get_preset(args.model)  # ConfigError listing every valid name
-    path = hub.resolve_checkpoint(args.checkpoint or preset.target_repo)
-    model, cfg, tok = weights.load_target(path, dtype=dtype, attention_impl=args.attention_impl)
-    mismatched = [f for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
-                  if getattr(cfg, f) != getattr(preset.config, f)]
-    if mismatched:
-        print(f"warning: checkpoint {path} differs from preset {args.model} in {mismatched}; "
-              "using the checkpoint's config.", file=sys.stderr)
-    return model, cfg, tok, path
+
+def load_target_weights(args, cfg, path, dtype):
+    """The target model of `open_target`'s config and checkpoint (random weights for tiny-random)."""
+    if path is None:
+        model, _, _ = tiny_random.build(dtype=dtype, attention_impl=args.attention_impl, seed=0)
+        return model
+    from longspec_jax import weights
+
+    model = weights.abstract_target(cfg, dtype=dtype, attention_impl=args.attention_impl)
+    return weights.load_params(model, path, cfg)
 
 
-def read_prompt(args) -> str:
-    if args.prompt_file:
+def check_lengths(n_prompt: int, cfg, args, shape) -> None:
+    """Refuse a prompt plus --max-new-tokens beyond the model's position limit, or a --cache-capacity
+    that cannot hold what the chosen method needs; `shape` is the --tree-shape (or None)."""
+    n_new, limit = args.max_new_tokens, cfg.max_position_embeddings
+    if n_prompt + n_new > limit:
+        fixes = [f"--max-new-tokens {limit - n_prompt}"] if n_prompt < limit else []
+        if n_new < limit:
+            fixes.insert(0, f"--prompt-tokens {limit - n_new} (keeps the start of the prompt)")
+        raise UsageError(
+            f"the prompt ({n_prompt} tokens) plus --max-new-tokens ({n_new}) is {n_prompt + n_new} positions, more "
+            f"than the {limit} that {args.model} supports (max_position_embeddings in its config); "
+            + (f"pass {' or '.join(fixes)}" if fixes else f"lower --max-new-tokens below {limit}"))
+    cap = args.cache_capacity
+    if cap is None:
+        return
+    if args.method == "ar" and cap < n_prompt + n_new:
+        raise UsageError(f"--cache-capacity {cap} cannot hold the prompt ({n_prompt} tokens) plus --max-new-tokens "
+                         f"({n_new}); raise --cache-capacity to at least {n_prompt + n_new} or leave it unset")
+    nodes = shape.num_nodes if shape is not None else 2  # the smallest tree: the root and one draft
+    if args.method == "tree" and cap < n_prompt + nodes:
+        raise UsageError(f"--cache-capacity {cap} cannot hold the prompt ({n_prompt} tokens) and one draft tree "
+                         f"({nodes} nodes) after it; raise --cache-capacity to at least {n_prompt + nodes} "
+                         f"({n_prompt + n_new + nodes} never stops early) or leave it unset")
+
+
+def resolve_draft(args) -> str | None:
+    """Local path of the draft for --method tree: --draft (a directory, a weight file, or a repo in
+    the local Hugging Face cache), else the demo's or the preset's draft; None for tiny-random,
+    which drafts with a random block."""
+    from longspec_jax import hub
+
+    name = args.draft
+    if name is None and args.model == tiny_random.NAME:
+        return None
+    if name is None and args.model == demo.NAME:
+        name = demo.DRAFT_DIR
+    if name is None:
+        from longspec_jax.configs import get_preset
+
+        name = get_preset(args.model).draft_repo
+        if name is None:
+            raise UsageError(f"preset {args.model} has no released draft; pass --draft DIR")
+    return hub.resolve_checkpoint(name, kind="draft")
+
+
+def choose_draft_vocab(args, ids, draft_path, cfg, shape):
+    """The draft vocabulary for --method tree, checked against the target's vocabulary and the
+    --tree-shape: --draft-vocab FILE (`ids`), else the one the draft ships (unless --draft-vocab
+    none), else None."""
+    from longspec_jax import draft_vocab
+
+    source = "--draft-vocab"
+    if ids is None and args.draft_vocab is None and draft_path is not None:
+        shipped = draft_vocab.find(draft_path)
+        if shipped is not None:
+            source, ids = shipped, draft_vocab.read(shipped)
+            print(f"draft vocabulary: {len(ids)} ids shipped with the draft ({os.path.basename(shipped)}; "
+                  "--draft-vocab none for the full vocabulary)")
+    try:
+        ids = None if ids is None else draft_vocab.validate(ids, cfg.vocab_size)
+    except ValueError as e:
+        raise UsageError(f"{source}: {e}") from None
+    if shape is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise UsageError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from e
-    if args.prompt is None and args.model == demo.NAME:
-        return demo.heldout_prompts()[0]["text"]
-    return args.prompt if args.prompt is not None else prompts.DEFAULT_PROMPT
+            shape.check_vocab(cfg.vocab_size if ids is None else ids.size)
+        except ValueError as e:
+            raise UsageError(f"--tree-shape {shape}"
+                             + (f" with the {ids.size}-id draft vocabulary of {source}" if ids is not None else "")
+                             + f": {e}") from None
+    return ids
 
 
-def _load_draft(args, cfg, dtype):
-    """(draft, its local path or None) for --method tree: --draft, else the preset's draft repo;
-    random (no path) for tiny-random."""
+def load_draft_model(args, path, cfg, dtype):
+    """The draft at `resolve_draft`'s path, checked against the target; a random one for None."""
     from longspec_jax.configs import DraftConfig
 
-    if args.draft is None and args.model == tiny_random.NAME:
+    if path is None:
         from flax import nnx
 
         from longspec_jax.draft import Draft
 
         print("[tiny-random] using a random-weight draft as well: expect almost no accepted tokens.")
         return Draft(DraftConfig.from_target(cfg), cfg.rope, rngs=nnx.Rngs(1), dtype=dtype, param_dtype=dtype,
-                     attention_impl=args.attention_impl), None
-    if args.draft is None and args.model == demo.NAME:
-        args.draft = demo.DRAFT_DIR
-    if args.draft is None:
-        from longspec_jax.configs import get_preset
-
-        repo = get_preset(args.model).draft_repo
-        if repo is None:
-            raise UsageError(f"preset {args.model} has no released draft; pass --draft DIR")
-        args.draft = repo
+                     attention_impl=args.attention_impl)
     from longspec_jax.draft_weights import load_draft
 
-    path = _draft_path(args.draft)
     draft = load_draft(path, cfg, dtype=dtype, attention_impl=args.attention_impl)
-    draft.cfg.check_matches(cfg, source=f"draft {args.draft}")
-    return draft, path
-
-
-def _draft_path(name: str) -> str:
-    """A local directory (or weight file) for --draft: the path itself, or the HF cache snapshot of a repo."""
-    if os.path.exists(os.path.expanduser(name)):
-        return os.path.expanduser(name)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name, local_files_only=True)
-    except Exception as e:  # not cached, not a repo id, or hub unavailable: same advice in every case
-        raise UsageError(f"draft {name!r} is neither a local path nor a repo in the local Hugging Face cache "
-                         f"({type(e).__name__}). Download it with\n  huggingface-cli download {name} --local-dir DIR\n"
-                         "and pass --draft DIR.") from None
+    draft.cfg.check_matches(cfg, source=f"draft {path}")
+    return draft
 
 
 def tensor_parallel_mesh(n: int):
     """The --tensor-parallel mesh over the first n devices, or None for n == 1 (single device)."""
     if n == 1:
         return None
-    if n < 1:
-        raise UsageError(f"--tensor-parallel must be >= 1, got {n}")
     if n > jax.device_count():
         raise UsageError(f"--tensor-parallel {n} needs {n} devices but JAX sees {jax.device_count()} "
                          f"({jax.devices()[0].platform}); pass at most {jax.device_count()} "
@@ -208,41 +305,16 @@ def tensor_parallel_mesh(n: int):
     return sharding.tensor_parallel_mesh(n)
 
 
-def run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh=None):
+def run_tree(args, model, draft, ids, sampling, eos_ids, shape, draft_vocab, mesh=None):
     """--method tree: the LongSpec tree speculative decoder (`infer.speculative`)."""
     from infer import speculative
-    from longspec_jax.tree import TreeShape
 
-    shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
-    draft, draft_path = _load_draft(args, cfg, dtype)
-    draft_vocab = None
-    if args.draft_vocab is not None and args.draft_vocab.lower() != "none":
-        draft_vocab = load_draft_vocab(args.draft_vocab)
-    elif args.draft_vocab is None and draft_path is not None:
-        # The draft's own vocabulary (draft_weights.DRAFT_VOCAB_FILE), e.g. the demo draft's 2048 ids.
-        from longspec_jax.draft_weights import find_draft_vocab
-
-        shipped = find_draft_vocab(draft_path)
-        if shipped is not None:
-            draft_vocab = load_draft_vocab(shipped)
-            print(f"draft vocabulary: {len(draft_vocab)} ids shipped with the draft ({os.path.basename(shipped)}; "
-                  "--draft-vocab none for the full vocabulary)")
     res = speculative.generate_tree(model, draft, [ids], tree_shape=shape, max_new_tokens=args.max_new_tokens,
                                     sampling=sampling, eos_ids=eos_ids, seed=args.seed,
                                     cache_capacity=args.cache_capacity, prefill_chunk=args.prefill_chunk,
                                     draft_vocab=draft_vocab, sample_drafts=args.sample_drafts,
                                     mesh=mesh)
     return res.tokens[0], res.stop_reason[0], res.stats
-
-
-def load_draft_vocab(path: str):
-    """Token ids of --draft-vocab: a .npy array or a .json list (or {"ids": [...]}) of ints."""
-    from longspec_jax.draft_weights import read_draft_vocab
-
-    try:
-        return read_draft_vocab(path)
-    except ValueError as e:
-        raise UsageError(f"--draft-vocab: {e}") from e
 
 
 def choose_method(args) -> str:
@@ -257,13 +329,14 @@ def choose_method(args) -> str:
     preset = PRESETS.get(args.model)
     if preset is None or preset.draft_repo is None:
         return "ar"
-    from longspec_jax.hub import resolve_checkpoint
+    from longspec_jax.hub import CheckpointError, resolve_checkpoint
 
     try:
-        resolve_checkpoint(preset.draft_repo)
-    except Exception:  # not downloaded: fall back to AR and say so
-        print(f"(draft {preset.draft_repo} is not in the local cache: using --method ar; "
-              f"download it or pass --draft DIR for speculative decoding)")
+        resolve_checkpoint(preset.draft_repo, kind="draft")
+    except CheckpointError:  # not downloaded: fall back to AR and say so
+        print(f"(draft {preset.draft_repo} is not in the local cache: using --method ar; for speculative decoding "
+              f"download it with `huggingface-cli download {preset.draft_repo} --local-dir DIR` and pass "
+              "--draft DIR)")
         return "ar"
     return "tree"
 
@@ -274,13 +347,15 @@ def _rate(n, s):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own refusals (exit 2) and --help (exit 0), as a return code
+        return e.code
+    try:
+        shape, vocab_ids = check_flags(args)
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
         args.dtype = resolve_dtype(args.dtype)
         dtype = DTYPES[args.dtype]
-        if args.prompt_tokens is not None and args.prompt_tokens < 1:
-            raise UsageError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
         if args.model == tiny_random.NAME:
             print(tiny_random.BANNER, flush=True)
         text = read_prompt(args)
@@ -288,7 +363,7 @@ def main(argv=None) -> int:
         args.method = choose_method(args)
         if args.compare_ar and args.method != "tree":
             raise UsageError("--compare-ar compares the tree decoder with AR; it needs --method tree (and a draft)")
-        model, cfg, tokenizer, ckpt = load_model(args, dtype)
+        cfg, tokenizer, ckpt = open_target(args)
         if mesh is not None:
             from longspec_jax import sharding
 
@@ -297,18 +372,26 @@ def main(argv=None) -> int:
         limit = args.prompt_tokens
         if limit is None and args.model == demo.NAME and args.prompt is None and args.prompt_file is None:
             limit = DEMO_PROMPT_TOKENS
+        short = args.prompt_tokens is not None and len(ids) < args.prompt_tokens
         if limit is not None:
             ids = ids[:limit]
+        check_lengths(len(ids), cfg, args, shape)
+        draft_path = draft_vocab = None
+        if args.method == "tree":
+            draft_path = resolve_draft(args)
+            draft_vocab = choose_draft_vocab(args, vocab_ids, draft_path, cfg, shape)
+        model = load_target_weights(args, cfg, ckpt, dtype)
         eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
         print(f"model {args.model} | {args.dtype} | attention {args.attention_impl} | method {args.method} | "
               f"device {jax.devices()[0].device_kind}"
               + (f" x {args.tensor_parallel} (tensor parallel)" if mesh is not None else ""))
-        print(f"prompt: {len(ids)} tokens ({'chat template' if templated else 'raw text'}); "
-              f"stop ids {list(eos_ids)}")
+        print(f"prompt: {len(ids)} tokens ({'chat template' if templated else 'raw text'}"
+              f"{f'; --prompt-tokens {limit} asked for more than it has' if short else ''}); stop ids {list(eos_ids)}")
         print("-" * 72, flush=True)
 
         if args.method == "tree":
-            tokens, reason, stats = run_tree(args, model, cfg, ids, sampling, eos_ids, dtype, mesh)
+            draft = load_draft_model(args, draft_path, cfg, dtype)
+            tokens, reason, stats = run_tree(args, model, draft, ids, sampling, eos_ids, shape, draft_vocab, mesh)
             print(tokenizer.decode(tokens, skip_special_tokens=True))
             print("-" * 72)
             print(f"stopped on: {reason}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Iterable, TextIO
@@ -34,24 +33,17 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool = True) -> tuple[
     return list(tokenizer(text)["input_ids"]), False
 
 
-def _as_ids(value) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
-
-
 def stop_ids(cfg, tokenizer=None, checkpoint_dir: str | None = None) -> tuple[int, ...]:
     """Every id that ends generation: the model config's EOS ids, the checkpoint's
     generation_config.json `eos_token_id` (chat models often list the end-of-turn token only there,
-    e.g. Llama-3's <|eot_id|>) and the tokenizer's EOS token; sorted, without duplicates."""
+    e.g. Llama-3's <|eot_id|>) and the tokenizer's EOS token; sorted, without duplicates, within
+    the vocabulary."""
     ids = set(cfg.eos_token_ids)
-    if checkpoint_dir:
-        gen = os.path.join(checkpoint_dir, "generation_config.json")
-        if os.path.exists(gen):
-            with open(gen) as f:
-                ids.update(_as_ids(json.load(f).get("eos_token_id")))
+    if checkpoint_dir and os.path.isfile(os.path.join(checkpoint_dir, "generation_config.json")):
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(checkpoint_dir, local_files_only=True).eos_token_id
+        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]))
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return tuple(sorted(i for i in ids if 0 <= i < cfg.vocab_size))

@@ -331,25 +331,3 @@ def draft_logits(draft: Draft, target, h: jax.Array) -> jax.Array:
     """Draft logits [B, T, V] float32: the target's LM head on the draft output (no final norm)."""
     del draft  # the draft has no head of its own; kept in the signature for readability at call sites
     return target.logits(h)
-
-
-def head_columns(target, vocab_ids: jax.Array) -> jax.Array:
-    """The target LM head restricted to a draft vocabulary: [D, V'] columns `vocab_ids` [V'] of
-    the head (rows of the embedding table when tied), in the head's storage dtype. Gathered once
-    per decoder (0.13 GB for V' = 32k at Llama-3-8B shapes), not per draft step."""
-    ids = jnp.asarray(vocab_ids, jnp.int32)
-    if target.cfg.tie_word_embeddings:
-        return jnp.take(target.embedder.embedding[...], ids, axis=0).T  # [D, V']
-    return jnp.take(target.lm_head.kernel[...], ids, axis=1)  # [D, V']
-
-
-def head_dtype(target):
-    """Compute dtype of the target's LM head (the einsum operand dtype of `target.logits`)."""
-    return target.embedder.dtype if target.cfg.tie_word_embeddings else target.lm_head.dtype
-
-
-def cut_logits(target, h: jax.Array, head: jax.Array) -> jax.Array:
-    """Draft logits [B, T, V'] float32 over a draft vocabulary: `target.logits` restricted to the
-    columns in `head` [D, V'] (from `head_columns`), same operand dtype and float32 accumulation."""
-    dt = head_dtype(target)
-    return jnp.einsum("BTD,DV->BTV", h.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)

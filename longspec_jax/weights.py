@@ -1,5 +1,5 @@
 """Hugging Face safetensors checkpoints <-> `Transformer` parameters, through one declarative key
-table with strict checks (STYLE.md habit 7).
+table with strict checks.
 
 Loading reads the checkpoint's metadata first and refuses, naming the key or file, anything it
 cannot map exactly: unmapped, duplicated, missing or mis-shaped tensors, integer tensors, corrupt
@@ -14,8 +14,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Callable
 
 import jax
@@ -25,8 +23,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from longspec_jax import configs
+from longspec_jax import configs, hub
 from longspec_jax.configs import ModelConfig
+from longspec_jax.hub import INDEX_FILE, SINGLE_FILE, CheckpointError
 from longspec_jax.sharding import iter_params, variable_sharding
 from longspec_jax.transformer import Transformer
 
@@ -35,14 +34,7 @@ try:
 except ImportError:  # older safetensors: the Rust error is not re-exported
     SafetensorError = Exception
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint we refuse to load; the message names the file / key and what to do."""
-
 
 # --------------------------------------------------------------------------------------------
 # The key table
@@ -317,6 +309,14 @@ def abstract_target(cfg: ModelConfig, *, dtype=jnp.bfloat16, attention_impl: str
                                               attention_impl=attention_impl))
 
 
+def read_config(path: str) -> ModelConfig:
+    """The `ModelConfig` of the checkpoint directory `path` (its config.json), without reading weights."""
+    try:
+        return configs.from_hf_config(path)
+    except configs.ConfigError as e:
+        raise CheckpointError(f"{os.path.join(path, hub.CONFIG_FILE)}: {e}") from e
+
+
 def load_target(path_or_repo: str, *, dtype=jnp.bfloat16, mesh=None, attention_impl: str = "xla", rules=None,
                 allow_download: bool = False, with_tokenizer: bool = True):
     """Load an HF Llama / Qwen2 checkpoint as a `Transformer`.
@@ -334,13 +334,8 @@ def load_target(path_or_repo: str, *, dtype=jnp.bfloat16, mesh=None, attention_i
     Returns:
       (model, cfg, tokenizer).
     """
-    from longspec_jax import hub
-
     path = hub.resolve_checkpoint(path_or_repo, allow_download=allow_download)
-    try:
-        cfg = configs.from_hf_config(path)
-    except configs.ConfigError as e:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    cfg = read_config(path)
     tokenizer = load_tokenizer(path, cfg) if with_tokenizer else None
     model = abstract_target(cfg, dtype=dtype, attention_impl=attention_impl)
     load_params(model, path, cfg, mesh=mesh, rules=rules)
@@ -352,54 +347,42 @@ def load_target(path_or_repo: str, *, dtype=jnp.bfloat16, mesh=None, attention_i
 
 
 def save_target(model: Transformer, cfg: ModelConfig, directory: str, tokenizer=None, *,
-                max_shard_bytes: int | None = None) -> str:
+                max_shard_bytes: int | None = None, overwrite: bool = True) -> str:
     """Write `model` as an HF checkpoint (safetensors, config.json, optional tokenizer) that
-    transformers and `load_target` read back.
+    transformers and `load_target` read back; returns the directory's absolute path.
 
-    Files are written to a temporary directory beside `directory` and moved into place only when
-    complete, so a failure leaves nothing half-written. Tensors keep the parameters' dtype.
-    `max_shard_bytes` splits the weights into several files plus model.safetensors.index.json.
+    The checkpoint is written whole through `hub.writing_directory`: nothing half-written after a
+    failure, and no file of an earlier checkpoint in `directory` (a stale shard or index) survives.
+    `overwrite=False` refuses a non-empty `directory` instead of replacing it. Tensors keep the
+    parameters' dtype. `max_shard_bytes` splits the weights into several files plus
+    model.safetensors.index.json (huggingface_hub's shard planner, in key-table order).
     """
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    directory = hub.check_output_dir(directory, overwrite=overwrite)  # refuse before gathering any weight
     params = dict(iter_params(model))
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for rule in key_table(cfg):
-            matches = [(t, re.fullmatch(rule.target_pattern, t)) for t in params]
-            matches = sorted(((t, m) for t, m in matches if m), key=lambda tm: [int(g) for g in tm[1].groups()])
-            for target, m in matches:
-                value = np.asarray(jax.device_get(params[target].get_value()))
-                arr = np.ascontiguousarray(rule.to_hf(value, cfg))
-                if max_shard_bytes and shards[-1] and size + arr.nbytes > max_shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][rule.hf_key.format(*m.groups())] = arr
-                size += arr.nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-                total += sum(a.nbytes for a in shard.values())
+    tensors: dict[str, np.ndarray] = {}
+    for rule in key_table(cfg):
+        matches = [(t, re.fullmatch(rule.target_pattern, t)) for t in params]
+        matches = sorted(((t, m) for t, m in matches if m), key=lambda tm: [int(g) for g in tm[1].groups()])
+        for target, m in matches:
+            value = np.asarray(jax.device_get(params[target].get_value()))
+            tensors[rule.hf_key.format(*m.groups())] = np.ascontiguousarray(rule.to_hf(value, cfg))
+    total = sum(a.nbytes for a in tensors.values())
+    split = split_state_dict_into_shards_factory(tensors, get_storage_size=lambda a: a.nbytes,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_bytes or total)
+    hf = configs.to_hf_config(cfg)
+    hf["torch_dtype"] = {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(
+        np.dtype(next(iter(params.values())).get_value().dtype), "float32")
+    with hub.writing_directory(directory, overwrite=overwrite) as tmp:
+        for fname, keys in split.filename_to_tensors.items():
+            save_file({k: tensors[k] for k in keys}, os.path.join(tmp, fname), metadata={"format": "pt"})
+        if split.is_sharded:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf = configs.to_hf_config(cfg)
-        hf["torch_dtype"] = {np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}.get(
-            np.dtype(next(iter(params.values())).get_value().dtype), "float32")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+        with open(os.path.join(tmp, hub.CONFIG_FILE), "w") as f:
             json.dump(hf, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -17,7 +17,8 @@ Usage:
     python scripts/draft_vocab.py --tokenizer meta-llama/Meta-Llama-3-8B-Instruct \
         --size 32768 --out draft_vocab_32k data/corpus/train.jsonl
     python -m infer.generate --model llama3-8b --draft-vocab draft_vocab_32k.npy
-    # or ship it with the draft (DIR/draft_vocab.json, used by default by infer.generate --draft DIR):
+    # or ship it with the draft (DIR/draft_vocab.json, `longspec_jax.draft_vocab.FILE`, used by default by
+    # infer.generate --draft DIR):
     python scripts/draft_vocab.py --tokenizer ... --size 32768 --draft-dir DIR data/corpus/train.jsonl
 """
 
@@ -30,6 +31,8 @@ import sys
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from longspec_jax import draft_vocab
 
 
 def iter_texts(paths: Iterable[str], field: str = "text") -> Iterator[str]:
@@ -80,18 +83,17 @@ def top_ids(counts: np.ndarray, size: int, always: Iterable[int] = ()) -> np.nda
     return np.array(sorted(chosen), np.int32)
 
 
-def write_outputs(out: str, ids: np.ndarray, meta: dict, npy: bool = True) -> list[str]:
-    """Write OUT.json (and OUT.npy unless npy=False) atomically (temporary files renamed: nothing
-    half-written). Returns the paths written."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    written = []
-    if npy:
-        with open(out + ".npy.tmp", "wb") as f:
+def write_outputs(ids: np.ndarray, meta: dict, json_path: str, npy_path: str | None = None) -> list[str]:
+    """Write the ids (with `meta`) to `json_path`, and to `npy_path` when given, atomically
+    (temporary files renamed: nothing half-written). Returns the paths written."""
+    written = [json_path] + ([npy_path] if npy_path else [])
+    for path in written:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if npy_path:
+        with open(npy_path + ".tmp", "wb") as f:
             np.save(f, ids)
-        written.append(out + ".npy")
-    with open(out + ".json.tmp", "w", encoding="utf-8") as f:
+    with open(json_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(dict(meta, ids=ids.tolist()), f)
-    written.append(out + ".json")
     for path in written:
         os.replace(path + ".tmp", path)
     return written
@@ -139,10 +141,9 @@ def main(argv=None) -> int:
                 coverage=coverage, tokens_counted=total, sources=list(args.inputs), always=sorted(set(always)))
     written = []
     if args.out is not None:
-        written += write_outputs(args.out, ids, meta)
-    if args.draft_dir is not None:
-        # the directory convention (draft_weights.DRAFT_VOCAB_FILE) is the JSON alone
-        written += write_outputs(os.path.join(args.draft_dir, "draft_vocab"), ids, meta, npy=False)
+        written += write_outputs(ids, meta, args.out + ".json", args.out + ".npy")
+    if args.draft_dir is not None:  # what a draft directory ships is the JSON alone
+        written += write_outputs(ids, meta, os.path.join(args.draft_dir, draft_vocab.FILE))
     print(f"{ids.size} of {vocab_size} ids cover {coverage:.2%} of {total:,} tokens -> {', '.join(written)}")
     return 0
 

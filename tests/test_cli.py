@@ -149,3 +149,83 @@ def test_bench_ar_tiny_smoke(tmp_path):
     row = record["results"][0]
     assert row["context"] == 40 and row["ms_per_token"] > 0 and row["floor_ms_per_token"] > 0
     assert "stream_ms_per_token" in row and record["jax_version"] == __import__("jax").__version__
+
+
+@pytest.fixture
+def cached_preset(tmp_path, monkeypatch):
+    """A preset whose target and released draft sit only in a (fake) Hugging Face cache, like a
+    user's `huggingface-cli download` of both repos: the draft directory has no tokenizer."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from huggingface_hub import constants
+
+    from infer import tiny_random
+    from longspec_jax import configs, draft_weights, weights
+    from longspec_jax.draft import Draft
+    from tests.hub_utils import cache_snapshot
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import; the env is for subprocesses
+    model, cfg, tok = tiny_random.build()
+    weights.save_target(model, cfg, str(tmp_path / "target"), tokenizer=tok)
+    cache_snapshot(cache, "org/tiny-target", tmp_path / "target")
+    draft = Draft(configs.DraftConfig.from_target(cfg), cfg.rope, rngs=nnx.Rngs(1), dtype=jnp.float32,
+                  param_dtype=jnp.float32)
+    draft_weights.save_draft(draft, tmp_path / "draft", target_cfg=cfg)
+    monkeypatch.setitem(configs.PRESETS, "tiny-preset",
+                        configs.Preset("tiny-preset", "org/tiny-target", "org/tiny-draft", cfg))
+    return cache, tmp_path / "draft", draft
+
+
+def test_cached_preset_draft_is_found_and_loaded(cached_preset, capsys):
+    """A cached safetensors draft: --method defaults to tree and that draft runs (the draft directory
+    must not be held to a target's required files)."""
+    cache, draft_dir, _ = cached_preset
+    from tests.hub_utils import cache_snapshot
+
+    snap = cache_snapshot(cache, "org/tiny-draft", draft_dir)
+    parse = generate.build_parser().parse_args
+    assert generate.choose_method(parse(["--model", "tiny-preset"])) == "tree"
+    assert "not in the local cache" not in capsys.readouterr().out
+    with open(os.path.join(snap, "draft_vocab.json"), "w") as f:  # what the draft ships is used, so it was loaded
+        f.write('{"ids": [1, 10, 20, 30, 40, 50]}')
+    assert generate.main(["--model", "tiny-preset", "--max-new-tokens", "4", "--tree-shape", "2",
+                          "--no-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert "method tree" in out and "6 ids shipped with the draft" in out and "draft vocab 6" in out
+
+
+def test_cached_preset_torch_draft_is_found_and_loaded(cached_preset, capsys, monkeypatch):
+    """A released-style draft: config.json + pytorch_model.bin, no safetensors, no tokenizer."""
+    torch = pytest.importorskip("torch")
+    cache, draft_dir, draft = cached_preset
+    from longspec_jax import draft_weights
+    from tests.hub_utils import cache_snapshot
+
+    torch_dir = draft_dir.parent / "torch-draft"
+    torch_dir.mkdir()
+    os.rename(draft_dir / "config.json", torch_dir / "config.json")
+    torch.save({f"model.{k}": torch.from_numpy(v.copy()) for k, v in draft_weights.draft_state_dict(draft).items()},
+               str(torch_dir / "pytorch_model.bin"))
+    cache_snapshot(cache, "org/tiny-draft", torch_dir)
+    loaded = []
+    real_load = draft_weights.load_draft
+    monkeypatch.setattr(draft_weights, "load_draft",
+                        lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    assert generate.main(["--model", "tiny-preset", "--max-new-tokens", "4", "--tree-shape", "2",
+                          "--no-chat-template"]) == 0
+    out = capsys.readouterr().out
+    assert "method tree" in out and "not in the local cache" not in out
+    assert len(loaded) == 1 and os.path.isfile(os.path.join(loaded[0], "pytorch_model.bin"))
+    assert str(cache) in loaded[0]
+
+
+def test_stop_ids_accepts_a_single_generation_eos(tmp_path):
+    import json
+
+    from infer import prompts, tiny_random
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert prompts.stop_ids(tiny_random.config(), None, str(tmp_path)) == (1, 7)

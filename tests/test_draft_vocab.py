@@ -13,9 +13,12 @@ import pytest
 from flax import nnx
 
 from infer import speculative as spec
+from longspec_jax import draft_vocab
 from longspec_jax import tree as tree_lib
-from longspec_jax.draft import cut_logits, head_columns
+from longspec_jax.configs import tiny_config
+from longspec_jax.draft_vocab import cut_logits, head_columns
 from longspec_jax.sampling import SamplingParams
+from longspec_jax.transformer import Transformer
 from tests.test_speculative import (CHAIN, WIDE, _ar, _prompts, agreeing_models, random_models)
 
 N_NEW = 24
@@ -26,11 +29,18 @@ def _spec(target, draft, prompts, n, shape=CHAIN, draft_vocab=None):
                               cache_capacity=128, draft_vocab=draft_vocab)
 
 
-def test_cut_logits_equal_full_logits_columns():
-    target, _ = random_models(0)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_cut_logits_equal_full_logits_columns(tied):
+    if tied:  # the head is the transposed embedding table
+        target = Transformer(tiny_config(vocab_size=96, hidden_size=32, intermediate_size=64, num_heads=4,
+                                         num_kv_heads=2, head_dim=8, tie_word_embeddings=True),
+                             rngs=nnx.Rngs(2), dtype=jnp.float32, param_dtype=jnp.float32)
+    else:
+        target, _ = random_models(0)
     ids = np.sort(np.random.default_rng(0).choice(96, 30, replace=False)).astype(np.int32)
     h = jax.random.normal(jax.random.key(1), (2, 3, 32))
     got = cut_logits(target, h, head_columns(target, ids))
+    assert got.shape == (2, 3, 30) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(target.logits(h))[..., ids], rtol=1e-6, atol=1e-5)
 
 
@@ -104,7 +114,30 @@ def test_drafted_tokens_are_inside_the_subset():
 def test_bad_draft_vocab_is_refused(bad, message):
     target, draft = random_models(0)
     with pytest.raises(ValueError, match=message):
+        draft_vocab.validate(np.array(bad), 96)
+    with pytest.raises(ValueError, match=message):
         spec.SpeculativeDecoder(target, draft, tree_shape=CHAIN, draft_vocab=np.array(bad))
+
+
+def test_validate_sorts_to_int32():
+    got = draft_vocab.validate(np.array([9, 2, 5], np.int64), 10)
+    assert got.dtype == np.int32 and got.tolist() == [2, 5, 9]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("v.json", '{"tokens": [1, 2]}', 'JSON object without an "ids" list'),
+    ("v.json", '"1 2 3"', "holds a JSON str"),
+    ("v.json", "[[1, 2], [3]]", "not a flat list"),
+    ("v.json", "[1, 2", "cannot read the draft vocabulary"),
+    ("v.npy", "not a numpy file", "cannot read the draft vocabulary"),
+    ("v.txt", "1 2 3", ".npy or .json"),
+])
+def test_read_refuses_malformed_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as e:
+        draft_vocab.read(path)
+    assert str(path) in str(e.value)  # the message names the file
 
 
 def test_tree_shape_too_wide_for_draft_vocab_is_refused():
@@ -196,11 +229,9 @@ def test_top_ids_by_frequency_with_always_ids():
         dv.top_ids(counts, 9)
 
 
-def test_script_end_to_end_and_cli_loader(tmp_path):
+def test_script_end_to_end(tmp_path):
     import json
     import os
-
-    from infer import generate
 
     dv = _script()
     tok_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "longspec_jax", "demo",
@@ -217,41 +248,51 @@ def test_script_end_to_end_and_cli_loader(tmp_path):
     assert ids.dtype == np.int32 and ids.size == 64 and np.all(np.diff(ids) > 0)
     assert meta["ids"] == ids.tolist() and 0.9 < meta["coverage"] <= 1.0  # 64 ids cover a 10-word corpus
     assert set(meta["always"]) <= set(ids.tolist())
-    assert generate.load_draft_vocab(out + ".npy").tolist() == ids.tolist()
-    assert generate.load_draft_vocab(out + ".json").tolist() == ids.tolist()
-    with pytest.raises(generate.UsageError, match=".npy or .json"):
-        generate.load_draft_vocab(str(tmp_path / "d.txt"))
-    with pytest.raises(generate.UsageError, match="cannot read the draft vocabulary"):
-        generate.load_draft_vocab(str(tmp_path / "missing.npy"))
-    # --draft-dir: the vocabulary a draft directory ships (draft_weights.DRAFT_VOCAB_FILE)
-    from longspec_jax import draft_weights
-
+    assert draft_vocab.read(out + ".npy").tolist() == ids.tolist()
+    assert draft_vocab.read(out + ".json").tolist() == ids.tolist()
+    # --draft-dir: the vocabulary a draft directory ships (draft_vocab.FILE)
     draft_dir = tmp_path / "draft"
     draft_dir.mkdir()
-    assert draft_weights.find_draft_vocab(draft_dir) is None
+    assert draft_vocab.find(draft_dir) is None
     assert dv.main([str(corpus), str(tmp_path / "d.txt"), "--tokenizer", tok_dir, "--size", "64",
                     "--draft-dir", str(draft_dir)]) == 0
-    assert sorted(os.listdir(draft_dir)) == ["draft_vocab.json"]
-    found = draft_weights.find_draft_vocab(draft_dir)
-    assert found == str(draft_dir / "draft_vocab.json")
-    assert draft_weights.find_draft_vocab(draft_dir / "model.safetensors") == found  # beside a weight file
-    assert draft_weights.read_draft_vocab(found).tolist() == ids.tolist()
+    assert sorted(os.listdir(draft_dir)) == [draft_vocab.FILE]
+    found = draft_vocab.find(draft_dir)
+    assert found == str(draft_dir / draft_vocab.FILE)
+    assert draft_vocab.find(draft_dir / "model.safetensors") == found  # beside a weight file
+    assert draft_vocab.read(found).tolist() == ids.tolist()
     with pytest.raises(SystemExit):  # nowhere to write
         dv.main([str(corpus), "--tokenizer", tok_dir])
     with pytest.raises(SystemExit):  # --draft-dir must be an existing (draft) directory
         dv.main([str(corpus), "--tokenizer", tok_dir, "--draft-dir", str(tmp_path / "missing")])
 
 
-def test_cli_refuses_out_of_range_draft_vocab(tmp_path, capsys):
-    from infer import generate
+@pytest.mark.parametrize("name,content,message", [
+    ("v.npy", None, r"^error: --draft-vocab: draft_vocab has 1 ids outside the target vocabulary \[0, 259\)"),
+    ("v.json", '{"vocab": [1, 2]}', '^error: --draft-vocab: draft vocabulary .* is a JSON object without an "ids"'),
+    ("v.txt", "1 2", "^error: --draft-vocab: draft vocabulary .* must be a .npy or .json file"),
+    ("missing.npy", "", "^error: --draft-vocab: cannot read the draft vocabulary .*No such file"),
+])
+def test_cli_refuses_a_bad_draft_vocab_before_loading(tmp_path, capsys, monkeypatch, name, content, message):
+    import re
 
-    path = tmp_path / "v.npy"
-    np.save(path, np.array([1, 2, 10**6], np.int32))
+    from infer import generate, tiny_random
+
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.array([1, 2, 10**6], np.int32))
+    elif name != "missing.npy":
+        path.write_text(content)
+    monkeypatch.setattr(tiny_random, "build", _must_not_load)
     argv = ["--model", "tiny-random", "--method", "tree", "--max-new-tokens", "2", "--draft-vocab", str(path)]
     assert generate.main(argv) == 2
-    assert "outside the target vocabulary" in capsys.readouterr().err
+    assert re.search(message, capsys.readouterr().err)
     args = generate.build_parser().parse_args(["--method", "tree"])
     assert args.tree_shape is None and args.draft_vocab is None  # auto tree shape by default
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the weights were loaded before the bad input was refused")
 
 
 def test_cli_uses_the_vocabulary_a_draft_directory_ships(tmp_path, capsys):
@@ -270,10 +311,8 @@ def test_cli_uses_the_vocabulary_a_draft_directory_ships(tmp_path, capsys):
         d.mkdir()
         for name in ("config.json", "model.safetensors"):
             shutil.copy(f"{demo.DRAFT_DIR}/{name}", d / name)
-    from longspec_jax.draft_weights import find_draft_vocab
-
-    ids = json.load(open(find_draft_vocab(demo.DRAFT_DIR)))["ids"][::2]  # 1024 of the shipped 2048
-    (own / "draft_vocab.json").write_text(json.dumps({"ids": ids}))
+    ids = json.load(open(draft_vocab.find(demo.DRAFT_DIR)))["ids"][::2]  # 1024 of the shipped 2048
+    (own / draft_vocab.FILE).write_text(json.dumps({"ids": ids}))
     base = ["--prompt-tokens", "96", "--max-new-tokens", "6", "--tree-shape", "1", "1"]
     assert generate.main(base + ["--draft", str(own)]) == 0
     out = capsys.readouterr().out

@@ -154,3 +154,142 @@ def test_tensor_errors_are_named(tmp_path):
         dw.load_draft(_saved(tmp_path, dup), CFG)
     with pytest.raises(dw.DraftWeightsError, match="holds none of"):
         dw.load_draft(tmp_path / "nothing" if os.makedirs(tmp_path / "nothing") is None else None, CFG)
+
+
+# ------------------------------------------------------------------------------------------------
+# the converter's refusals and what it writes
+
+
+def _pth(tmp_path, prefix="draft_model.", seed=5, name="draft_model_weights.pth"):
+    """A training-style torch state dict of a random draft; returns (path, draft)."""
+    torch = pytest.importorskip("torch")
+    draft = _draft(seed)
+    path = tmp_path / name
+    torch.save({prefix + k: torch.from_numpy(np.array(v)) for k, v in dw.draft_state_dict(draft).items()}, str(path))
+    return path, draft
+
+
+def _convert(tmp_path, *argv):
+    from infer import convert_draft
+
+    _write_config(tmp_path / "target")
+    return convert_draft.main([*map(str, argv), "--target", str(tmp_path / "target" / "config.json"),
+                               "--dtype", "float32"])
+
+
+def _same_params(a, b):
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.draft_model."])
+def test_deepspeed_prefixes_are_stripped(tmp_path, prefix):
+    path, draft = _pth(tmp_path, prefix)
+    assert _convert(tmp_path, path, tmp_path / "conv") == 0
+    _same_params(draft, dw.load_draft(tmp_path / "conv", CFG, dtype=jnp.float32))
+
+
+def _snapshot(d):
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+
+
+def test_converter_refuses_a_non_empty_output_unless_forced(tmp_path, capsys):
+    path, draft = _pth(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    (out / "draft_vocab.json").write_text('{"ids": [1, 2, 3]}')  # built for other weights
+    before = _snapshot(out)
+    assert _convert(tmp_path, path, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output directory") and "is not empty (config.json, draft_vocab.json)" in err
+    assert "--force" in err and _snapshot(out) == before
+    assert _convert(tmp_path, path, out, "--force") == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # the stale vocabulary is gone
+    _same_params(draft, dw.load_draft(out, CFG, dtype=jnp.float32))
+    assert sorted(os.listdir(tmp_path)) == ["draft_model_weights.pth", "out", "target"]  # no temporary left
+
+
+def test_converter_ships_the_inputs_own_draft_vocab(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    path, _ = _pth(src)
+    (src / "draft_vocab.json").write_text('{"ids": [0, 5, 9]}')
+    assert _convert(tmp_path, path, tmp_path / "out") == 0
+    assert json.loads((tmp_path / "out" / "draft_vocab.json").read_text()) == {"ids": [0, 5, 9]}
+    (src / "draft_vocab.json").write_text('{"ids": [0, 5, 640]}')  # outside the 64-token target vocabulary
+    assert _convert(tmp_path, path, tmp_path / "out2") == 2
+    assert not os.path.exists(tmp_path / "out2")
+
+
+def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import safetensors.flax
+
+    path, _ = _pth(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old weights")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.flax, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _convert(tmp_path, path, out, "--force")
+    assert _snapshot(out) == {"model.safetensors": b"old weights"}
+    assert sorted(os.listdir(tmp_path)) == ["draft_model_weights.pth", "out", "target"]
+
+
+def test_converter_input_errors(tmp_path, capsys):
+    path, _ = _pth(tmp_path)
+    (tmp_path / "existing").write_text("a file")
+    assert _convert(tmp_path, path, tmp_path / "existing") == 2
+    assert "existing exists and is a file, not a directory; choose another output directory" in capsys.readouterr().err
+    assert (tmp_path / "existing").read_text() == "a file"
+    notes = tmp_path / "notes.pth"
+    notes.write_text("these are my notes, not weights\n")
+    assert _convert(tmp_path, notes, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "notes.pth is not a PyTorch file (torch.save writes a zip archive; this file starts with b'these ar')" in err
+    assert not os.path.exists(tmp_path / "o")
+    (tmp_path / "notes.safetensors").write_text("not weights either\n")
+    assert _convert(tmp_path, tmp_path / "notes.safetensors", tmp_path / "o") == 2
+    assert "notes.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    assert _convert(tmp_path, path, tmp_path / "o", "--window", "0") == 2
+    assert "--window must be >= 1" in capsys.readouterr().err
+
+
+def test_converter_bad_target_exits_2_with_error_prefix(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "infer.convert_draft", str(tmp_path / "in.pth"), str(tmp_path / "o"),
+                           "--target", "llama-3-8b"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --target 'llama-3-8b' is neither a preset (") and "llama3-8b" in proc.stderr
+
+
+def test_window_is_recorded_and_read_back(tmp_path):
+    path, draft = _pth(tmp_path)
+    assert _convert(tmp_path, path, tmp_path / "w64", "--window", "64") == 0
+    assert json.loads((tmp_path / "w64" / "config.json").read_text())[dw.WINDOW_KEY] == 64
+    assert dw.load_draft(tmp_path / "w64", CFG).cfg.window == 64
+    assert dw.load_draft(tmp_path / "w64", dtype=jnp.float32).cfg.window == 64  # the target config from the draft's
+    assert dw.load_draft(tmp_path / "w64", CFG, window=32).cfg.window == 32  # an explicit window wins
+    # converting the converted draft again keeps its window unless told otherwise
+    assert _convert(tmp_path, tmp_path / "w64", tmp_path / "again") == 0
+    assert dw.load_draft(tmp_path / "again", CFG).cfg.window == 64
+    # a released draft records none: the default
+    _write_config(tmp_path / "released")
+    dw.save_draft(draft, tmp_path / "tmp_out", target_cfg=CFG)
+    os.replace(tmp_path / "tmp_out" / "model.safetensors", tmp_path / "released" / "model.safetensors")
+    assert dw.load_draft(tmp_path / "released", CFG).cfg.window == dw.DEFAULT_WINDOW
+    with pytest.raises(ConfigError, match="window must be an integer >= 1, got 0"):
+        dw.load_draft(tmp_path / "released", CFG, window=0)
+    _write_config(tmp_path / "released", **{dw.WINDOW_KEY: -3})
+    with pytest.raises(ConfigError, match=f"{dw.WINDOW_KEY}: the draft self-attention window must be an integer "
+                                          ">= 1, got -3"):
+        dw.load_draft(tmp_path / "released", CFG)

@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from longspec_jax import hub, weights
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.weights import CheckpointError, load_target, save_target
 from tests.hf_utils import make_hf_checkpoint
+from tests.hub_utils import cache_snapshot
 
 ATOL_STACK = 1e-4  # float32 whole-model parity vs HF
 
@@ -159,26 +161,13 @@ def test_repo_id_not_in_cache_lists_missing_files(tmp_path):
         assert needed in msg, (needed, msg)
 
 
-def _fake_cache_snapshot(cache, repo, src, skip=()):
-    """Lay out `src`'s files as an HF cache snapshot of `repo` (the layout huggingface_hub reads)."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snap = root / "snapshots" / ("0" * 40)
-    snap.mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text("0" * 40)
-    for name in os.listdir(src):
-        if name not in skip:
-            shutil.copy(os.path.join(src, name), snap / name)
-    return snap
-
-
 def test_repo_id_resolves_from_cache(base_ckpt, tmp_path):
-    snap = _fake_cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0])
+    snap = cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0])
     assert os.path.samefile(hub.resolve_checkpoint("org/tiny", cache_dir=str(tmp_path / "hf-cache")), snap)
 
 
 def test_repo_id_partially_cached(base_ckpt, tmp_path):
-    _fake_cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0], skip=("model.safetensors",))
+    cache_snapshot(tmp_path / "hf-cache", "org/tiny", base_ckpt[0], skip=("model.safetensors",))
     with pytest.raises(CheckpointError, match=r"missing \['model\.safetensors"):
         hub.resolve_checkpoint("org/tiny", cache_dir=str(tmp_path / "hf-cache"))
 
@@ -202,7 +191,7 @@ def test_save_target_round_trips_through_hf(base_ckpt, tmp_path, max_shard_bytes
     model, cfg, tok = load_target(src, dtype=jnp.float32)
     out = save_target(model, cfg, str(tmp_path / "export"), tokenizer=tok, max_shard_bytes=max_shard_bytes)
     assert os.path.exists(os.path.join(out, weights.INDEX_FILE)) == bool(max_shard_bytes)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-save-")]
+    assert os.listdir(tmp_path) == ["export"]  # no temporary directory left beside it
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 7))
     reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                                     attn_implementation="eager").eval()
@@ -216,9 +205,12 @@ def test_save_target_round_trips_through_hf(base_ckpt, tmp_path, max_shard_bytes
 
 
 def test_old_llama_inv_freq_buffers_are_ignored(ckpt):
+    want, _, _ = load_target(ckpt, dtype=jnp.float32, with_tokenizer=False)
     _edit_tensors(ckpt, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq",
                                                 np.ones(8, np.float32)))
-    load_target(ckpt, with_tokenizer=False)
+    got, _, _ = load_target(ckpt, dtype=jnp.float32, with_tokenizer=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(want)), jax.tree.leaves(nnx.state(got))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_tensor_stored_in_two_shards(tmp_path):
@@ -231,3 +223,67 @@ def test_tensor_stored_in_two_shards(tmp_path):
     save_file(tensors, os.path.join(path, other), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is stored twice"):
         load_target(path)
+
+
+def test_save_target_replaces_a_checkpoint_whole(base_ckpt, tmp_path):
+    """A sharded save then a single-file save into one directory: no stale shard or index survives
+    (the loader would read the index first); overwrite=False refuses and leaves the files alone."""
+    model, cfg, tok = load_target(base_ckpt[0], dtype=jnp.float32)
+    out = str(tmp_path / "export")
+    save_target(model, cfg, out, tokenizer=tok, max_shard_bytes=60_000)
+    assert os.path.exists(os.path.join(out, weights.INDEX_FILE))
+    save_target(model, cfg, out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    with pytest.raises(CheckpointError, match=r"export is not empty \(config\.json, model\.safetensors\); choose a "
+                                              r"new directory, or replace it .* --force"):
+        save_target(model, cfg, out, overwrite=False)
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_failed_save_leaves_nothing(base_ckpt, tmp_path, monkeypatch):
+    model, cfg, _ = load_target(base_ckpt[0], dtype=jnp.float32, with_tokenizer=False)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_target(model, cfg, str(out), max_shard_bytes=60_000)
+    assert sorted(os.listdir(tmp_path)) == ["export"] and os.listdir(out) == ["config.json"]
+    assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("entry,message", [("file", "exists and is a file"), ("subdir", "holds subdirectories")])
+def test_output_directory_refusals(tmp_path, entry, message):
+    if entry == "file":
+        target = tmp_path / "out"
+        target.write_text("not a directory")
+    else:
+        target = tmp_path
+        (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointError, match=message):
+        hub.check_output_dir(target, overwrite=True)
+
+
+def test_draft_kind_needs_a_weight_file_not_a_tokenizer(tmp_path):
+    """A cached draft (config.json + pytorch_model.bin, no tokenizer) resolves as a draft, not as a target."""
+    src = tmp_path / "draft"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"")
+    cache = tmp_path / "hf-cache"
+    snap = cache_snapshot(cache, "org/draft", src)
+    assert os.path.samefile(hub.resolve_checkpoint("org/draft", kind="draft", cache_dir=str(cache)), snap)
+    with pytest.raises(CheckpointError, match=r"target checkpoint 'org/draft' is not available offline: missing "
+                                              r"\['model\.safetensors .*tokenizer_config\.json"):
+        hub.resolve_checkpoint("org/draft", cache_dir=str(cache))
+    os.remove(os.path.join(snap, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match=r"(?s)draft checkpoint 'org/draft' is not available offline: missing "
+                                              r"\['model\.safetensors or pytorch_model\.bin or "
+                                              r"draft_model_weights\.pth'\].*--draft DIR"):
+        hub.resolve_checkpoint("org/draft", kind="draft", cache_dir=str(cache))
