@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from infer import defaults, runtime
 from infer.decoder import Decoder

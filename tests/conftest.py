@@ -5,6 +5,9 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# The CLI turns JAX's persistent compilation cache on by default; tests that want it say so.
+os.environ.setdefault("LONGSPEC_COMPILE_CACHE", "none")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -1,12 +1,13 @@
 """`python -m infer.generate`: an end-to-end smoke run in a subprocess, and the refusals."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from infer import generate
+from infer import cli, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,9 +22,28 @@ def test_cli_tiny_random_smoke():
     assert "random weights" in out  # the banner
     assert "chat template" in out
     assert "after 8 tokens" in out or "stopped on: eos" in out
-    for line in ("compile:", "prefill:", "decode:"):
-        assert line in out
-    assert "tok/s" in out
+    assert re.search(r"compile [\d.]+ s .*\| prefill 73 tokens in [\d.]+ s \([\d,.]+ tok/s\) \| decode \d+ tokens in "
+                     r"[\d.]+ s \([\d,.]+ tok/s, [\d.]+ ms/step\)", out)
+    assert "compilation cache:" in out
+
+
+def test_cli_second_launch_reuses_the_compilation_cache(tmp_path):
+    """The persistent compilation cache is on by default for the CLI: a second launch finds the
+    first one's executables (its compile time drops) and the line says where they are."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    env.pop("LONGSPEC_COMPILE_CACHE", None)
+    argv = [sys.executable, "-m", "infer.generate", "--model", "tiny-random", "--max-new-tokens", "8",
+            "--compile-cache", str(tmp_path / "xla")]
+    runs = [subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"compilation cache: {tmp_path / 'xla'}" in proc.stdout
+    first, second = (float(re.search(r"compile ([\d.]+) s", p.stdout).group(1)) for p in runs)
+    assert os.listdir(tmp_path / "xla") and second < 0.5 * first, (first, second)
+    off = subprocess.run(argv[:-2] + ["--compile-cache", "none"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "compilation cache: off" in off.stdout
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -56,18 +76,18 @@ def test_cli_missing_checkpoint_is_explained(capsys, tmp_path, monkeypatch):
 def test_method_defaults_to_tree_only_when_a_draft_is_available(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     parse = generate.build_parser().parse_args
-    assert generate.choose_method(parse(["--model", "tiny-random"])) == "ar"  # no draft for the random model
-    assert generate.choose_method(parse(["--model", "tiny-random", "--draft", "some/dir"])) == "tree"
-    assert generate.choose_method(parse(["--model", "tiny-random", "--method", "ar", "--draft", "d"])) == "ar"
+    assert cli.choose_method(parse(["--model", "tiny-random"])) == "ar"  # no draft for the random model
+    assert cli.choose_method(parse(["--model", "tiny-random", "--draft", "some/dir"])) == "tree"
+    assert cli.choose_method(parse(["--model", "tiny-random", "--method", "ar", "--draft", "d"])) == "ar"
     # A preset whose released draft is not downloaded falls back to AR and says why.
-    assert generate.choose_method(parse(["--model", "llama3-8b"])) == "ar"
+    assert cli.choose_method(parse(["--model", "llama3-8b"])) == "ar"
     assert "not in the local cache" in capsys.readouterr().out
 
 
 def test_default_model_is_the_demo_pair():
-    assert generate.build_parser().parse_args([]).model == generate.DEFAULT_MODEL == "longspec-demo"
+    assert generate.build_parser().parse_args([]).model == cli.DEFAULT_MODEL == "longspec-demo"
     parse = generate.build_parser().parse_args
-    assert generate.choose_method(parse([])) == "tree"  # the demo ships its draft
+    assert cli.choose_method(parse([])) == "tree"  # the demo ships its draft
 
 
 def test_compare_ar_reports_identical_greedy_output(capsys):
@@ -99,8 +119,8 @@ def test_demo_draft_vocab_none_scores_the_full_vocabulary(capsys):
 def test_dtype_auto_is_f32_on_cpu():
     import jax
 
-    assert generate.resolve_dtype("auto") == ("f32" if jax.default_backend() == "cpu" else "bf16")
-    assert generate.resolve_dtype("bf16") == "bf16"
+    assert cli.resolve_dtype("auto") == ("f32" if jax.default_backend() == "cpu" else "bf16")
+    assert cli.resolve_dtype("bf16") == "bf16"
 
 
 def test_text_streamer_prints_exactly_the_final_text():
@@ -187,7 +207,7 @@ def test_cached_preset_draft_is_found_and_loaded(cached_preset, capsys):
 
     snap = cache_snapshot(cache, "org/tiny-draft", draft_dir)
     parse = generate.build_parser().parse_args
-    assert generate.choose_method(parse(["--model", "tiny-preset"])) == "tree"
+    assert cli.choose_method(parse(["--model", "tiny-preset"])) == "tree"
     assert "not in the local cache" not in capsys.readouterr().out
     with open(os.path.join(snap, "draft_vocab.json"), "w") as f:  # what the draft ships is used, so it was loaded
         f.write('{"ids": [1, 10, 20, 30, 40, 50]}')

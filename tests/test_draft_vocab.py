@@ -3,7 +3,7 @@
 Greedy output stays exactly the AR output with a draft vocabulary, including when the target's
 choice lies outside it (acceptance just stops at that node); drafted tokens all come from the
 subset; bad vocabularies are refused; `generate_tree(tree_shape=None)` uses
-`tree.default_tree_for_context`.
+`defaults.tree_for_context`.
 """
 
 import jax
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import speculative as spec
+from infer import decoder as spec
+from infer import defaults
+from infer.state import DecodeState
 from longspec_jax import draft_vocab
 from longspec_jax import tree as tree_lib
 from longspec_jax.configs import tiny_config
 from longspec_jax.draft_vocab import cut_logits, head_columns
-from longspec_jax.sampling import SamplingParams
 from longspec_jax.transformer import Transformer
 from tests.test_speculative import (CHAIN, WIDE, _ar, _prompts, agreeing_models, random_models)
 
@@ -54,7 +55,7 @@ def test_greedy_matches_ar_with_draft_vocab(shape):
         ids = np.random.default_rng(seed).choice(96, 48, replace=False)
         res = _spec(target, draft, prompts, N_NEW, shape, draft_vocab=ids)
         assert res.tokens == want, seed
-        assert res.stats["draft_vocab_size"] == 48
+        assert res.spec.draft_vocab_size == 48
         outside = sum(t not in set(ids.tolist()) for row in want for t in row)
         assert outside > 0  # the case "target choice outside the subset" really occurs
 
@@ -69,37 +70,31 @@ def test_target_choices_outside_subset_are_never_accepted_as_drafts():
     ids = np.array([t for t in range(96) if t not in emitted])
     res = _spec(target, draft, prompts, N_NEW, draft_vocab=ids)
     assert res.tokens == want
-    assert res.stats["accepted_by_depth"] == [0] * len(CHAIN)
+    assert res.spec.accepted_by_depth == [0] * len(CHAIN)
     # ... while with the full vocabulary (or a subset holding them) the same models accept drafts
     res_in = _spec(target, draft, prompts, N_NEW, draft_vocab=np.array(sorted(emitted | {0, 1, 2})))
-    assert res_in.tokens == want and res_in.stats["accepted_by_depth"][0] > 0
+    assert res_in.tokens == want and res_in.spec.accepted_by_depth[0] > 0
 
 
 def test_drafted_tokens_are_inside_the_subset():
     target, draft = random_models(3)
     ids = np.random.default_rng(3).choice(96, 20, replace=False)
-    dec = spec.SpeculativeDecoder(target, draft, tree_shape=WIDE, draft_vocab=ids)
+    dec = spec.Decoder(target, draft, tree_shape=WIDE, draft_vocab=ids)
     assert dec.draft_vocab.tolist() == sorted(ids.tolist())
     from longspec_jax.kv_cache import KVCache
-    from longspec_jax.draft import DraftCache
 
-    B = 2
-    shape = dec.shape
-    state = spec.SpecState(
-        cache=KVCache.init(target.cfg, B, 64, jnp.float32), ring=DraftCache.init(draft.cfg, B, dec.ring_slots, jnp.float32),
-        committed=jnp.array([0, 0], jnp.int32), root=jnp.array([5, 77], jnp.int32), out=jnp.zeros((B, 8), jnp.int32),
-        out_len=jnp.zeros((B,), jnp.int32), max_new=jnp.int32(4), eos_ids=jnp.full((4,), -1, jnp.int32),
-        done=jnp.zeros((B,), bool), stop_reason=jnp.zeros((B,), jnp.int32), key=jax.random.key(0),
-        iters=jnp.zeros((B,), jnp.int32), accept_hist=jnp.zeros((B, shape.max_accept), jnp.int32))
+    loop = dec.loop_for(8, 4)
+    state = DecodeState.initial(target.cfg, batch=2, capacity=64, out_size=8, max_accept=loop.max_accept,
+                                ring_slots=dec.ring_slots(loop.max_accept), draft_cfg=draft.cfg, dtype=jnp.float32)
     # fill the target cache with random K/V so cross-attention is not degenerate
     state = state.replace(cache=KVCache(k=tuple(jax.random.normal(jax.random.key(i), c.shape) for i, c in
                                                 enumerate(state.cache.k)), v=state.cache.v),
-                          committed=jnp.array([10, 30], jnp.int32))
-    tree, *_ = spec._draft_tree(target, draft, state, shape, dec._vocab)
+                          committed=jnp.array([10, 30], jnp.int32), root=jnp.array([5, 77], jnp.int32))
+    tree, *_ = loop.draft_tree(target, draft, state, dec.vocab)
     drafted = np.asarray(tree.tokens[:, 1:])
     assert set(drafted.ravel().tolist()) <= set(ids.tolist())
     # without the cut the same drafts use tokens outside it (the test would catch a no-op cut)
-    full, *_ = spec._draft_tree(target, draft, state, shape, None)
+    full, *_ = loop.draft_tree(target, draft, state, None)
     assert not set(np.asarray(full.tokens[:, 1:]).ravel().tolist()) <= set(ids.tolist())
 
 
@@ -116,7 +111,7 @@ def test_bad_draft_vocab_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         draft_vocab.validate(np.array(bad), 96)
     with pytest.raises(ValueError, match=message):
-        spec.SpeculativeDecoder(target, draft, tree_shape=CHAIN, draft_vocab=np.array(bad))
+        spec.Decoder(target, draft, tree_shape=CHAIN, draft_vocab=np.array(bad))
 
 
 def test_validate_sorts_to_int32():
@@ -143,7 +138,7 @@ def test_read_refuses_malformed_files(tmp_path, name, content, message):
 def test_tree_shape_too_wide_for_draft_vocab_is_refused():
     target, draft = random_models(0)
     with pytest.raises(ValueError, match="tokens exist"):
-        spec.SpeculativeDecoder(target, draft, tree_shape=(4, 16), draft_vocab=np.arange(3))
+        spec.Decoder(target, draft, tree_shape=(4, 16), draft_vocab=np.arange(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +146,7 @@ def test_tree_shape_too_wide_for_draft_vocab_is_refused():
 
 
 def test_default_tree_for_context_table():
-    f = tree_lib.default_tree_for_context
+    f = defaults.tree_for_context
     assert f(0).widths == f(1000).widths == f(32768).widths == (4, 16, 16, 16, 16)
     assert f(32769).widths == f(65536).widths == (4, 8, 8, 8, 8)
     assert f(65537).widths == f(131072).widths == f(10**7).widths == (2, 4, 4, 4, 4)
@@ -160,18 +155,26 @@ def test_default_tree_for_context_table():
     with pytest.raises(ValueError, match=">= 0"):
         f(-1)
     # CPUs: verification is compute-bound, a short chain at every length
-    assert f(100, "cpu").widths == f(10**6, "cpu").widths == tree_lib.CPU_TREE == (1, 1, 1, 1, 1)
+    assert f(100, "cpu").widths == f(10**6, "cpu").widths == defaults.CPU_TREE == (1, 1, 1, 1, 1)
     assert f(100, "gpu").widths == (4, 16, 16, 16, 16)
     # T > 0: a sampled chain (speculative sampling accepts more than matching a beam tree)
-    assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == tree_lib.SAMPLED_CHAIN == (1,) * 5
-    assert f(100, "cpu", 0.7).widths == tree_lib.CPU_TREE
+    assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == defaults.SAMPLED_CHAIN == (1,) * 5
+    assert f(100, "cpu", 0.7).widths == defaults.CPU_TREE
     assert f(100, "gpu", 0.7, sampled_chains=False).widths == (4, 16, 16, 16, 16)  # argmax chains: no gain
     # Small (launch-bound) targets get the short chain on GPUs too; large or unknown sizes the table.
-    small, big = tree_lib.LAUNCH_BOUND_BYTES - 1, tree_lib.LAUNCH_BOUND_BYTES
-    assert f(8192, "gpu", target_bytes=small).widths == f(10**6, "gpu", target_bytes=small).widths == tree_lib.CPU_TREE
-    assert f(8192, "gpu", 1.0, target_bytes=small).widths == tree_lib.CPU_TREE
+    small, big = defaults.LAUNCH_BOUND_BYTES - 1, defaults.LAUNCH_BOUND_BYTES
+    assert f(8192, "gpu", target_bytes=small).widths == f(10**6, "gpu", target_bytes=small).widths == defaults.CPU_TREE
+    assert f(8192, "gpu", 1.0, target_bytes=small).widths == defaults.CPU_TREE
     assert f(8192, "gpu", target_bytes=big).widths == f(8192, "gpu", target_bytes=None).widths == (4, 16, 16, 16, 16)
     assert f(10**6, "gpu", target_bytes=16 * 2**30).widths == (2, 4, 4, 4, 4)
+
+
+def test_load_tables_shrink_speculation_as_rows_grow():
+    for table in (defaults.GPU_LOAD_TABLE, defaults.CPU_LOAD_TABLE):
+        nodes = [0 if s is None else s.num_nodes for s in (defaults.tree_for_load(n, table) for n in range(1, 65))]
+        assert nodes == sorted(nodes, reverse=True) and nodes[-1] == 0  # plain AR under heavy load
+    assert defaults.load_table("cpu", None) is defaults.CPU_LOAD_TABLE
+    assert defaults.load_table("gpu", 16 * 2**30) is defaults.GPU_LOAD_TABLE
 
 
 def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
@@ -183,26 +186,26 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
         seen.append((context_len, target_bytes))
         return tree_lib.TreeShape((2, 2))
 
-    monkeypatch.setattr(spec, "default_tree_for_context", fake_default)
+    monkeypatch.setattr(defaults, "tree_for_context", fake_default)
     res = spec.generate_tree(target, draft, prompts, max_new_tokens=12, eos_ids=(), cache_capacity=128)
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(target, nnx.Param)))
     assert seen and seen[0] == (7 + 12, n_bytes)  # longest prompt + max_new_tokens, the target's size
-    assert res.stats["tree_shape"] == [2, 2]
+    assert res.spec.tree_shape == [2, 2]
     assert res.tokens == _ar(target, prompts, 12)
     # an explicit shape still wins
     res = spec.generate_tree(target, draft, prompts, tree_shape=CHAIN, max_new_tokens=12, eos_ids=(),
                              cache_capacity=128)
-    assert res.stats["tree_shape"] == list(CHAIN)
+    assert res.spec.tree_shape == list(CHAIN)
     # without the monkeypatch: this tiny target is launch-bound on any device, so the short chain
     monkeypatch.undo()
-    dec = spec.SpeculativeDecoder(target, draft)
-    assert n_bytes < tree_lib.LAUNCH_BOUND_BYTES
-    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == tree_lib.CPU_TREE
-    assert dec.tree_shape_for(100_000, 1000).widths == tree_lib.CPU_TREE
-    hot = SamplingParams(temperature=0.8)
-    chain = tree_lib.CPU_TREE if jax.default_backend() == "cpu" else tree_lib.SAMPLED_CHAIN
-    assert dec.tree_shape_for(7, 12, hot).widths == chain
-    assert dec.needed_capacity(7, 12, hot) == 7 + 12 + 1 + len(chain)
+    dec = spec.Decoder(target, draft)
+    assert n_bytes < defaults.LAUNCH_BOUND_BYTES
+    assert dec.shape is None and dec.tree_shape_for(7, 12).widths == defaults.CPU_TREE
+    assert dec.tree_shape_for(100_000, 1000).widths == defaults.CPU_TREE
+    assert dec.tree_shape_for(7, 12, sampled=True).widths == defaults.CPU_TREE
+    loop = dec.loop_for(7, 12, sampled=True)
+    assert loop.sample_drafts and loop.num_nodes == 1 + len(defaults.CPU_TREE)
+    assert not dec.loop_for(7, 12).sample_drafts  # greedy: argmax drafts
 
 
 # ---------------------------------------------------------------------------------------------
