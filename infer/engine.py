@@ -27,7 +27,6 @@ beside it, and at T > 0 its distribution is the target's.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import queue
@@ -41,83 +40,13 @@ import numpy as np
 from infer import defaults, runtime
 from infer.decoder import Decoder
 from infer.loop import DecodeLoop, _merge, run_jit
-from infer.state import STOP_CANCELLED, STOP_NAMES, STOP_RUNNING, DecodeState, eos_array
+from infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
+from infer.slots import Event, Prefill, Request, Slot, choose_slot
 from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
 EOS_SLOTS = 8  # stop ids per request
-
-
-@dataclasses.dataclass
-class Request:
-    """One generation request.
-
-    Attributes:
-      prompt: token ids (at least one).
-      max_tokens: most tokens to generate (stop ids included).
-      sampling: temperature / top-k / top-p.
-      stop_ids: ids that end the request (default: the model's EOS ids).
-      seed: PRNG seed (None: the engine draws one); the same seed and prompt give the same tokens.
-      session: optional id that pins the request's sequence to its slot after it finishes, so the
-        session's next turn finds it even under memory pressure (evicted only when no other slot is free).
-      id: set by `submit` when empty.
-    """
-
-    prompt: Sequence[int]
-    max_tokens: int
-    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    stop_ids: Sequence[int] | None = None
-    seed: int | None = None
-    session: str | None = None
-    id: str = ""
-
-
-@dataclasses.dataclass
-class Event:
-    """What one engine step produced for one request: new tokens, and whether it finished.
-
-    finish_reason: None while running; then "eos", "max_new_tokens", "cache_full", "cancelled" or
-    "error" (with `error` set). cached_tokens: prompt tokens reused from a resident sequence.
-    """
-
-    request_id: str
-    tokens: list
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    error: str | None = None
-
-
-@dataclasses.dataclass
-class _Slot:
-    index: int
-    request: Request | None = None   # running (or being prefilled)
-    tokens: list = dataclasses.field(default_factory=list)  # resident sequence: prompt + emitted
-    valid: int = 0                   # leading tokens whose KV in the slot is valid
-    emitted: int = 0                 # tokens already handed out for the running request
-    iters: int = 0                   # decode steps of the running request seen so far
-    last_used: float = 0.0
-    session: str | None = None
-
-
-@dataclasses.dataclass
-class _Prefill:
-    request: Request
-    slot: _Slot
-    rows: np.ndarray                 # [1, padded] the prompt from `start`, right-padded to chunks
-    start: int                       # first position to prefill (= reused tokens)
-    next_chunk: int = 0
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
 
 
 class Engine:
@@ -170,9 +99,9 @@ class Engine:
         self.ring_slots = dec.ring_slots(self.max_accept)
         self.steps_per_call = steps_per_call
         self.prefill_chunks_per_step = prefill_chunks_per_step
-        self.slots = [_Slot(i) for i in range(max_slots)]
+        self.slots = [Slot(i) for i in range(max_slots)]
         self.waiting: list[Request] = []
-        self.prefill: _Prefill | None = None
+        self.prefill: Prefill | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
@@ -209,10 +138,10 @@ class Engine:
                                                             put(np.int32(0))),
                              dict(graphs, loop=widest, out_size=self.out_size, max_accept=self.max_accept,
                                   ring_slots=self.ring_slots))
-        self._take_row = c.get("engine_take_row", _take_row_jit, (self.state.cache, self.staging, put(np.int32(0))), {})
-        self._cancel = c.get("engine_cancel", _cancel_jit, (self.state, put(np.int32(0))), {})
+        self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, self.staging, put(np.int32(0))), {})
+        self._cancel = c.get("engine_stop_row", stop_row, (self.state, put(np.int32(0))), {})
         W = self.steps_per_call * self.max_accept
-        self._window = c.get("engine_window", _window_jit, (self.state, put(np.zeros(self.B, np.int32))), dict(width=W))
+        self._window = c.get("engine_new_tokens", new_tokens, (self.state, put(np.zeros(self.B, np.int32))), dict(width=W))
         self._chunk_exe = c.get("prefill", runtime.prefill_chunk_jit, (
             dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, self.chunk), np.int32)), put(np.int32(0)),
             put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
@@ -359,13 +288,7 @@ class Engine:
             return
         req = self._admitting = self.waiting.pop(0)
         prompt = np.asarray(req.prompt, np.int64)
-        # Never reuse the last prompt token: its logits draw the first new token.
-        reuse = {s.index: min(common_prefix(prompt, s.tokens[:s.valid]), prompt.size - 1) for s in free}
-        # Slots pinned to another session are taken last; then the longest reuse, the same session,
-        # the least recently used.
-        best = max(free, key=lambda s: (s.session is None or s.session == req.session, reuse[s.index],
-                                        s.session is not None and s.session == req.session, -s.last_used))
-        start = reuse[best.index]
+        best, start = choose_slot(free, prompt, req.session)
         if start > 0:
             self.stats["prefix_hits"] += 1
             self.stats["reused_tokens"] += start
@@ -375,7 +298,7 @@ class Engine:
         padded = -(-(prompt.size - start) // self.chunk) * self.chunk
         rows = np.zeros((1, padded), np.int32)
         rows[0, :prompt.size - start] = prompt[start:]
-        self.prefill = _Prefill(req, best, rows, start)
+        self.prefill = Prefill(req, best, rows, start)
         self.stats["prompt_tokens"] += int(prompt.size)
 
     def _prefill_chunks(self, events):
@@ -402,6 +325,7 @@ class Engine:
         self.prefill = self._admitting = None
         slot.emitted = 1
         slot.tokens.append(int(first))
+        self.stats["generated_tokens"] += 1
         events.append(Event(req.id, [int(first)], prompt_tokens=n, cached_tokens=job.start))
         if done:
             self._finish(slot, STOP_NAMES[int(reason)], events)
@@ -423,7 +347,7 @@ class Engine:
             elif new:
                 events.append(Event(slot.request.id, new))
 
-    def _finish(self, slot: _Slot, reason: str, events, new=()):
+    def _finish(self, slot: Slot, reason: str, events, new=()):
         req = slot.request
         events.append(Event(req.id, list(new), reason))
         slot.request = None
@@ -477,32 +401,4 @@ def _insert_jit(t_state, d_state, state, staging, hidden, tail, length, key, max
     return state, (row.root[0], row.done[0], row.stop_reason[0])
 
 
-@functools.partial(jax.jit, donate_argnames=("staging",))
-def _take_row_jit(cache, staging, slot):
-    """Copy slot `slot` of the engine's cache into the first S slots of the staging cache (a reused
-    prefix is prefilled on from there)."""
-
-    def one(full, stage):
-        row = jax.lax.dynamic_slice_in_dim(full, slot, 1, axis=0)  # [1, S, K, H]
-        return jax.lax.dynamic_update_slice_in_dim(stage, row, 0, axis=1)
-
-    return kvc.KVCache(k=tuple(map(one, cache.k, staging.k)), v=tuple(map(one, cache.v, staging.v)))
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def _cancel_jit(state: DecodeState, slot):
-    """Stop slot `slot` (its row is masked from the next step on)."""
-    return state.replace(done=state.done.at[slot].set(True),
-                         stop_reason=state.stop_reason.at[slot].set(jnp.where(state.done[slot], state.stop_reason[slot],
-                                                                              STOP_CANCELLED)))
-
-
-@functools.partial(jax.jit, static_argnames=("width",))
-def _window_jit(state: DecodeState, start, *, width: int):
-    """What the host reads after a decode call: each row's tokens from column `start[b]` (width
-    columns: the most one call can emit), out_len, done and stop_reason."""
-    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, state.out.shape[1] - 1)
-    return jnp.take_along_axis(state.out, cols, axis=1), state.out_len, state.done, state.stop_reason, state.iters
-
-
-__all__ = ["Engine", "Event", "Request", "common_prefix", "STOP_RUNNING"]
+__all__ = ["Engine", "Event", "Request"]

@@ -9,6 +9,8 @@ and the KV cache travels inside so that donation lets XLA update it in place. A 
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -115,3 +117,34 @@ def eos_array(eos_ids, slots: int | None = None) -> np.ndarray:
     arr[:len(eos)] = eos
     return arr
 
+
+# ------------------------------------------------------------------------------------------------
+# Row operations (the serving engine's slots; the state is donated, so XLA updates rows in place)
+
+
+@functools.partial(jax.jit, donate_argnames=("staging",))
+def copy_row(cache, staging, slot):
+    """Copy row `slot` of `cache` [B, S, K, H] into the first S slots of `staging` [1, S', K, H]
+    (the serving engine prefills a reused prefix on from there)."""
+
+    def one(full, stage):
+        row = jax.lax.dynamic_slice_in_dim(full, slot, 1, axis=0)  # [1, S, K, H]
+        return jax.lax.dynamic_update_slice_in_dim(stage, row, 0, axis=1)
+
+    return KVCache(k=tuple(map(one, cache.k, staging.k)), v=tuple(map(one, cache.v, staging.v)))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def stop_row(state: DecodeState, slot):
+    """Stop row `slot` (masked from the next step on; stop reason "cancelled" unless it was done)."""
+    return state.replace(done=state.done.at[slot].set(True),
+                         stop_reason=state.stop_reason.at[slot].set(jnp.where(state.done[slot], state.stop_reason[slot],
+                                                                              STOP_CANCELLED)))
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def new_tokens(state: DecodeState, start, *, width: int):
+    """What a host reads after a decode call: each row's tokens from column `start[b]` (`width`
+    columns: the most one call can emit), out_len, done, stop_reason and iters."""
+    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, state.out.shape[1] - 1)
+    return jnp.take_along_axis(state.out, cols, axis=1), state.out_len, state.done, state.stop_reason, state.iters

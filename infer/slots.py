@@ -1,0 +1,93 @@
+"""Requests, events and the slot table of the serving engine (`infer/engine.py`): host-side
+bookkeeping only. Which free slot a request takes: one pinned to another session last, then the
+longest reusable prefix of its resident sequence, the request's own session, the least recently used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from longspec_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request.
+
+    Attributes:
+      prompt: token ids (at least one).
+      max_tokens: most tokens to generate (stop ids included).
+      sampling: temperature / top-k / top-p.
+      stop_ids: ids that end the request (default: the model's EOS ids).
+      seed: PRNG seed (None: the engine draws one); the same seed and prompt give the same tokens.
+      session: optional id that pins the request's sequence to its slot after it finishes, so the
+        session's next turn finds it even under memory pressure (evicted only when no other slot is free).
+      id: set by `submit` when empty.
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop_ids: Sequence[int] | None = None
+    seed: int | None = None
+    session: str | None = None
+    id: str = ""
+
+
+@dataclasses.dataclass
+class Event:
+    """What one engine step produced for one request: new tokens, and whether it finished.
+
+    finish_reason: None while running; then "eos", "max_new_tokens", "cache_full", "cancelled" or
+    "error" (with `error` set). cached_tokens: prompt tokens reused from a resident sequence.
+    """
+
+    request_id: str
+    tokens: list
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class Slot:
+    index: int
+    request: Request | None = None   # running (or being prefilled)
+    tokens: list = dataclasses.field(default_factory=list)  # resident sequence: prompt + emitted
+    valid: int = 0                   # leading tokens whose KV in the slot is valid
+    emitted: int = 0                 # tokens already handed out for the running request
+    iters: int = 0                   # decode steps of the running request seen so far
+    last_used: float = 0.0
+    session: str | None = None
+
+
+@dataclasses.dataclass
+class Prefill:
+    request: Request
+    slot: Slot
+    rows: np.ndarray                 # [1, padded] the prompt from `start`, right-padded to chunks
+    start: int                       # first position to prefill (= reused tokens)
+    next_chunk: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def choose_slot(free: Sequence[Slot], prompt: np.ndarray, session: str | None) -> tuple[Slot, int]:
+    """(slot, reused prompt tokens) for a request among the free slots. The last prompt token is
+    never reused: its logits draw the first new token."""
+    reuse = {s.index: min(common_prefix(prompt, s.tokens[:s.valid]), prompt.size - 1) for s in free}
+    best = max(free, key=lambda s: (s.session is None or s.session == session, reuse[s.index],
+                                    s.session is not None and s.session == session, -s.last_used))
+    return best, reuse[best.index]
