@@ -230,6 +230,15 @@ def choose_method(args) -> str:
     return "tree"
 
 
+def check_method(args, shape, vocab_ids) -> None:
+    """After `choose_method`: refuse tree-only flags for autoregressive decoding."""
+    if args.method == "ar" and (shape is not None or vocab_ids is not None):
+        flag = "--tree-shape" if shape is not None else "--draft-vocab"
+        raise UsageError(f"{flag} applies to speculative decoding, but the method is ar"
+                         f"{'' if args.draft else ' (no draft is available)'}; pass --method tree (and --draft DIR), "
+                         f"or leave {flag} out")
+
+
 def check_model_flags(args, counts=()):
     """Refuse flag values that cannot work, before any other file is read or any weight is loaded
     (`counts`: the command's own (flag, value, hint) that must be >= 1). Returns (--tree-shape as a `TreeShape` or None, the ids in --draft-vocab FILE or None); the ids

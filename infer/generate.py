@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         text = read_prompt(args)
         mesh = cli.tensor_parallel_mesh(args.tensor_parallel)  # before loading: fail fast on too few devices
         args.method = cli.choose_method(args)
+        cli.check_method(args, shape, vocab_ids)
         if args.compare_ar and args.method != "tree":
             raise UsageError("--compare-ar compares the tree decoder with AR; it needs --method tree (and a draft)")
         cfg, tokenizer, ckpt = cli.open_target(args)

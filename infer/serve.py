@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import signal
 import sys
 import threading
 import time
@@ -167,6 +169,7 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
         print(tiny_random.BANNER, flush=True)
     mesh = cli.tensor_parallel_mesh(args.tensor_parallel)
     args.method = cli.choose_method(args)
+    cli.check_method(args, shape, vocab_ids)
     cfg, tokenizer, ckpt = cli.open_target(args)
     limit = cfg.max_position_embeddings
     if args.max_context is None:
@@ -196,6 +199,34 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
     return engine, tokenizer, prompts.stop_ids(cfg, tokenizer, ckpt)
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server with our own SIGTERM / SIGINT handlers: a graceful shutdown then exits
+        with status 0 (uvicorn re-raises the signal once it has shut down, ending the process with
+        -15), and a second SIGINT forces the exit."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def stop(sig, frame):
+                self.force_exit = self.should_exit and sig == signal.SIGINT
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -216,7 +247,7 @@ def main(argv=None) -> int:
                      max_context=args.max_context)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     print(f"serving {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1 "
           f"(OpenAI API; /health, /metrics)", flush=True)
     server.run()  # SIGTERM / SIGINT: graceful shutdown, then the app's lifespan stops the engine

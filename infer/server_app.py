@@ -282,6 +282,8 @@ def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int
         p = body.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             texts = [p] if isinstance(p, str) else p
+            if not all(texts):
+                raise oai.ApiError(400, "the prompt is empty; send the text to continue", param="prompt")
             prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in texts])
         else:
             prompts = [p] if (not p or isinstance(p[0], int)) else p

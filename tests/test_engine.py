@@ -1,0 +1,174 @@
+"""The serving engine without HTTP: slot bookkeeping, continuous batching, prefix reuse, per-row
+sampling, cancellation and failure isolation.
+
+Lossless is checked against the single-request decoder (`infer.decoder`), itself checked against
+AR and naive references in test_speculative.py / test_ar_decode.py: at T = 0 every request's
+tokens equal its own greedy output whatever runs beside it (also while the tree shape changes with
+the load), and at T > 0 a request's tokens equal the single-request decoder's for the same seed
+(so its distribution is the one the decoder's tests prove to be the target's).
+"""
+
+import numpy as np
+import pytest
+
+from infer.decoder import Decoder, generate_ar
+from infer.engine import Engine, Request
+from infer.slots import Slot, choose_slot, common_prefix
+from longspec_jax.sampling import SamplingParams
+from tests.test_speculative import _prompts, agreeing_models, random_models
+
+CHAIN = (1, 1, 1, 1)
+HOT = SamplingParams(temperature=1.0, top_k=20)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return agreeing_models(5)
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    target, draft = models
+    return Engine(target, draft, max_slots=3, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
+
+
+def _greedy(target, prompts, n):
+    return generate_ar(target, prompts, max_new_tokens=n, eos_ids=()).tokens
+
+
+def test_common_prefix_and_slot_choice():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    a = Slot(0, tokens=[1, 2, 3, 4, 5], valid=4, last_used=5.0)
+    b = Slot(1, tokens=[9, 9], valid=1, last_used=1.0)
+    c = Slot(2, tokens=[1, 2, 3, 4, 5, 6], valid=5, last_used=9.0, session="other")
+    prompt = np.array([1, 2, 3, 4, 5, 6, 7])
+    assert choose_slot([a, b], prompt, None) == (a, 4)  # the longest valid prefix
+    assert choose_slot([a, b], np.array([7, 7]), None) == (b, 0)  # nothing to reuse: least recently used
+    assert choose_slot([a, b, c], prompt, None) == (a, 4)  # pinned to another session: taken last
+    assert choose_slot([a, b, c], prompt, "other") == (c, 5)
+    assert choose_slot([c], prompt, None) == (c, 5)  # ... but taken when nothing else is free
+    assert choose_slot([a], np.array([1, 2, 3, 4]), None) == (a, 3)  # the last prompt token is never reused
+
+
+def test_more_requests_than_slots_each_equals_its_greedy_output(models, engine):
+    target, _ = models
+    prompts = _prompts(1, (5, 40, 16, 23, 9, 31, 12))
+    want = _greedy(target, prompts, 30)
+    got = engine.generate(prompts, max_new_tokens=30, stop_ids=())
+    assert got == want
+    assert engine.running == 0 and not engine.waiting
+
+
+def test_staggered_arrivals_and_mixed_sampling(models, engine):
+    """Requests join between steps; greedy rows stay exact beside sampled ones; a sampled request
+    gives the single-request decoder's tokens for its seed."""
+    target, draft = models
+    prompts = _prompts(2, (7, 33, 18, 11))
+    want = _greedy(target, prompts, 24)
+    hot = Decoder(target, draft, tree_shape=CHAIN).generate([prompts[1]], max_new_tokens=24, sampling=HOT, seed=11,
+                                                           eos_ids=()).tokens[0]
+    ids = [engine.submit(Request(prompts[0], 24, stop_ids=()))]
+    out, done = {}, {}
+    for i, p in enumerate(prompts[1:], 1):
+        for _ in range(2):
+            for ev in engine.step():
+                out.setdefault(ev.request_id, []).extend(ev.tokens)
+                done[ev.request_id] = ev.finish_reason
+        sampling, seed = (HOT, 11) if i == 1 else (SamplingParams(), None)
+        ids.append(engine.submit(Request(p, 24, sampling, stop_ids=(), seed=seed)))
+    while engine.has_work():
+        for ev in engine.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+            done[ev.request_id] = ev.finish_reason
+    assert [out[i] for i in ids] == [want[0], hot, want[2], want[3]]
+    assert [done[i] for i in ids] == ["max_new_tokens"] * 4
+
+
+def test_prefix_reuse_across_turns(models):
+    target, draft = models
+    eng = Engine(target, draft, max_slots=2, max_context=200, tree_shape=CHAIN, prefill_chunk=16)
+    first = _prompts(3, (41,))[0]
+    reply = eng.generate([first], max_new_tokens=20, stop_ids=())[0]
+    assert reply == _greedy(target, [first], 20)[0]
+    second = first + reply + [5, 6, 7]  # the agent's next turn over the same context
+    events = []
+    got = eng.generate([second], max_new_tokens=20, stop_ids=(), on_event=events.append)[0]
+    assert got == _greedy(target, [second], 20)[0]
+    cached = max(e.cached_tokens for e in events)
+    assert cached == len(first) + len(reply) - 1  # everything but the last reply token was in the cache
+    assert eng.stats["prefix_hits"] == 1 and eng.stats["reused_tokens"] == cached
+    # a prompt that shares nothing prefills everything, and its output is right
+    other = _prompts(4, (30,))[0]
+    assert eng.generate([other], max_new_tokens=10, stop_ids=())[0] == _greedy(target, [other], 10)[0]
+
+
+def test_tree_shape_follows_the_load_and_stays_exact():
+    """The CPU load table switches between chains and AR as requests come and go; every request
+    stays exact (AR steps keep the draft ring current for the tree steps after them)."""
+    target, draft = random_models(6)
+    eng = Engine(target, draft, max_slots=5, max_context=120, prefill_chunk=16)
+    assert len(eng.loops) > 1 and None in eng.loops  # several shapes and plain AR
+    prompts = _prompts(6, (9, 20, 14, 5, 27, 8, 16))
+    lengths = [12, 30, 6, 25, 18, 9, 22]
+    want = [_greedy(target, [p], n)[0] for p, n in zip(prompts, lengths)]
+    ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
+    out = {i: [] for i in ids}
+    while eng.has_work():
+        for ev in eng.step():
+            out[ev.request_id].extend(ev.tokens)
+    assert [out[i] for i in ids] == want
+
+
+def test_cancel_running_and_waiting(models):
+    target, draft = models
+    eng = Engine(target, draft, max_slots=1, max_context=120, tree_shape=CHAIN, prefill_chunk=16)
+    p = _prompts(7, (10, 12))
+    a = eng.submit(Request(p[0], 60, stop_ids=()))
+    b = eng.submit(Request(p[1], 10, stop_ids=()))
+    events = eng.step() + eng.step()
+    eng.cancel(b)  # waiting
+    eng.cancel(a)  # running
+    while eng.has_work():
+        events += eng.step()
+    reasons = {e.request_id: e.finish_reason for e in events if e.finish_reason}
+    assert reasons == {a: "cancelled", b: "cancelled"}
+    assert sum(len(e.tokens) for e in events if e.request_id == a) < 60
+    # the slot is free again and decodes the next request exactly
+    assert eng.generate([p[1]], max_new_tokens=10, stop_ids=())[0] == _greedy(target, [p[1]], 10)[0]
+
+
+def test_a_failing_request_fails_alone(models, engine, monkeypatch):
+    target, _ = models
+    prompts = _prompts(8, (6, 13, 9))
+    real_insert = engine._insert
+    calls = []
+
+    def insert(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_insert(*args)
+
+    monkeypatch.setattr(engine, "_insert", insert)
+    ids = [engine.submit(Request(p, 16, stop_ids=())) for p in prompts]
+    out, errors = {i: [] for i in ids}, {}
+    while engine.has_work():
+        for ev in engine.step():
+            out[ev.request_id].extend(ev.tokens)
+            if ev.error:
+                errors[ev.request_id] = ev.error
+    assert list(errors) == [ids[1]] and "injected failure" in errors[ids[1]]
+    want = _greedy(target, prompts, 16)
+    assert out[ids[0]] == want[0] and out[ids[2]] == want[2]
+
+
+def test_refusals(engine):
+    with pytest.raises(ValueError, match="maximum context length is 160 tokens"):
+        engine.submit(Request([1] * 150, 20))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(Request([], 4))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 96\)"):
+        engine.submit(Request([3, 200], 4))
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        engine.submit(Request([3], 0))
