@@ -58,7 +58,9 @@ def header(suite: str, workload: str | None, argv: list[str], device_kind: str |
     if device_kind is None:
         dev = jax.devices()[0]
         platform_name = dev.platform
-        device_kind = dev.device_kind if dev.platform != "cpu" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+        device_kind = dev.device_kind
+        if dev.platform == "cpu":
+            device_kind = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
         device_count = jax.device_count()
     commit, dirty = git_state()
     return {"suite": suite, "workload": workload, "device": device_kind, "device_count": device_count,

@@ -219,7 +219,8 @@ def xla_points(wl, contexts, query_counts, reps):
                             t0 = time.perf_counter()
                             cache, _ = jax.block_until_ready(fn(state, cache))
                             ms[name].append((time.perf_counter() - t0) / XLA_STEPS * 1e3)
-                    row = {"context": ctx, "visible": visible, "T": T, "rows_per_kv_head": T * cfg.num_heads // cfg.num_kv_heads,
+                    row = {"context": ctx, "visible": visible, "T": T,
+                           "rows_per_kv_head": T * cfg.num_heads // cfg.num_kv_heads,
                            **{f"{n}_ms": float(np.median(v)) for n, v in ms.items()}}
                     rows.append(row)
                     common.log(f"visible {visible:6d} T {T:4d}: dense {row['dense_ms']:8.2f} ms, blockwise "

@@ -8,7 +8,8 @@ latency results (bars per context: the AR step, its floor, verification, draft a
 files of one device and kind are drawn into one figure (e.g. contexts measured in separate calls).
 
     python -m bench plot bench/results/h200/acceptance_demo-t0.json
-    python -m bench plot bench/results/h100/latency_llama3-8b-*.json --baseline bench/results/h100/hf-torch_llama3-8b.json
+    python -m bench plot bench/results/h100/latency_llama3-8b-*.json \
+        --baseline bench/results/h100/hf-torch_llama3-8b.json
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def plot_latency(records, fig, baseline):
     import numpy as np
 
     rows = {r["context"]: r for rec in records for r in rec["rows"]}
-    hf = {r["context"]: r["decode_ms_per_token"] for r in (baseline or {}).get("rows", []) if "decode_ms_per_token" in r}
+    hf = {r["context"]: r["decode_ms_per_token"] for r in (baseline or {}).get("rows", [])
+          if "decode_ms_per_token" in r}
     series = [("HF transformers AR", lambda c, r: hf.get(c)), ("our AR step", lambda c, r: r["ar_ms"]),
               ("AR floor", lambda c, r: r["ar_floor_ms"]),
               ("verify, 69 nodes", lambda c, r: dig(r, "trees", LONGSPEC_TREE, "verify_ms")),

@@ -93,7 +93,8 @@ def bench_one(args, wl, T: int, mesh, peak: float) -> dict:
     state = setup.place_replicated(step_lib.init_state(params, tx, 0), mesh)
     bsh = setup.batch_sharding(mesh)
     fn = step_lib.jit_train_step(
-        step_lib.make_train_step(cfg, draft_graph, frozen_graph, tx, max_position_embeddings=tcfg.max_position_embeddings),
+        step_lib.make_train_step(cfg, draft_graph, frozen_graph, tx,
+                                 max_position_embeddings=tcfg.max_position_embeddings),
         setup.shardings_of(state), setup.shardings_of(frozen), {"tokens": bsh, "loss_mask": bsh})
     rng = np.random.default_rng(0)
     batch = {"tokens": jax.device_put(rng.integers(0, tcfg.vocab_size, (1, args.batch, T)).astype(np.int32), bsh),
@@ -141,8 +142,8 @@ def main(args) -> int:
             row = {"seq_len": T, "batch": args.batch, "error": f"{type(e).__name__}: {str(e)[:500]}"}
         record["rows"].append(row)
         common.write_json(path, record)
-        common.log(f"seq {T}: " + (row.get("error") or f"{row['tokens_per_s']:.0f} tokens/s, step "
-                                   f"{row['step_s_mean'] * 1e3:.1f} ms, MFU {row['mfu']:.3f} (total {row['mfu_total']:.3f}), "
-                                   f"compile {row['compile_s']:.1f} s"))
+        common.log(f"seq {T}: " + (row.get("error") or (
+            f"{row['tokens_per_s']:.0f} tokens/s, step {row['step_s_mean'] * 1e3:.1f} ms, MFU {row['mfu']:.3f} "
+            f"(total {row['mfu_total']:.3f}), compile {row['compile_s']:.1f} s")))
     common.log(f"wrote {path}")
     return 1 if any("error" in r for r in record["rows"]) else 0

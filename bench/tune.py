@@ -41,8 +41,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="only the heuristic's split count")
     parser.add_argument("--num-wg", type=int, choices=(1, 2), help="only knob sets with this many compute warpgroups")
     parser.add_argument("--block-kv", type=int, choices=(64, 128), help="only knob sets with this key block")
-    parser.add_argument("--baseline", help="a previous prefix_decode.py (`git show REV:pallas_kernels/prefix_decode.py`) "
-                                           "timed at its own default config next to each shape's variants")
+    parser.add_argument("--baseline", help="a previous prefix_decode.py (`git show REV:pallas_kernels/prefix_decode.py"
+                        " > FILE`) timed at its own default config next to each shape's variants")
     parser.add_argument("--install", action="store_true", help="merge the winners into this GPU's tuning table")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")

@@ -62,11 +62,11 @@ class Workload:
         return cfg, configs.DraftConfig.from_target(cfg)
 
     def query_counts(self) -> tuple[int, ...]:
-        """Query rows per attention call that decoding with these trees issues: 1 (an AR step), the
-        widest draft level, and every tree's node count (its verification)."""
+        """Query counts of the attention calls that decoding with these trees issues: 1 (an AR step),
+        the widest draft level of any tree, and every tree's node count (its verification)."""
         from longspec_jax.tree import TreeShape
 
-        counts = {1} | {max(w) for w in self.trees} | {TreeShape(w).num_nodes for w in self.trees}
+        counts = {1, max((max(w) for w in self.trees), default=1)} | {TreeShape(w).num_nodes for w in self.trees}
         return tuple(sorted(counts))
 
 
