@@ -50,16 +50,10 @@ __all__ = ["ARResult", "ARTimings", "generate_ar", "prompt_bucket", "capacity_bu
 DEFAULT_PREFILL_CHUNK = 512
 MIN_BUCKET = 16
 
-# Streaming cost, measured 2026-11-22 on a shared 2-core CPU (load ~10, so runs vary by +-30%)
-# with the tiny config, median ms/token over interleaved runs:
-#   an ad-hoc script, f32, 200-token prompt, 1024 new tokens, 9 runs each:
-#     off 0.647 | fixed 8-token slices 1.311 (+103%) | 8 tokens then ~0.25 s slices 0.670 (+3.6%)
-#   bench/bench_ar.py --tiny --new-tokens 512 --stream-every 8 --repeats 7 (bf16, adaptive slices):
-#     context 256: 0.799 -> 0.852 (+6.6%) | context 1024: 1.693 -> 2.090 (+23%)
-# Each slice has a fixed host cost (executable launch, snapshot copy, Python), a few ms on this
-# loaded CPU; adaptive slices bound it but did not make it negligible here. So streaming is OFF
-# by default in `python -m infer.generate` (`--stream` turns it on). If the GPU measurement
-# (bench_ar.py --stream-every 8, recorded in bench/results/) shows ~0%, flip STREAM_BY_DEFAULT.
+# Streaming has a fixed host cost per slice (executable launch, snapshot copy, Python): +4% to +23%
+# ms/token on a CPU with adaptive slices, +103% with fixed 8-token slices (docs/perf_notes.md,
+# "Streaming cost"). So it is OFF by default in `python -m infer.generate` (`--stream` turns it on);
+# if `python -m bench.bench_ar --stream-every 8` shows ~0% on a GPU, flip STREAM_BY_DEFAULT.
 STREAMING_NOTE = (
     "streaming: first slice of `stream_every` tokens, then slices of ~`stream_interval_s` seconds; "
     "measured on a loaded 2-core CPU with the tiny model: +4% to +23% ms/token (fixed 8-token "

@@ -215,7 +215,7 @@ def _iteration(target, draft: Draft, state: SpecState, st: _Static, vocab=None) 
             # A chain's accepted path is nodes 0 .. k, already at slots c .. c + k in every layer
             # and at [0, k] in the tree buffer: nothing to move (2L buffer moves fewer; on an H200
             # the demo's commit is 7 kernels for a chain against 34 for a tree that compacts,
-            # bench/results/e2e_longspec-demo_H200_xla.json).
+            # docs/perf_notes.md, "Small targets are launch-bound on GPUs").
             path_k, path_v = tree_k[:, :G], tree_v[:, :G]
         else:
             cache = kvc.compact(cache, c, acc.path, jnp.where(active, k + 1, 0))

@@ -101,26 +101,11 @@ class TreeShape:
         return " ".join(map(str, self.widths))
 
 
-# Tree shape by context length, from measured costs (H100, Llama-3-8B shapes, bf16, Pallas
-# attention with the H100 tuning table; bench/results/e2e_llama3-8b_H100_{4k_128k,32k}.json, each
-# part timed inside a while_loop as the decoder runs it) and the demo pair's tau per shape
-# (bench/results/demo_H100.json: 69 nodes tau 3.84, 19 nodes 3.15 at 16k). Modelled speedup =
-# tau * AR_ms / iteration_ms:
-#   * 4k: verification 1.20x AR (69 nodes) .. 0.93x (5); iteration 12.5 ms vs AR 7.1 ms.
-#   * 32k: verification 1.35x AR (69) / 1.14x (37) / 1.08x (19); iteration 15.6 ms (69 nodes) vs
-#     12.6 ms (19 nodes): 2.02x vs 2.06x modelled, a tie; 69 nodes stays the default to 32k
-#     (LongSpec's own setting; its tau grows with a better draft, the small tree's less).
-#   * 128k: the 69-node verification costs 1.65x AR (attention turns compute-bound: arithmetic
-#     intensity 4T FLOP/byte with GQA group 4, ridge at T ~ 74; the prefix kernel at T = 69 runs at
-#     2.0x its floor at 128k, at T = 16 at 1.07x): iteration 25.0 ms, 1.90x modelled. The 19-node
-#     tree's verification stays near the AR step (the T = 16 point), ~2.3x modelled.
-#   So above 32k the width shrinks: 37 nodes to 64k, 19 nodes beyond, depth 5 kept.
-# Confirmed on an H200 (jax 0.11.2, no tuning table for that GPU: heuristic kernel configs;
-# bench/results/e2e_llama3-8b_H200_128k_small_trees.log, e2e_qwq-32b_H200_32k.json): Llama-3-8B at
-# 128k, verification 37 nodes 1.64x AR, 19 nodes 0.97x, 6 nodes 0.91x; QwQ-32B at 32k, 69 nodes
-# 1.33x, 19 nodes 1.02x, 6 nodes 0.96x.
-# NOT measured: verification at 64k, the 19- and 37-node iterations at 128k, and tau of each
-# shape with a large trained draft; the 64k breakpoint interpolates.
+# Tree shape by context length. Verifying 69 nodes turns the prefix attention compute-bound as the
+# context grows (1.20x an AR step at 4k, 1.35x at 32k, 1.65x at 128k on an H100 at Llama-3-8B shapes)
+# while 16-19 rows stay near bandwidth; up to 32k the 69- and 19-node iterations model a tie, so the
+# LongSpec tree stays the default there and the width shrinks beyond. Measurements and what was not
+# measured (64k, the small trees' iterations at 128k): docs/perf_notes.md, "Tree sizes by context".
 CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max context, widths)
     (32768, (4, 16, 16, 16, 16)),  # <= 32k: 69 nodes, verify 1.35x AR at 32k (measured)
     (65536, (4, 8, 8, 8, 8)),      # <= 64k: 37 nodes, verify 1.14x AR at 32k (measured)
@@ -129,34 +114,24 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (  # (max c
 
 
 # On a CPU the verification is compute-bound from the first extra node (every node costs a full row
-# through every matmul), so the default there is a chain: with the first demo draft on a 2-core CPU
-# at 8k context (bench/results/demo_cpu_trees_8k.json), (1, 1, 1, 1) gave 1.73x AR, (1, 1, 1, 1, 1)
-# 1.48x, (2, 2, 2, 2) 1.24x and the 69-node tree 0.57x. That draft's fifth level accepted 6% of the
-# time; the distilled draft shipped since (bench/README.md, "The distilled draft") accepts deep
-# drafts, and the chain of 5 overtook the chain of 4: CPU, 8k, four prompts
-# (demo_cpu_8k_distill_chains.json) tau 4.51 vs 3.61, 2.40x vs 2.36x AR (2.73x vs 2.47x with the
-# 2048-id draft vocabulary); H200 (demo_H200_distill_T0.json, launch-bound like a CPU for this
-# model) 2.09x / 2.68x / 2.10x vs 1.98x / 2.18x / 1.91x at 4k / 8k / 16k, 1.51x vs 1.61x at 2k.
+# through every matmul), so the default there is a chain; with the distilled demo draft, which accepts
+# deep drafts, the chain of 5 overtook the chain of 4 (CPU 8k: tau 4.51 vs 3.61, 2.40x vs 2.36x AR).
+# docs/perf_notes.md, "Tree sizes by context".
 CPU_TREE = (1, 1, 1, 1, 1)
 
 # At temperature > 0 a chain whose drafts are sampled from the draft distribution (speculative
 # sampling, `verify.accept_sampled_chain`) accepts far more than any beam tree, whose deterministic
-# nodes can only be matched by the target's own draw: demo pair, T = 1, held-out prompts
-# (bench/results/demo_cpu_full.json), tau at 2k / 4k: sampled chain (1, 1, 1, 1) 2.47 / 2.43,
-# the same chain with argmax drafts 1.22 / 1.24, (2, 2, 2, 2) 1.38 / 1.39, (2, 4, 4, 4, 4) 1.29 /
-# 1.43; on the H100 the 69-node tree reached 1.38-1.54 (demo_H100.json). So at T > 0 the default
-# is a chain (of the default tree's depth on GPUs, CPU_TREE on CPUs).
+# nodes can only be matched by the target's own draw (demo pair, T = 1: tau 2.37-2.47 against
+# 1.17-1.43; docs/perf_notes.md, "Tree sizes by context"). So at T > 0 the default is a chain (of
+# the default tree's depth on GPUs, CPU_TREE on CPUs).
 SAMPLED_CHAIN = (1, 1, 1, 1, 1)
 
-# A target this small is launch-bound on a GPU: its decode step is hundreds of few-microsecond
-# kernels, not a weight read, so every draft level costs a fixed ~0.08 ms and a tree's extra nodes
-# are not free. Measured with the demo pair (22M parameters, float32) on an H200 at 8k context,
-# T = 0 (bench/results/demo_H200_tf32_T0.json): chain (1, 1, 1, 1) 1.75x AR, 1.78x with the
-# 2048-token draft vocabulary, against 1.13x / 1.45x for (4, 16, 16, 16, 16), although the tree
-# accepts more (tau 4.41 vs 2.93); the chain is ahead at 2k-16k. Llama-3-8B shapes (16 GB) are the
-# opposite case (the table above). Below LAUNCH_BOUND_BYTES of target parameters (512 MiB, ~0.15 ms
-# of HBM time on an H100/H200, i.e. well under a launch-bound step; NOT measured between 22M and
-# 8B parameters) the GPU default is therefore CPU_TREE, as on CPUs.
+# A small target is launch-bound on a GPU: its decode step is hundreds of few-microsecond kernels, not
+# a weight read, so every draft level costs a fixed ~0.08 ms and a tree's extra nodes are not free
+# (the demo pair on an H200: a chain well ahead of the 69-node tree although the tree accepts more;
+# docs/perf_notes.md, "Small targets are launch-bound on GPUs"). Below LAUNCH_BOUND_BYTES of target
+# parameters (512 MiB, ~0.15 ms of HBM time on an H100/H200; not measured between 22M and 8B
+# parameters) the GPU default is therefore CPU_TREE, as on CPUs.
 LAUNCH_BOUND_BYTES = 512 * 2**20
 
 
