@@ -1,5 +1,7 @@
-"""Plots of result files: acceptance (tau and speedup against context) and latency (where an
-iteration's time goes per context; verification cost against tree size).
+"""Plots of acceptance and latency result files.
+
+Acceptance: tau and speedup against context. Latency: where an iteration's time goes per context,
+and verification cost against tree size.
 
 The kind is read from the rows: rows with a "method" are acceptance results (tau, speedup over AR
 measured in the same run; T = 0 solid, T > 0 dashed, ablation drafts dotted), rows with "ar_ms" are
