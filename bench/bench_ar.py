@@ -1,4 +1,4 @@
-"""Autoregressive decode speed against the memory-bandwidth floor (NOTES_GPU.md section D).
+"""Autoregressive decode speed against the memory-bandwidth floor.
 
     python -m bench.bench_ar                       # llama3-8b shapes, random bf16 weights, 4k and 32k
     python -m bench.bench_ar --tiny                # CPU smoke run with the tiny config
@@ -12,19 +12,17 @@ gathered; the LM head is read in full) plus the KV cache up to the current lengt
 
     floor_ms = (weight bytes without the embedding + KV bytes at the mean decode length) / copy bandwidth,
 
-with the device-to-device copy bandwidth measured in the same run (an elementwise op over a
-1 GiB buffer: bytes read + bytes written over the best time). Results go to
+with the device-to-device copy bandwidth measured in the same run (`common.ceilings`: an in-place
+elementwise op, bytes read + bytes written over the median time). Results go to
 bench/results/ar_<tag>.json with the device, the versions and the command line.
 
-Streaming cost (task note, measured with this script): see the "stream" fields of the JSON and
-`infer/ar.py` STREAMING_NOTE.
+`--stream-every` also times decoding with streaming on (the "stream" fields of the JSON; measured
+figures: docs/perf_notes.md, "Streaming cost").
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -34,23 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Device-to-device bandwidth in bytes/s: (read + write) bytes of an elementwise op over the
-    best of `repeats` timed runs."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + jnp.bfloat16(1))  # "+ 1", not "* 1": XLA would elide a multiply by one
-    jax.block_until_ready(f(x))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / best
-
+from bench import common
 
 def weight_bytes_per_step(model, cfg) -> tuple[int, int]:
     """(bytes a decode step reads from the weights, total weight bytes).
@@ -115,7 +97,7 @@ def main(argv=None) -> int:
     jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(model)))
     init_s = time.perf_counter() - t0
     w_read, w_total = weight_bytes_per_step(model, cfg)
-    bw = copy_bandwidth(1 << 30 if not args.tiny else 1 << 26)
+    bw = common.ceilings("bfloat16").copy_Bps
     print(f"random init {init_s:.1f} s; weights {w_total / 1e9:.3f} GB ({w_read / 1e9:.3f} GB read per step); "
           f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
 
@@ -163,22 +145,16 @@ def main(argv=None) -> int:
 
     device_tag = dev.device_kind.lower().replace(" ", "-")
     tag = f"tiny_{dev.platform}" if args.tiny else f"{name}_{device_tag}_{impl}"
-    out = args.out or os.path.join(RESULTS_DIR, f"ar_{tag}.json")
+    out = args.out or os.path.join(common.RESULTS_DIR, f"ar_{tag}.json")
+    command = ["python", "-m", "bench.bench_ar", *(sys.argv[1:] if argv is None else argv)]
     record = dict(
-        benchmark="ar_decode", model=name, dtype=args.dtype, attention_impl=impl, batch=1,
-        device=dev.device_kind, platform=dev.platform, num_devices=jax.device_count(),
-        jax_version=jax.__version__, jaxlib_version=getattr(__import__("jaxlib"), "__version__", None),
-        command="python -m bench.bench_ar " + " ".join(sys.argv[1:] if argv is None else argv),
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        copy_bandwidth_bytes_per_s=bw, random_init_s=init_s, weight_bytes_total=w_total, results=results,
+        **common.header("ar", name, command), benchmark="ar_decode", model=name, dtype=args.dtype,
+        attention_impl=impl, batch=1, command=" ".join(command), copy_bandwidth_bytes_per_s=bw,
+        random_init_s=init_s, weight_bytes_total=w_total, results=results,
         floor_definition="(weight bytes excluding the embedding table + KV bytes at context + new_tokens/2) "
                          "/ measured device-to-device copy bandwidth",
     )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, out)  # never leave a half-written result
+    common.write_json(out, record)
     print(f"wrote {os.path.relpath(out)}")
     return 0
 

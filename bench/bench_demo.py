@@ -22,7 +22,7 @@ Ablation (--ablation NAME=DIR ...): more drafts run with the default tree at T =
     python -m bench.bench_demo --out bench/results/demo_cpu.json
     python -m bench.bench_demo --ablation draft_noao=runs/demo/pack/draft_noao --out ...
 
-Plots: `python -m bench.plot_demo bench/results/demo_*.json`.
+Plots: `python -m bench plot FILE...`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import common
 from infer import ar
 from infer.speculative import SpeculativeDecoder
 from longspec_jax import draft_weights, weights
 from longspec_jax.sampling import SamplingParams
-from longspec_jax.tree import TreeShape, default_tree_for_context
+from longspec_jax.tree import TreeShape
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = common.ROOT
 DEMO = os.path.join(ROOT, "longspec_jax", "demo")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -177,10 +178,10 @@ def main(argv=None) -> int:
     if short:
         raise SystemExit(f"prompts shorter than the longest context {max(a.contexts)}: {short}")
     trees = [parse_tree(s) for s in a.trees]
+    command = ["python", "-m", "bench.bench_demo", *(sys.argv[1:] if argv is None else argv)]
     result = {
-        "benchmark": "demo pair on held-out packages",
-        "device": device, "platform": dev.platform, "jax_version": jax.__version__,
-        "command": "python -m bench.bench_demo " + " ".join(sys.argv[1:] if argv is None else argv),
+        **common.header("demo", "demo", command), "benchmark": "demo pair on held-out packages",
+        "device": device, "jax_version": jax.__version__, "command": " ".join(command),
         "target": os.path.relpath(a.target, ROOT), "drafts": {k: os.path.relpath(v, ROOT) for k, v in drafts.items()},
         "warmup_runs": a.warmup, "dtype": a.dtype, "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         "attention_impl": a.attention_impl, "new_tokens": a.new_tokens,
@@ -188,9 +189,7 @@ def main(argv=None) -> int:
     }
 
     def save():
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(out, result)
 
     vocabs = {}
     for spec in a.draft_vocab:

@@ -7,18 +7,18 @@ speculative iteration (the real `infer.speculative` while_loop with a random dra
 iteration accepts ~0 drafts and the loop time / iterations is the iteration cost). Every part runs
 `--steps` times inside one while_loop, as the decoder runs it, so the parts add up to the iteration
 (separately jitted calls would each pay launch and argument set-up). Each is compared with its
-floor max(bytes / copy bandwidth, flops / matmul peak), both ceilings measured in the same run.
+floor max(bytes / bandwidth, flops / matmul rate), both measured in the same run (`common.ceilings`).
 Modelled speedup over AR for tau in {3.0, 3.5, 4.0} = tau * t_AR / t_iteration.
 `--draft-vocab-sizes` adds the draft and the iteration with a draft-vocabulary cut;
 `--profile-dir` keeps a Perfetto trace of one loop and a per-op summary in the JSON.
 
-    python bench/bench_e2e.py --model llama3-8b --contexts 4096 32768 131072 --out bench/results
+    python -m bench.bench_e2e --model llama3-8b --contexts 4096 32768 131072 --out bench/results
 
-Writes bench/results/e2e_<model>_<device>_<impl>.json (plot: `python -m bench.plot_e2e`).
+Writes bench/results/e2e_<model>_<device>_<impl>.json (plot: `python -m bench plot FILE`).
 `--tiny` runs a tiny config on CPU as a smoke test. `--model longspec-demo --dtype float32` times the
 demo pair's shapes (longspec_jax/demo) as CPUs run them:
 
-    python bench/bench_e2e.py --model longspec-demo --dtype float32 --contexts 8192 \
+    python -m bench.bench_e2e --model longspec-demo --dtype float32 --contexts 8192 \
         --trees "1 1 1 1" "1 1 1 1 1" "2 2 2 2" --loop-trees "1 1 1 1" --steps 32 --draft-vocab-sizes 2048
 """
 
@@ -26,137 +26,27 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import platform
-import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from infer import ar, speculative  # noqa: E402
-from infer.state import ARState  # noqa: E402
-from longspec_jax import kv_cache as kvc  # noqa: E402
-from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
-from longspec_jax.draft import Draft, DraftCache, head_columns, ring_capacity  # noqa: E402
-from longspec_jax.sampling import SamplingParams  # noqa: E402
-from longspec_jax.transformer import Transformer  # noqa: E402
-from longspec_jax.tree import TreeShape, expand, init_tree  # noqa: E402
-from longspec_jax import verify  # noqa: E402
+from bench import common
+from bench.common import random_cache, random_models, summarize_trace
+from infer import ar, speculative
+from infer.state import ARState
+from longspec_jax import kv_cache as kvc
+from longspec_jax import verify
+from longspec_jax.configs import DraftConfig, get_preset, tiny_config
+from longspec_jax.draft import DraftCache, head_columns, ring_capacity
+from longspec_jax.sampling import SamplingParams
+from longspec_jax.tree import TreeShape, expand, init_tree
 
 DEFAULT_TREES = ("4 16 16 16 16", "4 8 8 8 8", "2 4 4 4 4", "1 1 1 1")
-
-
-def chain_time(fn, state, warmup=2, reps=5):
-    """Median time of `state = fn(state)` where fn donates its input (no copy of the caches)."""
-    for _ in range(warmup):
-        state = fn(state)
-    jax.block_until_ready(state)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        state = fn(state)
-        jax.block_until_ready(state)
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), state
-
-
-def timeit(fn, *args, warmup=2, reps=5):
-    """Median wall time of fn(*args) after block_until_ready (seconds)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def measure_ceilings(tiny: bool, dtype=jnp.bfloat16, detail: dict | None = None):
-    """(memory bandwidth B/s, matmul FLOP/s) in `dtype`: GPU sizes, or CPU-sized (or tiny) ones.
-
-    The bandwidth is the largest of an in-place copy (bytes read + written), a row reduction and a
-    matrix-vector product (bytes read): a decode step reads weights and cache and writes almost
-    nothing, and on the H200 XLA's bf16 copy reached only 2.2-2.9 TB/s (the GEMV 3.1) while our
-    decode step read 3.2-3.6 TB/s. All three rates go into `detail` when given."""
-    cpu = jax.default_backend() == "cpu"
-    n = (1 << 20) if tiny else ((1 << 26) if cpu else (1 << 30))  # GPU, bf16: 2 GiB read + 2 GiB written
-    x = jax.random.normal(jax.random.key(0), (n,), dtype)
-    nbytes = x.nbytes
-    # In place (donated): a fresh output buffer per call would time the host's page faults on CPUs.
-    # Negation, not a scale near 1: bf16 rounds 1.0001 to 1.0 and XLA then removes the whole copy.
-    copy = jax.jit(jnp.negative, donate_argnums=0)
-    t, x = chain_time(copy, x, reps=10)
-    copy_bw = 2 * nbytes / t
-    # Reads: a row reduction and a matrix-vector product (what a decode step's weight reads are).
-    rows = jax.jit(lambda v: jnp.sum(v.reshape(4096, -1), axis=1, dtype=jnp.float32))
-    vec = jax.random.normal(jax.random.key(3), (8192,), dtype)
-    gemv = jax.jit(lambda v, u: v.reshape(-1, 8192) @ u)
-    read_bw = nbytes / timeit(rows, x, reps=10)
-    gemv_bw = nbytes / timeit(gemv, x, vec, reps=10)
-    m = 512 if tiny else (2048 if cpu else 8192)
-    a = jax.random.normal(jax.random.key(1), (m, m), dtype)
-    b = jax.random.normal(jax.random.key(2), (m, m), dtype)
-    mm = jax.jit(lambda p, q: p @ q)
-    t = timeit(mm, a, b, reps=10)
-    del x, a, b
-    if detail is not None:
-        detail.update(copy_bandwidth_Bps=copy_bw, read_bandwidth_Bps=read_bw, gemv_bandwidth_Bps=gemv_bw)
-    return max(copy_bw, read_bw, gemv_bw), 2 * m ** 3 / t
-
-
-def random_models(cfg, dcfg, impl, seed=0, dtype=jnp.bfloat16):
-    """Random target and draft (parameters and compute in `dtype`) made directly on the device:
-    the module structure from nnx.eval_shape (no initialiser compiled), then every parameter drawn by a small jitted
-    generator per (shape, dtype), compiled once per distinct shape (a 64-layer model has ~10), so a
-    32B model takes seconds, not the minutes a whole-model jitted initialiser takes to compile.
-    Matrices ~ N(0, 0.02^2); 1-D parameters (norm scales, biases) ~ 1 + N(0, 0.02^2)."""
-
-    def build():
-        t = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, attention_impl=impl)
-        d = Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), dtype=dtype, param_dtype=dtype,
-                  attention_impl=impl)
-        return t, d
-
-    abstract = nnx.eval_shape(build)
-    graph, state = nnx.split(abstract)
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def draw(key, shape, dtype):
-        x = 0.02 * jax.random.normal(key, shape, jnp.float32)
-        return (x + 1.0 if len(shape) == 1 else x).astype(dtype)
-
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    filled = [draw(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
-    return nnx.merge(graph, jax.tree_util.tree_unflatten(treedef, filled))
-
-
-def random_cache(cfg, capacity, key, dtype=jnp.bfloat16):
-    """A target KV cache filled with random values (never time on zeros)."""
-    ks = jax.random.split(key, 2 * cfg.num_layers)
-    shape = (1, capacity, cfg.num_kv_heads, cfg.head_dim)
-    mk = jax.jit(lambda k: jax.random.normal(k, shape, dtype))
-    return kvc.KVCache(k=tuple(mk(ks[2 * i]) for i in range(cfg.num_layers)),
-                       v=tuple(mk(ks[2 * i + 1]) for i in range(cfg.num_layers)))
-
-
-def param_bytes(module, skip_embedding=True):
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param)):
-        name = jax.tree_util.keystr(path)
-        if skip_embedding and "embedder" in name and "lm_head" not in name:
-            continue
-        total += leaf.size * leaf.dtype.itemsize
-    return total
 
 
 def param_count(module):
@@ -212,17 +102,19 @@ def main(argv=None) -> int:
     impl = default_implementation() if args.impl == "auto" else args.impl
     print(f"device={device_name} jax={jax.__version__} model={args.model} impl={impl}", flush=True)
 
-    args.ceilings = {}
-    bw, peak = measure_ceilings(args.tiny, dtype, args.ceilings)
-    rates = ", ".join(f"{k.split('_')[0]} {v / 1e12:.3f}" for k, v in args.ceilings.items())
-    print(f"memory bandwidth {bw / 1e12:.3f} TB/s ({rates}), {args.dtype} matmul {peak / 1e12:.3f} TFLOP/s", flush=True)
+    ceil = common.ceilings(args.dtype)
+    bw, peak = ceil.bandwidth_Bps, ceil.matmul_flops
+    args.ceilings = {"copy_bandwidth_Bps": ceil.copy_Bps, "read_bandwidth_Bps": ceil.read_Bps,
+                     "gemv_bandwidth_Bps": ceil.gemv_Bps}
+    print(f"memory bandwidth {bw / 1e12:.3f} TB/s (copy {ceil.copy_Bps / 1e12:.3f}, read {ceil.read_Bps / 1e12:.3f}, "
+          f"gemv {ceil.gemv_Bps / 1e12:.3f}), {args.dtype} matmul {peak / 1e12:.3f} TFLOP/s", flush=True)
 
     target, draft = random_models(cfg, dcfg, impl, dtype=dtype)
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
-    w_bytes = param_bytes(target)  # embedding table excluded: decode gathers one row
+    w_bytes = common.param_bytes(target)  # embedding table excluded: decode gathers one row
     n_params = param_count(target)
-    d_bytes = param_bytes(draft, skip_embedding=False)
+    d_bytes = common.param_bytes(draft, skip_embedding=False)
     head_bytes = cfg.hidden_size * cfg.vocab_size * isz
     L, K, H, N = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
     kv_bytes_per_token = 2 * L * K * H * isz
@@ -245,7 +137,7 @@ def main(argv=None) -> int:
             st = st.replace(step=jnp.int32(1), lengths=jnp.full((1,), ctx, jnp.int32), done=jnp.zeros((1,), bool))
             return ar._decode_jit(t_graph, t_state, st, jnp.int32(steps + 1), sampling=greedy, eos_ids=(), pad_id=0)
 
-        t_loop, ar_state = chain_time(ar_once, ar_state)
+        t_loop, ar_state = common.time_carry(ar_once, ar_state)
         t_ar = t_loop / steps
         if args.profile_dir and ctx == args.contexts[min(1, len(args.contexts) - 1)]:
             pdir = os.path.join(args.profile_dir, f"ctx{ctx}_ar")
@@ -305,7 +197,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             cache, _ = jax.block_until_ready(verify_loop(t_state, cache, tree))
             print(f"  [verify compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
-            t_ver, (cache, _) = chain_time(lambda c: verify_loop(t_state, c[0], tree), (cache, None))
+            t_ver, (cache, _) = common.time_carry(lambda c: verify_loop(t_state, c[0], tree), (cache, None))
             t_ver /= steps
             v_bytes = ar_bytes
             v_flops = 2 * n_params * Nn + 4 * N * H * ctx * Nn * L
@@ -350,7 +242,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 jax.block_until_ready(draft_levels(t_state, d_state, cache, ring))
                 print(f"  [draft ({lvl} levels) compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
-                t_l = timeit(draft_levels, t_state, d_state, cache, ring) / steps
+                t_l = common.timeit(draft_levels, t_state, d_state, cache, ring) / steps
                 levels.append((t_l - prev) * 1e3)
                 prev = t_l
             tr["draft_level_ms"] = levels
@@ -378,7 +270,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             spec_state = jax.block_until_ready(spec_once(spec_state))
             print(f"  [loop compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
-            t_spec, spec_state = chain_time(spec_once, spec_state)
+            t_spec, spec_state = common.time_carry(spec_once, spec_state)
             cache, ring = spec_state.cache, spec_state.ring
             iters = int(spec_state.iters[0])
             t_iter = t_spec / max(iters, 1)
@@ -392,7 +284,7 @@ def main(argv=None) -> int:
 
             # ---- the commit alone: accept + KV compaction + ring write, as in the loop body.
             commit_fn = commit_step(shape, cfg.vocab_size, steps)
-            t_commit, (cache, ring) = chain_time(lambda cr: commit_fn(cr[0], cr[1], tree, jax.random.key(3))[:2],
+            t_commit, (cache, ring) = common.time_carry(lambda cr: commit_fn(cr[0], cr[1], tree, jax.random.key(3))[:2],
                                                  (cache, ring))
             t_commit /= steps
             spec_state = spec_state.replace(cache=cache, ring=ring)
@@ -427,7 +319,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 jax.block_until_ready(draft_levels(t_state, d_state, cache, ring, vocab))
                 print(f"  [draft V'={vsize} compile+run {time.perf_counter() - t0:.1f} s]", flush=True)
-                t_dv = timeit(draft_levels, t_state, d_state, cache, ring, vocab) / steps
+                t_dv = common.timeit(draft_levels, t_state, d_state, cache, ring, vocab) / steps
 
                 def spec_once_v(st, vocab=vocab):
                     st = st.replace(committed=jnp.full((1,), ctx, jnp.int32), out_len=jnp.ones((1,), jnp.int32),
@@ -437,7 +329,7 @@ def main(argv=None) -> int:
                                                     st=spec_static)
 
                 spec_state = jax.block_until_ready(spec_once_v(spec_state))
-                t_sv, spec_state = chain_time(spec_once_v, spec_state)
+                t_sv, spec_state = common.time_carry(spec_once_v, spec_state)
                 cache, ring = spec_state.cache, spec_state.ring
                 t_iv = t_sv / max(int(spec_state.iters[0]), 1)
                 dv = tr.setdefault("draft_vocab", {})
@@ -495,99 +387,15 @@ def commit_step(shape, vocab_size, steps):
     return run
 
 
-def load_trace(profile_dir):
-    """(trace file, events, {pid: process name}) of the newest jax.profiler trace under
-    `profile_dir`, or None when there is none."""
-    import glob
-    import gzip
-
-    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
-                   + glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
-    if not files:
-        return None
-    with gzip.open(files[-1]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return files[-1], events, pids
-
-
-PHASES = re.compile(r"/(draft_level\d+|verify|accept|commit)/")
-
-
-def hlo_phases(compiled_text: str) -> dict:
-    """{instruction name: phase} from a compiled executable's HLO text, the phase being the
-    decode loop's named scope in the instruction's op_name metadata (`infer.speculative`:
-    draft_level<l>, verify, accept, commit). Instructions the compiler made without metadata
-    (copies, some dots) take the phase of the instruction before them in the schedule."""
-    out, current = {}, None
-    for line in compiled_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        if not m:
-            current = None  # a computation header or closing brace
-            continue
-        meta = re.search(r'op_name="([^"]*)"', line)
-        ph = PHASES.search(meta.group(1) + "/") if meta else None
-        if ph:
-            current = ph.group(1)
-        if current:
-            out[m.group(1)] = current
-    return out
-
-
-def summarize_trace(profile_dir, iterations, top=25, compiled_text=None):
-    """Device time per op name from the Perfetto trace of the profiled loop (ms per iteration),
-    the number of device ops per iteration (at this model size launches, not bytes, set the time),
-    and with the loop's compiled HLO text, time and op count per phase of the iteration."""
-    loaded = load_trace(profile_dir)
-    if loaded is None:
-        return {"error": f"no trace file under {profile_dir}"}
-    path, events, pids = loaded
-    gpu_pids = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n}
-    phase_of = hlo_phases(compiled_text) if compiled_text else {}
-    n_it = max(iterations, 1)
-    per, count, phases, n_of, ph_ops = {}, 0, {}, {}, {}
-    for e in events:
-        if e.get("ph") != "X" or (gpu_pids and e.get("pid") not in gpu_pids):
-            continue
-        if not gpu_pids and "hlo_op" not in e.get("args", {}):  # CPU trace: XLA ops only, not host events
-            continue
-        name = e.get("name", "?")
-        dur = float(e.get("dur", 0.0))
-        per[name] = per.get(name, 0.0) + dur
-        n_of[name] = n_of.get(name, 0) + 1
-        count += 1
-        if phase_of:
-            hop = e.get("args", {}).get("hlo_op", name)
-            ph = phase_of.get(hop, phase_of.get(name, "other"))
-            t, n = phases.get(ph, (0.0, 0))
-            phases[ph] = (t + dur, n + 1)
-            ops = ph_ops.setdefault(ph, {})
-            ops[name] = ops.get(name, 0.0) + dur
-    total = sum(per.values())
-    rows = sorted(per.items(), key=lambda kv: -kv[1])[:top]
-    out = {"file": os.path.relpath(path, profile_dir), "device_ms_per_iteration": total / 1e3 / n_it,
-           "ops_per_iteration": count / n_it,
-           "ops": [{"name": n[:120], "ms_per_iteration": d / 1e3 / n_it, "per_iteration": n_of[n] / n_it,
-                    "share": d / max(total, 1e-9)} for n, d in rows]}
-    if phases:
-        out["phases"] = {ph: {"ms_per_iteration": t / 1e3 / n_it, "ops_per_iteration": n / n_it,
-                              "top_ops": [{"name": k[:80], "us_per_iteration": d / n_it}
-                                          for k, d in sorted(ph_ops[ph].items(), key=lambda kv: -kv[1])[:8]]}
-                         for ph, (t, n) in sorted(phases.items())}
-    return out
-
-
 def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):
     """Write (or rewrite) the result file; called after every tree so a time-limited run keeps its data."""
+    tag = "tiny" if args.tiny else args.model
+    command = ["python", "-m", "bench.bench_e2e", *(sys.argv[1:] if argv is None else argv)]
     result = {
+        **common.header("e2e", tag, command),
         "benchmark": "e2e_speculative_step",
-        "device": device_name,
-        "jax": jax.__version__,
-        "python": platform.python_version(),
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
-        "model_shapes": "tiny" if args.tiny else args.model,
+        "model_shapes": tag,
         "weights": f"random {args.dtype}",
         "attention_impl": impl,
         "memory_bandwidth_Bps": bw,  # max of the three rates below: the floors use it
@@ -595,14 +403,11 @@ def write_json(args, argv, device_name, impl, bw, peak, w_bytes, d_bytes, rows):
         "matmul_peak_flops": peak,
         "target_weight_bytes_excl_embedding": w_bytes,
         "draft_param_bytes": d_bytes,
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(command),
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    tag = "tiny" if args.tiny else args.model
     path = os.path.join(args.out, f"e2e_{tag}_{device_name.replace(' ', '_')}_{impl}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    common.write_json(path, result)
     print(f"wrote {path}", flush=True)
 
 

@@ -10,7 +10,7 @@
    logit gaps) and (b) for the random bf16 model (near-uniform logits: a summation-order flip at a
    near-tie is possible and is reported, not hidden).
 
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python bench/bench_tp.py --model qwq-32b-preview --tensor 2 \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m bench.bench_tp --model qwq-32b-preview --tensor 2 \
         --contexts 4096 32768
 
 At 32B the one-device model (65 GB) and its split copy live side by side on device 0: raise JAX's
@@ -24,35 +24,27 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import os
-import platform
 import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-
-from bench.bench_e2e import chain_time, load_trace, random_cache, random_models  # noqa: E402
-from infer import ar, speculative  # noqa: E402
-from infer.state import ARState  # noqa: E402
-from longspec_jax import kv_cache as kvc  # noqa: E402
-from longspec_jax import sharding  # noqa: E402
-from longspec_jax.configs import DraftConfig, get_preset, tiny_config  # noqa: E402
-from longspec_jax.draft import DraftCache, ring_capacity  # noqa: E402
-from longspec_jax.sampling import SamplingParams  # noqa: E402
-from longspec_jax.tree import TreeShape  # noqa: E402
-
-
-def log(*a):
-    print(*a, flush=True)
-
+from bench import common
+from bench.common import load_trace, log, random_cache, random_models
+from infer import ar, speculative
+from infer.state import ARState
+from longspec_jax import kv_cache as kvc
+from longspec_jax import sharding
+from longspec_jax.configs import DraftConfig, get_preset, tiny_config
+from longspec_jax.draft import DraftCache, ring_capacity
+from longspec_jax.sampling import SamplingParams
+from longspec_jax.tree import TreeShape
 
 _COLLECTIVE_NAMES = ("all-reduce", "all_reduce", "allreduce", "all-gather", "allgather", "reducescatter", "nccl",
                      "collective")
@@ -167,7 +159,7 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     t0 = time.perf_counter()
     st = jax.block_until_ready(ar_once(st))
     log(f"  [AR compile+run {time.perf_counter() - t0:.1f} s]")
-    t_loop, st = chain_time(ar_once, st)
+    t_loop, st = common.time_carry(ar_once, st)
     t_ar = t_loop / steps
     if profile_dir is not None:  # (the AR loop compiled once more, for its HLO text)
         text = ar._decode_jit.lower(t_graph, t_state, st, put(jnp.int32(steps + 1)), sampling=greedy,
@@ -202,7 +194,7 @@ def step_times(target, draft, cfg, dcfg, ctx, steps, shape, mesh, profile_dir=No
     t0 = time.perf_counter()
     state = jax.block_until_ready(spec_once(state))
     log(f"  [spec loop compile+run {time.perf_counter() - t0:.1f} s]")
-    t_spec, state = chain_time(spec_once, state)
+    t_spec, state = common.time_carry(spec_once, state)
     t_iter = t_spec / max(int(state.iters[0]), 1)
     if profile_dir is not None:
         text = speculative._decode_loop.lower(
@@ -264,19 +256,18 @@ def main(argv=None) -> int:
     impl = "xla" if dev.platform == "cpu" else "auto"
     shape = TreeShape.parse(args.tree)
     mesh = sharding.tensor_parallel_mesh(args.tensor)
-    result = {"benchmark": "tensor_parallel", "device": device, "devices": args.tensor, "jax": jax.__version__,
-              "python": platform.python_version(), "model_shapes": "tiny" if args.tiny else args.model,
+    command = ["python", "-m", "bench.bench_tp", *(sys.argv[1:] if argv is None else argv)]
+    result = {**common.header("tp", "tiny" if args.tiny else args.model, command),
+              "benchmark": "tensor_parallel", "device": device, "devices": args.tensor,
+              "model_shapes": "tiny" if args.tiny else args.model,
               "num_layers": cfg.num_layers,
               "weights": "random bf16", "tree": args.tree, "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
-              "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-              "rows": [], "exactness": []}
+              "command": " ".join(command), "rows": [], "exactness": []}
     path = os.path.join(args.out, f"tp_{'tiny' if args.tiny else args.model}_{device.replace(' ', '_')}x{args.tensor}.json")
 
     def save():
-        os.makedirs(args.out, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        common.write_json(path, result)
 
     log(f"{device} x{args.tensor} jax {jax.__version__} {args.model}")
     # (a) the demo pair, float32, held-out prompt: exactness on a trained model.

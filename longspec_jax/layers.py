@@ -177,7 +177,7 @@ def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array, mesh, axis: str =
 
     Left to XLA's partitioner, `jnp.take` on a vocabulary-split table can instead all-gather the
     whole table every step: jax 0.11.2 on 2 x H200 moved QwQ-32B's 1.56 GB embedding per decode
-    step that way (3 ms of a 6.5 ms 16-layer step; `bench/bench_tp.py --profile-dir`)."""
+    step that way (3 ms of a 6.5 ms 16-layer step; docs/perf_notes.md, "Tensor parallelism")."""
 
     def lookup(tab, tok):
         v_local = tab.shape[0]

@@ -123,8 +123,8 @@ def greedy(logits: jax.Array) -> jax.Array:
 
     Under tensor parallelism the vocabulary axis is split over devices. XLA partitions
     `jnp.argmax` there as two NCCL all-gathers of every device's (value, index) pair; plain
-    reductions become all-reduces, which XLA runs with its own small-message kernel, so the decode
-    step issues no NCCL call at all (docs/perf_notes.md, tensor parallelism)."""
+    reductions become all-reduces, which XLA runs with its own small-message kernel (~7 us each on
+    2 x H200, docs/perf_notes.md, "Tensor parallelism"), so the decode step issues no NCCL call at all."""
     vocab = logits.shape[-1]
     nan = jnp.isnan(logits)
     has_nan = jnp.any(nan, axis=-1, keepdims=True)

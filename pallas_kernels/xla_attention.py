@@ -32,13 +32,11 @@ from pallas_kernels import reference as ref
 
 NEG_INF = float("-inf")
 BLOCKS = (512, 256, 128)  # key block sizes tried, largest first; one must divide the capacity
-# G * T query rows per KV head from which blockwise is used. `python -m bench.bench_xla_prefix`
-# (demo target forward, float32, 9216-slot cache, 2-core CPU; bench/results/xla_prefix_cpu.json),
-# ms per forward dense / blockwise: with 8192 slots visible (a decode cache is nearly full: its
-# capacity is bucketed to the need) T = 1 28.6 / 27.2, T = 5 42.3 / 49.2, T = 16 78.6 / 88.0,
-# T = 69 150 / 153, T = 128 331 / 304, T = 512 1461 / 1237; with 4096 visible (early prefill
-# chunks) blockwise wins at every T (T = 512: 1309 / 626). Prefill chunks (>= 384 rows) therefore
-# go blockwise; decode and verification keep the dense single pass.
+# G * T query rows per KV head from which blockwise is used: over a nearly full cache (a decode
+# cache's capacity is bucketed to the need) the dense single pass is as fast or faster up to a few
+# hundred rows, blockwise wins beyond, and always over a half-empty cache. So prefill chunks
+# (>= 384 rows) go blockwise; decode and verification stay dense. Chosen by `python -m bench kernels
+# --xla`; docs/results.md, "XLA prefix attention: dense or blockwise".
 MIN_ROWS = 384
 
 

@@ -168,7 +168,7 @@ def test_bench_ar_tiny_smoke(tmp_path):
     assert record["command"].startswith("python -m bench.bench_ar --tiny")
     row = record["results"][0]
     assert row["context"] == 40 and row["ms_per_token"] > 0 and row["floor_ms_per_token"] > 0
-    assert "stream_ms_per_token" in row and record["jax_version"] == __import__("jax").__version__
+    assert "stream_ms_per_token" in row and record["jax"] == __import__("jax").__version__
 
 
 @pytest.fixture

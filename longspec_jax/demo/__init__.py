@@ -24,7 +24,7 @@ TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
 # The draft ships its draft vocabulary (`draft/draft_vocab.json`, the 2048 most frequent ids of the
 # train split, a copy of `draft_vocab/top2048.json`; found by `draft_weights.find_draft_vocab`), so
 # `python -m infer.generate` lets the draft score only those: cheaper draft levels, at some cost in
-# tau on prompts whose continuations use rarer ids (bench/README.md, "The distilled draft");
+# tau on prompts whose continuations use rarer ids (docs/perf_notes.md, "Draft vocabulary");
 # verification keeps the full vocabulary, so the output is unchanged.
 
 

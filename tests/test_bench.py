@@ -1,0 +1,163 @@
+"""One CPU smoke run per `python -m bench` suite on the tiny workload: it exits 0, writes its JSON
+where the suite says, with the result header, and the numbers are there and sane. The kernels run
+in Mosaic GPU interpret mode here (checked against the references, not timed)."""
+
+import json
+import os
+
+import pytest
+
+from bench import common
+from bench.__main__ import main
+
+HEADER = ("suite", "workload", "device", "device_count", "python", "jax", "jaxlib", "flax", "git_commit",
+          "git_dirty", "argv", "time_utc")
+
+
+def run_suite(tmp_path, suite, *extra, workload="tiny"):
+    assert main([suite, "--workload", workload, *extra, "--out", str(tmp_path)]) == 0
+    name = {"--profile": "kernels-profile", "--xla": "kernels-xla"}.get(next(iter(extra), None), suite)
+    record = json.loads((tmp_path / "cpu" / f"{name}_{workload}.json").read_text())
+    assert set(HEADER) <= set(record) and record["suite"] == name and record["workload"] == workload
+    assert record["argv"][:4] == ["python", "-m", "bench", suite] and record["device"].startswith("cpu")
+    assert record["jax"] and record["flax"] and record["time_utc"].endswith("+00:00")
+    return record
+
+
+def test_device_slug_and_result_path():
+    assert common.device_slug(kind="NVIDIA H100 80GB HBM3") == "h100"
+    assert common.device_slug(2, kind="NVIDIA H200") == "h200x2"
+    assert common.device_slug(kind="cpu") == "cpu"
+    assert common.result_path("out", "tune", "llama3-8b", device="h200") == os.path.join("out", "h200",
+                                                                                        "tune_llama3-8b.json")
+    assert common.result_path("x/y.json", "tune", "tiny") == "x/y.json"
+
+
+def test_workload_query_counts():
+    from bench import workloads
+
+    assert workloads.get("llama3-8b").query_counts() == (1, 5, 16, 19, 37, 69)
+    with pytest.raises(SystemExit, match="unknown workload 'nope'.*llama3-8b"):
+        workloads.get("nope")
+
+
+def test_kernels_tiny(tmp_path):
+    record = run_suite(tmp_path, "kernels", "--T", "5", "--reps", "1")
+    c = record["ceilings"]
+    assert c["bandwidth_Bps"] == max(c["copy_Bps"], c["read_Bps"], c["gemv_Bps"]) > 0 and c["matmul_flops"] > 0
+    (row,) = record["rows"]
+    assert row["T"] == 5 and row["S"] == 256 and row["check"]["ok"] and row["floor_us"] > 0
+    assert row["us"]["xla"]["us"] > 0 and row["us"]["dense"]["us"] > 0
+    assert "not timed" in row["us"]["prefix"]["error"]  # interpret mode: checked only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["--profile", "--xla"])
+def test_kernels_modes_tiny(tmp_path, mode):
+    record = run_suite(tmp_path, "kernels", mode, "--T", "5", "--reps", "1")
+    if mode == "--xla":
+        assert len(record["rows"]) == 2 and all(r["dense_ms"] > 0 and r["blockwise_ms"] > 0 for r in record["rows"])
+    else:
+        (row,) = record["rows"]
+        assert row["device_us"] > 0 and abs(row["kernel_us"] + row["glue_us"] - row["device_us"]) < 1e-6
+
+
+def test_tune_tiny(tmp_path):
+    record = run_suite(tmp_path, "tune", "--T", "5", "--quick", "--block-kv", "128")
+    (entry,) = record["entries"]
+    assert entry["variants"] and not any("error" in v for v in entry["variants"])
+    assert {v["knobs"]["overlap"] for v in entry["variants"]} == {False, True}  # overlap swept off and on
+    assert all(v["max_abs_err"] < 2e-2 for v in entry["variants"])
+    with pytest.raises(SystemExit, match="--install needs a Hopper GPU"):
+        main(["tune", "--workload", "tiny", "--install", "--out", str(tmp_path)])
+
+
+def test_tune_variants_and_table_format(tmp_path, monkeypatch):
+    """The sweep's knob sets: two warpgroups only above 64 rows, with the ping-pong off and on;
+    --quick keeps the heuristic's split count; install_table writes what tuning.lookup reads."""
+    from bench import tune
+    from pallas_kernels import tuning
+
+    full = tune.variants(69, 4, 8, 1, 32768, 128)
+    assert {(v["num_wg"], v["pingpong"]) for v in full} == {(1, False), (2, False), (2, True)}
+    quick = tune.variants(69, 4, 8, 1, 32768, 128, quick=True)
+    assert {v["num_splits"] for v in quick} == {tune.heuristic_knobs(69, 4, 8, 1, 32768, 128)["num_splits"]}
+    assert all(v["num_wg"] == 1 for v in tune.variants(5, 4, 8, 1, 32768, 128))
+
+    monkeypatch.setattr(tuning, "TABLE_DIR", str(tmp_path))
+    knobs = dict(quick[-1])
+    entry = {"G": 4, "K": 8, "B": 1, "H": 128, "T": 69, "S": 32768, "floor_us": 1.0, "knobs": knobs, "us": 2.0,
+             "heuristic": tune.heuristic_knobs(69, 4, 8, 1, 32768, 128), "heuristic_us": 3.0}
+    tune.install_table("Fake GPU", [entry], {"device": "Fake GPU"})
+    got = tuning.lookup(69, 4, 8, 1, 32768, 128, device_kind="Fake GPU", table_dir=str(tmp_path))
+    assert got[:5] == (knobs["num_wg"], knobs["block_kv"], knobs["stages"], knobs["num_splits"], knobs["pingpong"])
+    assert got[-1] == (knobs["overlap"] and knobs["stages"] >= 2)
+
+
+def test_train_tiny(tmp_path):
+    record = run_suite(tmp_path, "train", "--steps", "1")
+    (row,) = record["rows"]
+    assert row["seq_len"] == 64 and row["tokens_per_s"] > 0 and 0 < row["mfu"] < row["mfu_total"]
+    assert record["matmul_flops"] > 0
+
+
+def test_plot_reads_the_kept_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = os.path.join(common.ROOT, "bench", "results")
+    out = tmp_path / "a.png"
+    assert main(["plot", os.path.join(results, "h200", "acceptance_demo-t0.json"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    h100 = os.path.join(results, "h100")
+    assert main(["plot", os.path.join(h100, "latency_llama3-8b-32k.json"), os.path.join(h100, "latency_llama3-8b-4k-128k.json"),
+                 "--baseline", os.path.join(h100, "hf-torch_llama3-8b.json"), "--out", str(tmp_path / "l.png")]) == 0
+    with pytest.raises(SystemExit, match="one device and one kind"):
+        main(["plot", os.path.join(h100, "latency_llama3-8b-32k.json"), os.path.join(results, "h200", "acceptance_demo-t0.json")])
+
+
+def test_hf_torch_baseline_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    from bench.baselines import hf_torch
+
+    assert hf_torch.main(["--workload", "tiny", "--contexts", "64", "--new-tokens", "4", "--no-compile",
+                          "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpu" / "hf-torch_tiny.json").read_text())
+    assert set(HEADER) <= set(record) and record["torch"] and record["rows"][0]["decode_ms_per_token"] > 0
+
+
+# The scripts below become `python -m bench latency` / `acceptance` (and a gpu-marked exactness test);
+# until then their tiny runs keep them from rotting.
+
+@pytest.mark.slow
+def test_bench_e2e_tiny(tmp_path):
+    from bench import bench_e2e
+
+    assert bench_e2e.main(["--tiny", "--contexts", "256", "--trees", "2 2", "1 1", "--loop-trees", "2 2",
+                           "--steps", "4", "--draft-vocab-sizes", "128", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("e2e_tiny_*.json")
+    record = json.loads(path.read_text())
+    assert set(HEADER) <= set(record)
+    tr = record["rows"][0]["trees"]["2 2"]
+    assert all(tr[k] > 0 for k in ("verify_ms", "draft_ms", "commit_ms", "iteration_ms"))
+    assert tr["draft_vocab"]["128"]["iteration_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_tp_tiny(tmp_path):
+    from bench import bench_tp
+
+    bench_tp.main(["--tiny", "--tensor", "2", "--steps", "4", "--tree", "2 2", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("tp_tiny_*.json")
+    row = json.loads(path.read_text())["rows"][0]
+    assert row["tp_ar_ms"] > 0 and row["single_ar_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_demo_short(tmp_path):
+    from bench import bench_demo
+
+    out = tmp_path / "demo.json"
+    assert bench_demo.main(["--contexts", "256", "--num-prompts", "1", "--new-tokens", "12", "--temperatures", "0",
+                            "--trees", "default", "small=2,2", "--warmup", "0", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ar", "default", "small"]
+    assert all(r["greedy_equal"] and r["tau"] >= 1.0 for r in rows[1:])
