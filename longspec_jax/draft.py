@@ -42,9 +42,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from longspec_jax.attention import train_attention
 from longspec_jax.configs import DraftConfig, RopeConfig
-from longspec_jax.layers import MLP, RMSNorm, apply_rope, param, rope_cos_sin
-from pallas_kernels import reference as attn_ref
+from longspec_jax.layers import MLP, RMSNorm, apply_rope, param, remat_call, rope_cos_sin
 
 
 def ring_capacity(window: int, max_accept: int, multiple: int = 128) -> int:
@@ -252,7 +252,8 @@ class Draft(nnx.Module):
     # training
 
     def forward_train(self, tokens: jax.Array, positions: jax.Array, k_last: jax.Array, v_last: jax.Array,
-                      lag, *, embed: Callable[[jax.Array], jax.Array], query_chunk: int | None = None) -> jax.Array:
+                      lag, *, embed: Callable[[jax.Array], jax.Array], attention="dense", chunk: int = 1024,
+                      remat: str = "none") -> jax.Array:
         """Teacher-forced draft pass for training (spec 1.3 and 5.1).
 
         Args:
@@ -265,69 +266,31 @@ class Draft(nnx.Module):
             traced value (one compile for every lag).
           embed: the target's embedding function (e.g. `target.embed`), kept outside the draft so
             its table is neither copied nor trained.
-          query_chunk: if set (and < T), attention runs over query blocks of this size with
-            `lax.map`, so scores take [B, N, C, W + C] (self) and [B, N, C, T] (cross) memory per
-            block instead of [B, N, T, T]; T must be a multiple of it. Same result.
+          attention: the attention core, "dense" | "chunked" | "flash" or a callable
+            (`attention.train_attention`), for both the self- and the cross-attention.
+          chunk: query rows per block of the "chunked" core.
+          remat: activation checkpointing of the block, a `layers.REMAT_POLICIES` name.
         Returns:
           hidden [B, T, D] (compute dtype), before the shared LM head, which the caller applies
           (e.g. chunked, fused with the cross-entropy). There is no final norm.
 
         Self-attention is causal with the window by sequence index: i sees [i - W, i] (W + 1 keys,
-        flash-attn window_size=(W, -1)). Attention maths in float32 (the pallas_kernels reference).
+        flash-attn window_size=(W, -1)).
         """
-        B, T = tokens.shape
-        W = self.cfg.window
-        lag = jnp.asarray(lag, jnp.int32)
         x = embed(tokens)
-        cos, sin = self.cos_sin(positions)
-        k, v = self.self_attn.kv(self.input_layernorm(x.astype(self.dtype)), cos, sin)  # [B, T, K, H]
-        if query_chunk is None or query_chunk >= T:
-            i = jnp.arange(T)[:, None]
-            s = jnp.arange(T)[None, :]
-            window_mask = jnp.broadcast_to((s <= i) & (s >= i - W), (B, T, T))
-            lag_mask = jnp.broadcast_to(s <= i - lag, (B, T, T))
+        lag = jnp.asarray(lag, jnp.int32)
+
+        def run(draft, x, positions, k_last, v_last, lag):
+            cos, sin = draft.cos_sin(positions)
+            k, v = draft.self_attn.kv(draft.input_layernorm(x.astype(draft.dtype)), cos, sin)  # [B, T, K, H]
 
             def self_attend(q):
-                return attn_ref.tree_attention_ref(q, k, v, window_mask)[0]
+                return train_attention(q, k, v, attention=attention, window=draft.cfg.window, chunk=chunk)
 
             def cross_attend(q):
-                # Fully masked rows (i < lag) come out as exact zeros from the reference (no NaN).
-                return attn_ref.tree_attention_ref(q, k_last, v_last, lag_mask)[0]
-        else:
-            C = int(query_chunk)
-            if T % C:
-                raise ValueError(f"forward_train: sequence length {T} is not a multiple of query_chunk={C}")
-            pad = ((0, 0), (W, 0), (0, 0), (0, 0))
-            k_pad, v_pad = jnp.pad(k, pad), jnp.pad(v, pad)  # key j of a block = index q0 - W + j
+                return train_attention(q, k_last, v_last, attention=attention, lag=lag, chunk=chunk)
 
-            def blocks(fn, q):  # q [B, T, N, H] -> fn per query block, reassembled
-                out = jax.lax.map(lambda q0: fn(jax.lax.dynamic_slice_in_dim(q, q0, C, axis=1), q0),
-                                  jnp.arange(0, T, C, dtype=jnp.int32))  # [T / C, B, C, N, H]
-                return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+            return draft._block(x, cos, sin, self_attend, cross_attend)
 
-            def self_block(qc, q0):
-                kc = jax.lax.dynamic_slice_in_dim(k_pad, q0, C + W, axis=1)
-                vc = jax.lax.dynamic_slice_in_dim(v_pad, q0, C + W, axis=1)
-                i = q0 + jnp.arange(C)[:, None]
-                s = q0 - W + jnp.arange(C + W)[None, :]
-                mask = jnp.broadcast_to((s <= i) & (s >= i - W) & (s >= 0), (B, C, C + W))
-                return attn_ref.tree_attention_ref(qc, kc, vc, mask)[0]
+        return remat_call(self, run, remat, x, positions, k_last, v_last, lag)
 
-            def cross_block(qc, q0):
-                i = q0 + jnp.arange(C)[:, None]
-                mask = jnp.broadcast_to(jnp.arange(T)[None, :] <= i - lag, (B, C, T))
-                return attn_ref.tree_attention_ref(qc, k_last, v_last, mask)[0]
-
-            def self_attend(q):
-                return blocks(self_block, q)
-
-            def cross_attend(q):
-                return blocks(cross_block, q)
-
-        return self._block(x, cos, sin, self_attend, cross_attend)
-
-
-def draft_logits(draft: Draft, target, h: jax.Array) -> jax.Array:
-    """Draft logits [B, T, V] float32: the target's LM head on the draft output (no final norm)."""
-    del draft  # the draft has no head of its own; kept in the signature for readability at call sites
-    return target.logits(h)

@@ -14,7 +14,7 @@ Numerics follow Hugging Face transformers exactly, so that float32 parity holds 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +224,33 @@ class LMHead(nnx.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         return jnp.einsum("BTD,DV->BTV", h.astype(self.dtype), self.kernel[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing for the training forwards
+
+REMAT_POLICIES = {
+    "none": None,  # no checkpointing: every activation is kept for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the inputs, recompute the rest
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat_call(module: nnx.Module, fn: Callable, remat: str, *args):
+    """`fn(module, *args)`, under `jax.checkpoint` with the named policy unless `remat` is "none".
+
+    The module's state enters the checkpointed function as an argument (split, then merged inside),
+    so gradients reach its parameters; `args` must be arrays. Used per decoder layer, where
+    checkpointing pays: the activations of one layer are alive at a time in the backward pass.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    if remat == "none":
+        return fn(module, *args)
+    graphdef, state = nnx.split(module)
+
+    def run(state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, *args)

@@ -2,8 +2,9 @@
 
 `Transformer.__call__` is the single inference entry (DESIGN.md): causal prefill chunks, one-token
 decode and tree verification differ only in T, positions and mask. `forward_train` is the cache-free
-causal pass used by training, returning the last layer's post-RoPE K/V for the draft's
-cross-attention (spec section 1.3).
+causal pass used by training (the frozen target of the draft objective, and the LM objective),
+returning the last layer's post-RoPE K/V for the draft's cross-attention (spec section 1.3); its
+attention core and activation checkpointing are arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 from longspec_jax import kv_cache as kvc
 from longspec_jax.attention import Attention, causal_mask
 from longspec_jax.configs import ModelConfig
-from longspec_jax.layers import MLP, Embedding, LMHead, RMSNorm, rope_cos_sin
+from longspec_jax.layers import MLP, Embedding, LMHead, RMSNorm, remat_call, rope_cos_sin
 
 
 class DecoderLayer(nnx.Module):
@@ -32,8 +33,8 @@ class DecoderLayer(nnx.Module):
         h = h + a
         return h + self.mlp(self.post_attn_norm(h)), cache
 
-    def forward_train(self, h, cos, sin):
-        a, kv = self.attn.forward_train(self.input_norm(h), cos, sin)
+    def forward_train(self, h, cos, sin, *, attention="dense", chunk: int = 1024):
+        a, kv = self.attn.forward_train(self.input_norm(h), cos, sin, attention=attention, chunk=chunk)
         h = h + a
         return h + self.mlp(self.post_attn_norm(h)), kv
 
@@ -123,9 +124,16 @@ class Transformer(nnx.Module):
             h, cache = layer(h, cos, sin, cache, i, lengths, mask)
         return self.final_norm(h), cache
 
-    def forward_train(self, tokens: jax.Array, positions: jax.Array
-                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Causal pass without a cache.
+    def forward_train(self, tokens: jax.Array, positions: jax.Array, *, attention="dense", chunk: int = 1024,
+                      remat: str = "none") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Causal pass without a cache (training).
+
+        Args:
+          tokens, positions: [B, T] int32 (positions: Anchor-Offset or vanilla).
+          attention: the attention core, "dense" | "chunked" | "flash" or a callable
+            (`attention.train_attention`); independent of `attention_impl`, which serves inference.
+          chunk: query rows per block of the "chunked" core (and of "flash"'s float32 fallback).
+          remat: activation checkpointing of each decoder layer, a `layers.REMAT_POLICIES` name.
 
         Returns:
           (hidden [B, T, D] after the final norm, (k_last, v_last) [B, T, K, H]: the last layer's
@@ -134,6 +142,10 @@ class Transformer(nnx.Module):
         cos, sin = self.rope(positions)
         h = self.embed(tokens)
         kv = None
+
+        def run(layer, h, cos, sin):
+            return layer.forward_train(h, cos, sin, attention=attention, chunk=chunk)
+
         for layer in self.layers:
-            h, kv = layer.forward_train(h, cos, sin)
+            h, kv = remat_call(layer, run, remat, h, cos, sin)
         return self.final_norm(h), kv

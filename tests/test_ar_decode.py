@@ -16,7 +16,7 @@ from flax import nnx
 from infer import runtime
 from infer.decoder import generate_ar
 from infer.runtime import Compiler, capacity_bucket, output_bucket, prompt_bucket
-from infer.tiny_random import random_model
+from longspec_jax import init
 from longspec_jax.configs import tiny_config
 from longspec_jax import sampling as smp
 from longspec_jax.sampling import SamplingParams, sample
@@ -28,8 +28,7 @@ CHUNK = 16
 
 @pytest.fixture(scope="module")
 def model():
-    # Weights drawn on the host: eager NNX initialisation costs ~15 s of op compiles on 2 CPU cores.
-    return random_model(tiny_config(), dtype=jnp.float32, std=0.02, seed=7)
+    return init.random_target(tiny_config(), seed=7)
 
 
 def _prompt(seed, n, vocab=256):

@@ -11,17 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from infer import decoder as spec
 from infer.decoder import generate_ar
 from infer.loop import start_jit
 from infer.runtime import Compiler
+from longspec_jax import init
 from longspec_jax.configs import DraftConfig, tiny_config
-from longspec_jax.draft import Draft, ring_capacity
+from longspec_jax.draft import ring_capacity
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.sampling import RowSampling, SamplingParams, process_logits
-from longspec_jax.transformer import Transformer
 
 CAPACITY = 128  # one cache shape for every greedy test (prompts <= 16 tokens, max_new <= 40)
 WINDOW = 8  # small draft window so the ring wraps within a test
@@ -38,10 +37,9 @@ def _cfg(vocab=96):
 def random_models(seed, vocab=96, scale=1.0):
     """A random target (logits sharpened by `scale` on the LM head) and a random draft."""
     cfg = _cfg(vocab)
-    target = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+    target = init.random_target(cfg, seed=seed)
     target.lm_head.kernel.value = target.lm_head.kernel.value * (50.0 * scale)
-    draft = Draft(DraftConfig.from_target(cfg, window=WINDOW), cfg.rope, rngs=nnx.Rngs(seed + 1000),
-                  dtype=jnp.float32, param_dtype=jnp.float32)
+    draft = init.random_draft(DraftConfig.from_target(cfg, window=WINDOW), cfg.rope, seed=seed + 1000)
     return target, draft
 
 

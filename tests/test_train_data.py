@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from train.config import from_dict
-from train.data import (ByteTokenizer, DataError, DataLoader, HFTokenizer, check_tokenizer, encode_record,
-                        load_documents)
+from train.data import DataError, DataLoader, check_tokenizer, encode_record, load_documents, load_tokenizer
 
-TOK = ByteTokenizer()
+TOK = load_tokenizer("bytes", None)
+
+
+def decode(ids, skip_special_tokens=True):
+    return TOK.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def data_cfg(**kw):
@@ -34,28 +37,29 @@ def test_formats_jsonl_parquet_text(tmp_path):
     (d / "c.txt").write_text("delta")
     (d / "ignored.bin").write_bytes(b"\0")
     docs = load_documents(data_cfg(paths=[str(d)], add_bos=False), TOK)
-    assert [TOK.decode(doc.ids) for doc in docs] == ["alpha", "beta", "gamma", "delta"]
+    assert [decode(doc.ids) for doc in docs] == ["alpha", "beta", "gamma", "delta"]
     assert all(doc.ids[-1] == TOK.eos_token_id for doc in docs)
 
 
 def test_chat_template_masks_prompt_and_truncates_it():
     cfg = data_cfg(template="chat", chat_format="qwen", seq_len=150, answer_reserve=30, system_prompt="")
     doc = encode_record({"prompt": "x" * 500, "answer": "the answer"}, cfg, TOK, "r")
-    text = TOK.decode(doc.ids)
+    text = decode(doc.ids)
     assert text.startswith("<|im_start|>user\nxxx") and text.endswith("the answer<|im_end|>\n")
-    masked = TOK.decode(doc.ids[doc.mask == 1])
+    masked = decode(doc.ids[doc.mask == 1])
     assert masked == "the answer<|im_end|>\n"  # loss only on the answer (and its EOS)
     assert doc.mask[-1] == 1 and doc.ids[-1] == TOK.eos_token_id
     assert int((doc.mask == 0).sum()) == 150 - 30  # prompt cut to seq_len - answer_reserve
 
 
 def test_long_template_nomask_and_raw_text():
-    cfg = data_cfg(template="long", chat_format="llama_pseudo")
+    cfg = data_cfg(template="long", chat_format="llama_pseudo", add_bos=False)  # the template's own "<s>" only
     chat = encode_record({"prompt": "Summarize: doc", "answer": "sum"}, cfg, TOK, "r")
-    assert TOK.decode(chat.ids).startswith("<s>system\nYou are a helpful assistant.</s>\n<s>user\nSummarize")
+    assert decode(chat.ids, skip_special_tokens=False).startswith(
+        "<s>system\nYou are a helpful assistant.</s>\n<s>user\nSummarize")
     assert chat.mask.all()  # "nomask": every token counts
     raw = encode_record({"text": "book text"}, cfg, TOK, "r")
-    assert TOK.decode(raw.ids) == "book text" and raw.mask.all()
+    assert decode(raw.ids) == "book text" and raw.mask.all()
 
 
 def test_packing_is_exact_concatenation_and_resumable(tmp_path):
@@ -90,10 +94,10 @@ def test_padding_truncation_and_hosts(tmp_path):
     cfg = data_cfg(paths=[path], seq_len=16, packing=False, shuffle=False, add_bos=False)
     loader = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=2)
     toks, mask = loader.row(0, 0)
-    assert TOK.decode(toks[mask == 1]) == "short" and (toks[mask == 0] == 0).all()
+    assert decode(toks[mask == 1]) == "short" and (toks[mask == 0] == 0).all()
     assert mask.sum() == 6  # 5 bytes + EOS
     toks, mask = loader.row(0, 1)
-    assert mask.all() and TOK.decode(toks) == "a much longer do"
+    assert mask.all() and decode(toks) == "a much longer do"
     # Two hosts split each global batch.
     h0 = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=2, process_index=0, process_count=2)
     h1 = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=2, process_index=1, process_count=2)
@@ -115,7 +119,7 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="no field 'text'.*data.text_field"):
         load_documents(data_cfg(paths=[wrong]), TOK)
     long = write_jsonl(tmp_path / "long.jsonl", [{"text": "y" * 100}])
-    cfg = data_cfg(paths=[long], seq_len=16, packing=False, truncate=False)
+    cfg = data_cfg(paths=[long], seq_len=16, packing=False, truncate=False, add_bos=False)
     with pytest.raises(DataError, match=r"long.jsonl:1: 101 tokens > data.seq_len=16"):
         DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=1)
     cfg = data_cfg(paths=[long], seq_len=16, packing=True)
@@ -124,7 +128,7 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="vocab_size is 100"):
         check_tokenizer(TOK, 100)
     with pytest.raises(DataError, match="does not exist"):
-        HFTokenizer(str(tmp_path / "no-tokenizer"))
+        load_tokenizer(str(tmp_path / "no-tokenizer"), None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(DataError, match="bad.jsonl:2: invalid JSON"):
@@ -141,7 +145,7 @@ def test_hf_tokenizer_from_directory(tmp_path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", bos_token="<s>", pad_token="[PAD]",
                                    unk_token="[UNK]")
     fast.save_pretrained(tmp_path / "tok")
-    tok = HFTokenizer(str(tmp_path / "tok"))
+    tok = load_tokenizer(str(tmp_path / "tok"), None)
     doc = encode_record({"text": "hello world"}, data_cfg(), tok, "r")
     assert doc.ids.tolist() == [2, 3, 4, 1]
     check_tokenizer(tok, 6)
@@ -152,7 +156,7 @@ def test_hf_tokenizer_from_directory(tmp_path):
 def test_batched_encoding_and_token_cache(tmp_path):
     """The demo tokenizer: batched "raw" encoding == record-by-record encoding; the cache returns the
     same documents, is reused, and is rebuilt when the data or the settings change."""
-    tok = HFTokenizer(os.path.join(os.path.dirname(__file__), "..", "longspec_jax", "demo", "tokenizer"))
+    tok = load_tokenizer(os.path.join(os.path.dirname(__file__), "..", "longspec_jax", "demo", "tokenizer"), None)
     rng = np.random.default_rng(0)
     words = ["def", "return", "self", "    ", "\n", "x", "=", "(", ")", ":", "import", "numpy", "é", "λ"]
     recs = [{"text": "".join(rng.choice(words, size=int(rng.integers(5, 60))))} for _ in range(40)]

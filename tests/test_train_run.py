@@ -152,12 +152,12 @@ def test_in_process_resume_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def exported_draft(tmp_path_factory):
     """Train a tiny draft for 4 steps and export it (shared by the export tests)."""
-    from train import setup
+    from train import build
 
     tmp = tmp_path_factory.mktemp("export")
     cfg = load_config(TINY, tiny_overrides(tmp, **{"train.steps": 4, "checkpoint.export_dir": str(tmp / "draft")}))
     run_lib.train(cfg)
-    target, tcfg, _ = setup.build_target(cfg, setup.build_mesh(cfg))  # the same seeded random target
+    target, tcfg, _ = build.build_target(cfg, build.build_mesh(cfg))  # the same seeded random target
     return str(tmp / "draft"), target, tcfg
 
 

@@ -26,6 +26,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from longspec_jax.attention import TRAIN_ATTENTION
+from longspec_jax.layers import REMAT_POLICIES
+
 
 class TrainConfigError(ValueError):
     """A training configuration we cannot run; the message names the key and the fix."""
@@ -151,12 +154,14 @@ class TrainSection:
     steps: optimizer steps; 0 = one epoch of the data.
     min_lag / max_lag: flash noisy training lag j range (spec 1.3: 1..4); one j per step.
     loss_chunk: sequence chunk for the LM-head cross-entropy (full [T, V] logits never materialise).
-    remat: activation checkpointing policy for the trained model: "none", "full", "dots"
-      (save matmul outputs) or "dots_no_batch".
-    attention: "model" (the models' own forward_train: dense [T, T] attention on the xla path) or
-      "chunked" (train/chunked.py: query blocks of attention_chunk rows, memory O(chunk x T); use it
-      for 32k sequences) or "flash" (jax.nn.dot_product_attention: cuDNN flash attention on NVIDIA
-      GPUs with bf16/f16 compute, XLA elsewhere; the fastest choice on GPUs).
+    remat: activation checkpointing of the trained model (per decoder layer of an LM, the whole draft
+      block): "none", "full" (keep only each layer's inputs), "dots" (keep matmul outputs) or
+      "dots_no_batch".
+    attention: the attention core of both training forwards (`longspec_jax.attention.train_attention`):
+      "dense" (masked [T, T] float32 scores), "chunked" (query blocks of attention_chunk rows, memory
+      O(chunk x T); use it for 32k sequences) or "flash" (jax.nn.dot_product_attention: cuDNN flash
+      attention on NVIDIA GPUs with bf16/f16 compute, XLA elsewhere; the fastest choice on GPUs).
+    attention_chunk: query rows per block of "chunked" (and of "flash"'s float32 fallback on a GPU).
     log_target_loss: also compute the frozen target's CE on the same tokens (logged only, as the
       original's "train/large_loss"; costs one more LM-head pass) and the draft's top-1 agreement
       with the target ("agree").
@@ -178,7 +183,7 @@ class TrainSection:
     max_lag: int = 4
     loss_chunk: int = 512
     remat: str = "none"
-    attention: str = "model"
+    attention: str = "dense"
     attention_chunk: int = 1024
     log_target_loss: bool = True
     distill: float = 0.0
@@ -259,8 +264,8 @@ _CHOICES = {
     "data.template": ("raw", "long", "chat"),
     "data.chat_format": ("qwen", "llama_pseudo", "custom"),
     "train.objective": ("draft", "lm"),
-    "train.remat": ("none", "full", "dots", "dots_no_batch"),
-    "train.attention": ("model", "chunked", "flash"),
+    "train.remat": tuple(REMAT_POLICIES),
+    "train.attention": TRAIN_ATTENTION,
     "model.target_dtype": ("bfloat16", "float16", "float32"),
     "model.compute_dtype": ("bfloat16", "float16", "float32"),
 }

@@ -16,8 +16,8 @@ Loss-mask convention (train/loss.py): `loss_mask[t] = 1` iff token t is a predic
 Padding and chat prompts are 0. Unlike the released collator (which masks every id equal to the pad
 id, hence also EOS for Qwen), EOS stays a target: the draft must learn to propose it.
 
-Tokenizers: transformers.AutoTokenizer from the target checkpoint directory, or `ByteTokenizer`
-(UTF-8 bytes) for the tiny random target used on CPU.
+Tokenizers: transformers.AutoTokenizer from the target checkpoint directory, or the byte tokenizer of
+`longspec_jax.init` for the tiny random target used on CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,83 +41,17 @@ class DataError(ValueError):
 # Tokenizers
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (ids 0 and 1 are reserved for BOS/PAD and EOS, bytes 0/1 map to 2).
-
-    Matches `configs.tiny_config()` (vocab 256, bos/pad 0, eos 1) so CPU runs need no files.
-    """
-
-    vocab_size = 256
-    eos_token_id = 1
-    bos_token_id = None
-    pad_token_id = 0
-
-    def __len__(self):
-        return self.vocab_size
-
-    def encode(self, text: str) -> list[int]:
-        return [b if b > 1 else 2 for b in text.encode("utf-8")]
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def fingerprint(self) -> str:
-        return "bytes-v1"
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if 1 < i < 256).decode("utf-8", errors="replace")
-
-    def to_hf(self):
-        """An equivalent `transformers.PreTrainedTokenizerFast` (saved next to an exported LM so the
-        inference loader, which requires tokenizer files, can read it). Id i >= 2 is byte i; 0 and 1
-        are "<s>" (bos / pad) and "</s>" (eos); the control bytes 0 and 1 are not representable."""
-        import transformers
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-        symbols = {b: s for b, s in zip(range(256), _byte_symbols())}
-        vocab = {"<s>": 0, "</s>": 1, **{symbols[b]: b for b in range(2, 256)}}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.decoder = decoders.ByteLevel()
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                    pad_token="<s>")
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte value (the ByteLevel pre-tokenizer's alphabet), in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
-
-
 class HFTokenizer:
-    """Thin wrapper over transformers.AutoTokenizer: encode without implicit special tokens."""
+    """A transformers tokenizer as the pipeline uses it: encode without implicit special tokens (the
+    templates add BOS / EOS themselves, `data.add_bos` / `data.add_eos`)."""
 
-    def __init__(self, path: str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as e:  # pragma: no cover - transformers is a dependency
-            raise DataError("transformers is needed to read the target's tokenizer; pip install transformers") from e
-        if not os.path.isdir(path):
-            raise DataError(f"tokenizer directory {path!r} does not exist; set model.tokenizer to the "
-                            "target checkpoint directory (it must hold tokenizer.json or tokenizer.model)")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-        except Exception as e:  # transformers raises many kinds here
-            raise DataError(f"could not load a tokenizer from {path!r}: {e}. The target checkpoint directory "
-                            "must hold the tokenizer files (tokenizer.json / tokenizer_config.json).") from e
-        self.eos_token_id = self.tok.eos_token_id
-        self.bos_token_id = self.tok.bos_token_id
-        self.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_token_id
+    def __init__(self, tok, where: str):
+        self.tok = tok
+        self.eos_token_id = tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
         if self.eos_token_id is None:
-            raise DataError(f"the tokenizer in {path!r} has no eos_token; set it in tokenizer_config.json")
+            raise DataError(f"the tokenizer {where} has no eos_token; set it in tokenizer_config.json")
 
     def __len__(self):
         return len(self.tok)
@@ -138,24 +72,25 @@ class HFTokenizer:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def hf_tokenizer(tok):
-    """The transformers tokenizer to save beside an exported model (None if there is none)."""
-    if isinstance(tok, HFTokenizer):
-        return tok.tok
-    if isinstance(tok, ByteTokenizer):
-        return tok.to_hf()
-    return None
+def load_tokenizer(spec: str, target_path: str | None) -> HFTokenizer:
+    """`spec`: "auto" (the target directory's tokenizer; bytes for a tiny / preset / config-file
+    target), "bytes" (`longspec_jax.init.byte_tokenizer`, the ids of `tiny_config()`), or a directory."""
+    if spec == "bytes" or (spec == "auto" and not (target_path and os.path.isdir(target_path))):
+        from longspec_jax import init
 
+        return HFTokenizer(init.byte_tokenizer(), "bytes")
+    path = target_path if spec == "auto" else spec
+    if not os.path.isdir(path):
+        raise DataError(f"tokenizer directory {path!r} does not exist; set model.tokenizer to the "
+                        "target checkpoint directory (it must hold tokenizer.json or tokenizer.model)")
+    from transformers import AutoTokenizer
 
-def load_tokenizer(spec: str, target_path: str | None):
-    """`spec`: "auto" (the target directory's tokenizer, bytes for a tiny/preset target), "bytes", or a dir."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    if spec == "auto":
-        if target_path and os.path.isdir(target_path):
-            return HFTokenizer(target_path)
-        return ByteTokenizer()
-    return HFTokenizer(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds here
+        raise DataError(f"could not load a tokenizer from {path!r}: {e}. The target checkpoint directory "
+                        "must hold the tokenizer files (tokenizer.json / tokenizer_config.json).") from e
+    return HFTokenizer(tok, f"in {path!r}")
 
 
 def check_tokenizer(tokenizer, vocab_size: int) -> None:

@@ -24,13 +24,6 @@ import jax
 import jax.numpy as jnp
 
 
-def head_weight(target) -> jax.Array:
-    """The target's output projection as [D, V] (untied LM head, or the transposed tied embedding)."""
-    if target.cfg.tie_word_embeddings:
-        return target.embedder.embedding[...].T
-    return target.lm_head.kernel[...]
-
-
 def _sequence_chunks(hiddens, tokens, loss_mask, chunk: int):
     """Shift for next-token prediction and cut along T into a scan's [n_chunks, B, chunk, ...] inputs.
 

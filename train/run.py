@@ -27,7 +27,7 @@ from flax import nnx
 
 from train import config as config_lib
 from train import data as data_lib
-from train import setup
+from train import build
 from train import step as step_lib
 from train.checkpoint import CheckpointError, Checkpointer
 from train.metrics import MetricsWriter
@@ -64,7 +64,7 @@ def export(cfg, trained_graphdef, params, tcfg, tokenizer):
     else:
         from longspec_jax import weights
 
-        weights.save_target(model, tcfg, out, data_lib.hf_tokenizer(tokenizer))
+        weights.save_target(model, tcfg, out, tokenizer.tok)
     return out
 
 
@@ -80,25 +80,25 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     to fit the budget and treat the limit as a safety net.
     """
     t_start = time.perf_counter()
-    setup.maybe_initialize_distributed(cfg.mesh.distributed)
-    mesh = setup.build_mesh(cfg)
+    build.initialize_distributed(cfg.mesh.distributed)
+    mesh = build.build_mesh(cfg)
     t, lead = cfg.train, jax.process_index() == 0
     per_device_axes = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % per_device_axes:
         raise config_lib.TrainConfigError(
             f"train.batch_size={t.batch_size} must be a multiple of mesh data x fsdp = {per_device_axes}")
 
-    target, tcfg, target_path = setup.build_target(cfg, mesh)
+    target, tcfg, target_path = build.build_target(cfg, mesh)
     tok, loader = build_data(cfg, tcfg, target_path if cfg.model.tokenizer == "auto" else cfg.model.tokenizer)
     if t.objective == "draft":
-        trained = setup.build_draft(cfg, tcfg, mesh)
+        trained = build.build_draft(cfg, tcfg, mesh)
         frozen_graphdef, frozen = nnx.split(target)
     else:
         trained, frozen_graphdef, frozen = target, None, None
     trained_graphdef, params = nnx.split(trained)
     total = t.steps or loader.steps_per_epoch
     tx = step_lib.make_optimizer(cfg, total)
-    state = setup.place_replicated(step_lib.init_state(params, tx, t.seed), mesh)
+    state = build.place_replicated(step_lib.init_state(params, tx, t.seed), mesh)
 
     ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save) if cfg.checkpoint.dir else None
@@ -120,9 +120,9 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     elif resume:
         raise config_lib.TrainConfigError("--resume needs checkpoint.dir")
 
-    state_sh = setup.shardings_of(state)
-    frozen_sh = setup.shardings_of(frozen) if frozen is not None else None
-    batch_sh = setup.batch_sharding(mesh)
+    state_sh = build.shardings_of(state)
+    frozen_sh = build.shardings_of(frozen) if frozen is not None else None
+    batch_sh = build.batch_sharding(mesh)
     step_fn = step_lib.jit_train_step(
         step_lib.make_train_step(cfg, trained_graphdef, frozen_graphdef, tx,
                                  max_position_embeddings=tcfg.max_position_embeddings),
@@ -161,7 +161,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
             else:
                 tps = tokens_since / max(now - t_since, 1e-9)
                 tokens_since, t_since = 0.0, now
-            last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": step_lib.learning_rate(cfg, total, s),
+            last = {"step": s + 1, **m, "lag": int(m["lag"]), "lr": float(step_lib.schedule(cfg, total)(s)),
                     "tokens_per_s": tps, "epoch": loader.epoch, "compile_s": compile_s}
             if out_of_time:
                 last["stopped_early"] = True

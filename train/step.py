@@ -8,6 +8,8 @@ Draft objective (spec 5.1): per micro-batch,
     (train.distill = a > 0: loss = (1 - a) CE + a T^2 KL(target || draft) at temperature T, the
     target's logits computed chunk by chunk from its last hidden states; not in the spec's recipe)
 LM objective: the target itself is trained, `h = target.forward_train(tokens, pos)[0]`.
+Both forwards take the attention core (`train.attention`: dense, chunked or flash) and the draft's
+or the LM's activation checkpointing (`train.remat`) as arguments; see `longspec_jax.attention`.
 
 Gradient accumulation is an explicit `lax.scan` over the A micro-batches of a step; gradients of
 the per-token loss *sums* are accumulated and divided once by the global token count, so the
@@ -28,7 +30,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train import chunked
 from train import loss as loss_lib
 from train import positions as pos_lib
 from train.config import TrainConfig
@@ -50,71 +51,29 @@ class TrainState:
     rng: jax.Array
 
 
+def schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at `total_steps` (spec 5.3)."""
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+                                              decay_steps=max(total_steps, warmup + 1),
+                                              end_value=o.lr * o.min_lr_ratio)
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (b1, b2, eps, wd) with linear warmup + cosine decay and global-norm clipping (spec 5.3).
+    """AdamW (b1, b2, eps, wd) on `schedule` with global-norm clipping (spec 5.3).
 
     Weight decay applies to matrices only (ndim >= 2): decaying RMSNorm scales and biases towards
     zero is the usual thing to avoid.
     """
     o = cfg.optim
-    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total_steps)
-    warmup = min(warmup, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=o.lr * o.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+        optax.adamw(schedule(cfg, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask),
     )
-
-
-def learning_rate(cfg: TrainConfig, total_steps: int, step: int) -> float:
-    """The schedule's value at `step` (for logging; same formula as `make_optimizer`)."""
-    o = cfg.optim
-    warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_ratio * total_steps)
-    warmup = min(warmup, max(total_steps - 1, 0))
-    return float(optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, warmup + 1),
-                                                    o.lr * o.min_lr_ratio)(step))
-
-
-_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-def _remat(fn, policy: str):
-    if policy == "none":
-        return fn
-    return jax.checkpoint(fn, policy=_POLICIES[policy])
-
-
-def lm_forward(graphdef, params, tokens, positions, remat: str, attention: str = "model",
-               attention_chunk: int = 1024):
-    """Target forward for the LM objective with per-layer activation checkpointing.
-
-    Mirrors `Transformer.forward_train` but wraps each decoder layer in `jax.checkpoint`, which is
-    where remat pays for a multi-layer model (activations of one layer live at a time).
-    """
-    model = nnx.merge(graphdef, params)
-    if attention in ("chunked", "flash"):
-        # Query-chunked attention is checkpointed block by block already; flash attention keeps no
-        # [T, T] scores either.
-        return chunked.target_forward_train(model, tokens, positions, chunk=attention_chunk, impl=attention)[0]
-    if remat == "none":
-        return model.forward_train(tokens, positions)[0]
-    cos, sin = model.rope(positions)
-    h = model.embed(tokens)
-    for layer in model.layers:
-        lg, ls = nnx.split(layer)
-
-        def run(ls, h, lg=lg):
-            return nnx.merge(lg, ls).forward_train(h, cos, sin)[0]
-
-        h = _remat(run, remat)(ls, h)
-    return model.final_norm(h)
 
 
 def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: optax.GradientTransformation, *,
@@ -136,7 +95,6 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
     objective = t.objective
     T = cfg.data.seq_len
     max_off = pos_lib.max_offset_for(T, max_position_embeddings, p.max_offset)
-    remat = t.remat
     # The target's logits are needed for distillation and for the logged target loss / agreement.
     with_target_logits = objective == "draft" and (t.distill > 0 or t.log_target_loss)
 
@@ -146,25 +104,15 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
             switch_off_len=p.switch_off_len, enabled=p.enabled)
 
     def draft_loss(params, frozen, tokens, mask, positions, lag):
-        target = nnx.merge(frozen_graphdef, frozen)
         # The frozen target: no gradient flows into it (it is not an argument of the grad).
-        if t.attention in ("chunked", "flash"):
-            tgt_h, (k_last, v_last) = chunked.target_forward_train(target, tokens, positions,
-                                                                   chunk=t.attention_chunk, impl=t.attention)
-        else:
-            tgt_h, (k_last, v_last) = target.forward_train(tokens, positions)
+        target = nnx.merge(frozen_graphdef, frozen)
+        tgt_h, (k_last, v_last) = target.forward_train(tokens, positions, attention=t.attention,
+                                                       chunk=t.attention_chunk)
         k_last, v_last, tgt_h = jax.lax.stop_gradient((k_last, v_last, tgt_h))
-        head = jax.lax.stop_gradient(loss_lib.head_weight(target))
-
-        def draft_hidden(params, tokens, positions, k_last, v_last, lag):
-            draft = nnx.merge(trained_graphdef, params)
-            if t.attention in ("chunked", "flash"):
-                return chunked.draft_forward_train(draft, tokens, positions, k_last, v_last, lag,
-                                                   embed=target.embed, chunk=t.attention_chunk,
-                                                   impl=t.attention)
-            return draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed)
-
-        h = _remat(draft_hidden, remat)(params, tokens, positions, k_last, v_last, lag)
+        head = jax.lax.stop_gradient(target.head_weight())
+        draft = nnx.merge(trained_graphdef, params)
+        h = draft.forward_train(tokens, positions, k_last, v_last, lag, embed=target.embed, attention=t.attention,
+                                chunk=t.attention_chunk, remat=t.remat)
         if with_target_logits:
             total, parts = loss_lib.chunked_draft_losses(h, tgt_h, head, tokens, mask, chunk=t.loss_chunk,
                                                          distill=t.distill, temperature=t.distill_temperature)
@@ -176,9 +124,9 @@ def make_train_step(cfg: TrainConfig, trained_graphdef, frozen_graphdef, tx: opt
 
     def lm_loss(params, frozen, tokens, mask, positions, lag):
         del frozen, lag
-        h = lm_forward(trained_graphdef, params, tokens, positions, remat, t.attention, t.attention_chunk)
-        head = loss_lib.head_weight(nnx.merge(trained_graphdef, params))
-        total, count = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
+        model = nnx.merge(trained_graphdef, params)
+        h, _ = model.forward_train(tokens, positions, attention=t.attention, chunk=t.attention_chunk, remat=t.remat)
+        total, count = loss_lib.chunked_cross_entropy(h, model.head_weight(), tokens, mask, chunk=t.loss_chunk)
         return total, (count, {})
 
     loss_fn = draft_loss if objective == "draft" else lm_loss
@@ -241,25 +189,3 @@ def init_state(params, tx, seed: int) -> TrainState:
     """Fresh TrainState: step 0, optimizer state over `params`, base key from `seed`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
-
-
-def evaluate_loss(cfg: TrainConfig, trained_graphdef, frozen_graphdef, state: TrainState, frozen, batch,
-                  *, max_position_embeddings: int, lag: int = 1):
-    """Mean loss on a batch with vanilla positions and a fixed lag (tests / evaluation)."""
-    del max_position_embeddings
-    t = cfg.train
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if t.objective == "draft":
-        target = nnx.merge(frozen_graphdef, frozen)
-        _, (k, v) = target.forward_train(tokens, positions)
-        h = nnx.merge(trained_graphdef, state.params).forward_train(tokens, positions, k, v, lag, embed=target.embed)
-        head = loss_lib.head_weight(target)
-    else:
-        model = nnx.merge(trained_graphdef, state.params)
-        h = model.forward_train(tokens, positions)[0]
-        head = loss_lib.head_weight(model)
-    total, n = loss_lib.chunked_cross_entropy(h, head, tokens, mask, chunk=t.loss_chunk)
-    return total / jnp.maximum(n, 1.0)
-

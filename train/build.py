@@ -1,51 +1,68 @@
-"""Building blocks of a training run: multi-host init, the mesh, models placed on it, the tokenizer.
+"""Building blocks of a training run: multi-process start, the mesh, the models placed on it.
 
-Models are initialised *directly in their shardings* (`init_sharded`: the constructor runs under
-`jax.jit` with `out_shardings` from the logical-axis rules), so an 8B random target never exists
-unsharded on one device.
+Random models come from `longspec_jax.init`, which draws each parameter directly in its mesh
+sharding (logical-axis rules of `longspec_jax.sharding`), so an 8B random target never exists
+unsharded on one device, and every process of a multi-host run builds the same values.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from longspec_jax import configs, sharding
+from longspec_jax import configs, init, sharding
 from longspec_jax.draft import Draft
 from longspec_jax.transformer import Transformer
 from train.config import TrainConfig, TrainConfigError
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def maybe_initialize_distributed(flag: bool | str) -> bool:
-    """Call `jax.distributed.initialize()` for multi-process launches.
+def initialize_distributed(mode: bool | str) -> bool:
+    """Start JAX's multi-process runtime (`jax.distributed.initialize`) for a multi-host launch.
 
-    flag: True (always), False (never) or "auto": when the environment shows a multi-process launch
-    (SLURM / Open MPI with more than one task, a TPU pod, or JAX_COORDINATOR_ADDRESS set). Returns
-    whether it initialised. Must run before any other JAX call touches the devices.
+    mode: False (never), True (always) or "auto" (when a launch is found). Two kinds of launch:
+      - an explicit coordinator: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+        and JAX_PROCESS_ID set in every process (a plain multi-node launch);
+      - a cluster JAX detects itself (SLURM `srun`, Open MPI `mpirun`, TPU pods, ...): with nothing
+        set, "auto" asks `jax.distributed.initialize()` and runs single-process when it finds none.
+    Returns whether the runtime runs. It must start before any JAX call touches the devices: the CLI
+    calls this first; an in-process caller that already used JAX gets a single-process run in "auto".
     """
-    env = os.environ
-    detected = (
-        bool(env.get("JAX_COORDINATOR_ADDRESS"))
-        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    )
-    if flag is False or flag == "false" or (flag == "auto" and not detected):
+    if mode is False:
         return False
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        # Explicit launch: every process sets the same coordinator plus its own id.
-        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
+    if jax.distributed.is_initialized():
+        return True
+    env = {k: os.environ.get(k, "") for k in COORDINATOR_ENV}
+    if env["JAX_COORDINATOR_ADDRESS"]:
+        try:
+            count, index = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except ValueError:
+            raise TrainConfigError(
+                f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} is set, so JAX_NUM_PROCESSES (the "
+                "number of processes) and JAX_PROCESS_ID (this process, 0 .. count - 1) must be integers; got "
+                f"{env['JAX_NUM_PROCESSES']!r} and {env['JAX_PROCESS_ID']!r}") from None
+        if not 0 <= index < count:
+            raise TrainConfigError(f"JAX_PROCESS_ID={index} must be in 0 .. JAX_NUM_PROCESSES - 1 = {count - 1}")
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=count,
+                                   process_id=index)
+        return True
+    if mode == "auto":
+        try:
+            jax.distributed.initialize()
+        except ValueError:
+            # No cluster was detected, so there is no coordinator to join: a single-process run.
+            return False
+        except RuntimeError:
+            # JAX's backend already runs in this process (an in-process caller): too late to join.
+            return False
+        return True
+    jax.distributed.initialize()
     return True
 
 
@@ -74,16 +91,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def init_sharded(ctor: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nnx.Module:
-    """Run the module constructor under jit with its parameters created in their mesh shardings."""
-    abstract = nnx.eval_shape(ctor)
-    for _, var in sharding.iter_params(abstract):
-        var.set_value(sharding.variable_sharding(var, mesh, rules))
-    graphdef, shardings = nnx.split(abstract)
-    state = jax.jit(lambda: nnx.split(ctor())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
 
 
 def target_config(cfg: TrainConfig) -> tuple[configs.ModelConfig, str | None]:
@@ -124,9 +131,8 @@ def build_target(cfg: TrainConfig, mesh: Mesh) -> tuple[Transformer, configs.Mod
         model, tcfg, _ = weights.load_target(path, dtype=param_dtype, mesh=mesh, attention_impl=impl,
                                              with_tokenizer=False)
         return model, tcfg, path
-    seed = cfg.train.seed
-    model = init_sharded(lambda: Transformer(tcfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                                             attention_impl=impl), mesh)
+    model = init.random_target(tcfg, seed=cfg.train.seed, dtype=dtype, param_dtype=param_dtype,
+                               attention_impl=impl, mesh=mesh)
     return model, tcfg, None
 
 
@@ -139,14 +145,13 @@ def build_draft(cfg: TrainConfig, tcfg: configs.ModelConfig, mesh: Mesh) -> Draf
         from longspec_jax import draft_weights
 
         # float32 master weights computing in model.compute_dtype, like a fresh draft (computing in
-        # float32 would send train.attention=flash to a dense [T, T] fallback). The HF-format config
-        # does not record the window, so it comes from model.window.
+        # float32 would send train.attention=flash to its query-chunked fallback on a GPU). The
+        # HF-format config does not record the window, so it comes from model.window.
         draft = draft_weights.load_draft(cfg.model.draft_init, tcfg, dtype=dtype, param_dtype=jnp.float32,
                                          attention_impl=cfg.model.attention_impl, window=cfg.model.window)
         return sharding.shard_model(draft, mesh)
-    seed = cfg.train.seed + 1
-    return init_sharded(lambda: Draft(dcfg, tcfg.rope, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=jnp.float32,
-                                      attention_impl=cfg.model.attention_impl), mesh)
+    return init.random_draft(dcfg, tcfg.rope, seed=cfg.train.seed + 1, dtype=dtype, param_dtype=jnp.float32,
+                             attention_impl=cfg.model.attention_impl, mesh=mesh)
 
 
 def shardings_of(tree):
