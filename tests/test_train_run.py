@@ -1,5 +1,6 @@
-"""End to end: `python -m train.run` CLI errors, orbax atomicity, SIGKILL + --resume equals an
-uninterrupted run, and a trained-then-exported draft / LM loads in the inference loaders."""
+"""End to end: `python -m train.run` CLI errors, refusals of bad steps and resumes (nothing written),
+orbax atomicity, SIGKILL + --resume equals an uninterrupted run with a log that holds each step once,
+and a trained-then-exported draft / LM loads in the inference loaders."""
 
 import json
 import os
@@ -68,7 +69,7 @@ def test_partially_written_checkpoint_is_ignored(tmp_path):
 
 
 def _metrics(path):
-    """step -> record (the last line per step wins: a resumed run re-logs steps after its checkpoint)."""
+    """step -> record (the last line per step)."""
     out = {}
     with open(path) as f:
         for line in f:
@@ -124,6 +125,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         assert "no finalized checkpoint" in resumed.stderr, resumed.stderr[-3000:]
         start = 0
     assert start in (0, 4, 8)
+    assert [r["step"] for r in _metrics_lines(log)] == list(range(1, 13)), "each step logged once, in order"
     got = _metrics(log)
     for s in range(start + 1, 13):
         assert got[s]["lag"] == want[s]["lag"]
@@ -237,3 +239,74 @@ def test_lm_from_a_bare_config_json_and_its_refusal_for_the_draft_objective(tmp_
     draft_over = tiny_overrides(tmp_path, **{"model.target": str(cfg_path), "train.steps": 1})
     assert run_lib.main(["--config", TINY] + draft_over) == 2
     assert "config file without weights" in capsys.readouterr().err
+
+
+def _tree(path):
+    """{relative file path: (size, mtime_ns)} under `path`: to show that a refused run wrote nothing."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            st = os.stat(os.path.join(root, n))
+            out[os.path.relpath(os.path.join(root, n), path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("steps", [-5, -1])
+def test_negative_steps_are_refused_before_anything_is_written(tmp_path, capsys, steps):
+    over = tiny_overrides(tmp_path, **{"train.steps": steps, "checkpoint.dir": str(tmp_path / "ck"),
+                                       "log.metrics": str(tmp_path / "m.jsonl"),
+                                       "checkpoint.export_dir": str(tmp_path / "out")})
+    assert run_lib.main(["--config", TINY] + over) == 2
+    err = capsys.readouterr().err
+    assert f"train.steps={steps} is negative" in err and ">= 1" in err and "0 for one epoch" in err
+    assert sorted(os.listdir(tmp_path)) == []  # no checkpoint directory, metrics file or export
+
+
+def test_resume_refusals_and_the_metrics_log_after_a_resume(tmp_path, capsys):
+    """--resume into a missing directory, or with a changed model.window, is refused naming the
+    problem and leaves the checkpoint and the log untouched; an allowed resume (a longer run) drops
+    the log records after the restored step, so every step appears once, and continues exactly."""
+    over = tiny_overrides(tmp_path, **{"optim.warmup_steps": 0, "optim.min_lr_ratio": 1.0, "train.steps": 4,
+                                       "checkpoint.every": 2, "checkpoint.async_save": "false",
+                                       "checkpoint.dir": str(tmp_path / "ck"),
+                                       "log.metrics": str(tmp_path / "m.jsonl")})
+    run_lib.train(load_config(TINY, over), stop_after=3)  # steps 1-3, checkpoints at 2 and 3
+    # A kill after step 3 but before its checkpoint was finalized: the run resumes from step 2 and
+    # the log holds step 3 (and a line the kill cut short) that the resumed run repeats.
+    shutil.rmtree(tmp_path / "ck" / "3")
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.')
+    first = _metrics_lines(tmp_path / "m.jsonl")
+    assert [r["step"] for r in first] == [1, 2, 3]
+    before = _tree(tmp_path)
+
+    assert run_lib.main(["--config", TINY, "--resume"] + over[:-2] + [f"checkpoint.dir={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: checkpoint.dir=" in err and "does not exist" in err and "drop --resume" in err
+    assert not (tmp_path / "nope").exists()
+
+    assert run_lib.main(["--config", TINY, "--resume"] + over + ["model.window=4", "optim.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "the config differs from the one" in err and f"{tmp_path / 'ck'}/2" in err
+    assert "model.window: 8 in the checkpoint, 4 now" in err and "optim.lr: 0.003 in the checkpoint, 0.001 now" in err
+    assert "train.steps" in err.split("Keys that may change on resume:")[1]
+    assert _tree(tmp_path) == before  # nothing written: checkpoints and log as they were
+
+    over_longer = [o for o in over if not o.startswith("train.steps=")] + ["train.steps=5", "log.every=2"]
+    assert run_lib.main(["--config", TINY, "--resume"] + over_longer) == 0
+    assert "resumed from" in capsys.readouterr().err
+    log = _metrics_lines(tmp_path / "m.jsonl")
+    # Each step once: 3 (the invocation's first step, logged for its compile time), 4 (log.every=2), 5 (the last).
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(log[2]["loss"], first[2]["loss"], rtol=0, atol=RESUME_TOL)
+
+
+def _metrics_lines(path):
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out

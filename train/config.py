@@ -151,7 +151,7 @@ class TrainSection:
     objective: "draft" (LongSpec draft on a frozen target) or "lm" (train the target itself from scratch).
     batch_size: global micro-batch (sequences per micro-step over all devices).
     grad_accum: micro-batches per optimizer step (explicit scan; global batch = batch_size * grad_accum).
-    steps: optimizer steps; 0 = one epoch of the data.
+    steps: optimizer steps (>= 0); 0 = one epoch of the data.
     min_lag / max_lag: flash noisy training lag j range (spec 1.3: 1..4); one j per step.
     loss_chunk: sequence chunk for the LM-head cross-entropy (full [T, V] logits never materialise).
     remat: activation checkpointing of the trained model (per decoder layer of an LM, the whole draft
@@ -412,6 +412,13 @@ def validate(cfg: TrainConfig) -> None:
     t, d, p, o = cfg.train, cfg.data, cfg.positions, cfg.optim
     if t.batch_size < 1 or t.grad_accum < 1:
         raise TrainConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if t.steps < 0:
+        raise TrainConfigError(f"train.steps={t.steps} is negative; it must be >= 1 (optimizer steps), or 0 for one "
+                               "epoch of the data")
+    if t.attention_chunk < 1:
+        raise TrainConfigError(f"train.attention_chunk must be >= 1, got {t.attention_chunk}")
+    if cfg.log.every < 1:
+        raise TrainConfigError(f"log.every must be >= 1 (log every N steps), got {cfg.log.every}")
     if not 1 <= t.min_lag <= t.max_lag:
         raise TrainConfigError(f"need 1 <= train.min_lag <= train.max_lag, got {t.min_lag}, {t.max_lag}")
     if d.seq_len < 2:
@@ -442,3 +449,4 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise TrainConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+

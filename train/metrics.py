@@ -1,6 +1,8 @@
 """Training metrics sinks: a JSONL file (one object per logged step) and optional TensorBoard.
 
-Only process 0 writes. Lines are flushed at once so a killed run keeps everything it logged.
+Only process 0 writes. Lines are flushed at once so a killed run keeps everything it logged. A run
+resumed from step s first drops the records after s (and a line cut short by the kill) from the file,
+so the log reads as one uninterrupted run: each step once, in order.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import jax
 
 
 class MetricsWriter:
-    """Append metrics dicts to `path` (JSONL) and, if `tensorboard` is set and available, to TensorBoard."""
+    """Append metrics dicts to `path` (JSONL) and, if `tensorboard` is set and available, to TensorBoard.
 
-    def __init__(self, path: str = "", tensorboard: str = ""):
+    resumed_at: the step a resumed run restarts from; the JSONL records after it are dropped first.
+    """
+
+    def __init__(self, path: str = "", tensorboard: str = "", *, resumed_at: int | None = None):
         self.enabled = jax.process_index() == 0
         self.file = None
         self.tb = None
@@ -23,6 +28,8 @@ class MetricsWriter:
             return
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resumed_at is not None and os.path.exists(path):
+                _truncate(path, resumed_at)
             self.file = open(path, "a", buffering=1)
         if tensorboard:
             try:
@@ -54,3 +61,20 @@ class MetricsWriter:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate(path: str, step: int) -> None:
+    """Keep the records of steps <= `step` (rewritten to a temporary file, then renamed into place)."""
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run may be cut short
+            if record.get("step", 0) <= step:
+                keep.append(json.dumps(record) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

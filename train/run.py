@@ -29,6 +29,7 @@ from train import config as config_lib
 from train import data as data_lib
 from train import build
 from train import step as step_lib
+from train import checkpoint as checkpoint_lib
 from train.checkpoint import CheckpointError, Checkpointer
 from train.metrics import MetricsWriter
 
@@ -81,6 +82,8 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     """
     t_start = time.perf_counter()
     build.initialize_distributed(cfg.mesh.distributed)
+    # Every refusal about checkpoint.dir comes before anything is built or written.
+    resume_from = checkpoint_lib.resume_step(cfg, resume)
     mesh = build.build_mesh(cfg)
     t, lead = cfg.train, jax.process_index() == 0
     per_device_axes = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -102,23 +105,12 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
 
     ckpt = Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save) if cfg.checkpoint.dir else None
-    if ckpt is not None:
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            raise config_lib.TrainConfigError(
-                f"checkpoint.dir={cfg.checkpoint.dir} already holds step {latest}; pass --resume to continue "
-                "it, or choose a new checkpoint.dir")
-        if latest is not None:
-            state, meta = ckpt.restore(latest, state)
-            loader.restore(meta["data"])
-            if lead:
-                print(f"resumed from {cfg.checkpoint.dir}/{latest} (data epoch {meta['data']['epoch']}, "
-                      f"row {meta['data']['index']})", file=sys.stderr)
-        elif resume and lead:
-            print(f"--resume: no finalized checkpoint in {cfg.checkpoint.dir}; starting from step 0",
-                  file=sys.stderr)
-    elif resume:
-        raise config_lib.TrainConfigError("--resume needs checkpoint.dir")
+    if resume_from is not None:
+        state, meta = ckpt.restore(resume_from, state)
+        loader.restore(meta["data"])
+        if lead:
+            print(f"resumed from {cfg.checkpoint.dir}/{resume_from} (data epoch {meta['data']['epoch']}, "
+                  f"row {meta['data']['index']})", file=sys.stderr)
 
     state_sh = build.shardings_of(state)
     frozen_sh = build.shardings_of(frozen) if frozen is not None else None
@@ -128,8 +120,8 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
                                  max_position_embeddings=tcfg.max_position_embeddings),
         state_sh, frozen_sh, {"tokens": batch_sh, "loss_mask": batch_sh})
 
-    writer = MetricsWriter(cfg.log.metrics, cfg.log.tensorboard)
     start = int(state.step)
+    writer = MetricsWriter(cfg.log.metrics, cfg.log.tensorboard, resumed_at=start if resume else None)
     bar = None
     if cfg.log.progress and lead:
         from tqdm import tqdm
