@@ -5,7 +5,7 @@ cache capacity S in {4k, 32k, 128k} holding len = S - 200 tokens, tree sizes T i
 (random trees), it times per layer:
   prefix   the Pallas prefix kernel alone (pallas_kernels.prefix_decode), several tuning variants
   tree     the Pallas tree kernel alone
-  hybrid   prefix + tree + LSE merge (api.hybrid_attention, implementation="pallas")
+  hybrid   prefix + tree + LSE merge (pallas_kernels.hybrid_attention, implementation="pallas")
   xla      the same composition with the float32 XLA references under jit
   dense    one masked attention over [prefix ; tree] (reference.dense_attention_ref): the "HF" baseline
   gqa      for T = 1, JAX's bundled (deprecated, Triton) decode_attention.gqa, if importable
@@ -23,6 +23,7 @@ Usage: python bench/bench_kernels.py --out DIR [--quick]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels import api, prefix_decode, tree_attn  # noqa: E402
+from pallas_kernels import hybrid_attention, prefix_decode, tree_attn, tuning  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 
 U = 8  # invocations per jitted call
@@ -133,7 +134,7 @@ def bench_point(model, N, K, H, S, T, bw, peak, quick, results):
 
     # correctness first (GPU vs float32 reference)
     r_out, r_lse = ref.dense_attention_ref(q, kc0, vc0, lengths, kn, vn, mask)
-    h_out, h_lse = jax.jit(lambda *a: api.hybrid_attention(*a, implementation="pallas"))(q, kc0, vc0, lengths, kn, vn, mask)
+    h_out, h_lse = jax.jit(lambda *a: hybrid_attention(*a, implementation="pallas"))(q, kc0, vc0, lengths, kn, vn, mask)
     p_out, p_lse = jax.jit(prefix_decode.prefix_attention)(q, kc0, vc0, lengths)
     rp_out, rp_lse = ref.prefix_attention_ref(q, kc0, vc0, lengths)
     fin = bool(np.isfinite(np.asarray(h_out, np.float32)).all() and np.isfinite(np.asarray(h_lse)).all())
@@ -155,20 +156,21 @@ def bench_point(model, N, K, H, S, T, bw, peak, quick, results):
             log(f"  {name} failed: {impls[name]['error']}")
 
     G = N // K
-    d = prefix_decode.default_config(T, G, K, B, S, H)
-    add("prefix", lambda q, kc, vc, l, kn, vn, m: prefix_decode.prefix_attention(q, kc, vc, l), config=list(d))
+    d = tuning.default_config(T, G, K, B, S, H)
+    add("prefix", lambda q, kc, vc, l, kn, vn, m: prefix_decode.prefix_attention(q, kc, vc, l),
+        config=dataclasses.asdict(d))
     if not quick:
         variants = []
         if T * G > 64:
-            variants += [dict(num_wg=2, block_kv=64, stages=3), dict(num_splits=min(64, d[3] * 2))]
+            variants += [dict(num_wg=2, block_kv=64, stages=3), dict(num_splits=min(64, d.num_splits * 2))]
         else:
-            variants += [dict(block_kv=64, stages=4), dict(num_splits=min(64, d[3] * 2))]
+            variants += [dict(block_kv=64, stages=4), dict(num_splits=min(64, d.num_splits * 2))]
         for kw in variants:
             name = "prefix_" + "_".join(f"{k}{v}" for k, v in kw.items())
             add(name, lambda q, kc, vc, l, kn, vn, m, kw=kw: prefix_decode.prefix_attention(q, kc, vc, l, **kw), config=kw)
     add("tree", lambda q, kc, vc, l, kn, vn, m: tree_attn.tree_attention(q, kn, vn, m))
-    add("hybrid", lambda *a: api.hybrid_attention(*a, implementation="pallas"))
-    add("xla", lambda *a: api.hybrid_attention(*a, implementation="xla"))
+    add("hybrid", lambda *a: hybrid_attention(*a, implementation="pallas"))
+    add("xla", lambda *a: hybrid_attention(*a, implementation="xla"))
     add("dense", lambda *a: ref.dense_attention_ref(*a))
     if T == 1:
         try:

@@ -13,6 +13,7 @@ the device time per call into the kernel and everything else, with the device-op
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import bench_kernels, tune_prefix  # noqa: E402
 from bench.bench_e2e import summarize_trace  # noqa: E402
-from pallas_kernels import prefix_decode  # noqa: E402
+from pallas_kernels import prefix_decode, tuning  # noqa: E402
 
 U = bench_kernels.U
 
@@ -50,7 +51,7 @@ def profile_point(G, K, H, S, T, interpret, reps, bw, peak):
 
     jax.block_until_ready(run(qs, caches, lengths))
     row = {"T": T, "S": S, "G": G, "K": K, "H": H, "length": length, "floor_us": floor * 1e6,
-           "config": list(prefix_decode.default_config(T, G, K, B, S, H))}
+           "config": dataclasses.asdict(tuning.default_config(T, G, K, B, S, H))}
     if not interpret:
         row["wall_us_per_call"] = bench_kernels.timeit(run, (qs, caches, lengths), reps=reps)[0] / calls * 1e6
     with tempfile.TemporaryDirectory() as pdir:
@@ -105,7 +106,7 @@ def main(argv=None):
     print(f"wrote {path}")
     print("     S    T  config                          wall_us  device_us  kernel_us  glue_us  ops  floor_us  kernel/floor")
     for r in rows:
-        print(f"{r['S']:6d} {r['T']:4d}  {str(r['config']):30s} {r.get('wall_us_per_call', float('nan')):8.1f} "
+        print(f"{r['S']:6d} {r['T']:4d}  {tune_prefix.short(r['config']):30s} {r.get('wall_us_per_call', float('nan')):8.1f} "
               f"{r.get('device_us_per_call', float('nan')):10.1f} {r.get('kernel_us_per_call', float('nan')):10.1f} "
               f"{r.get('glue_us_per_call', float('nan')):8.1f} {r.get('device_ops_per_call', float('nan')):4.0f} "
               f"{r['floor_us']:9.1f} {r.get('kernel_vs_floor', float('nan')):12.2f}")

@@ -2,14 +2,15 @@
 
 For each attention shape (G query heads per KV head, K KV heads, head dim H, batch 1), query count
 T (the AR step, the draft levels and the verification trees) and cache capacity S (holding S - 200
-tokens), every valid knob set (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share,
-overlap) of `prefix_decode.prefix_attention` is checked against the float32 reference and timed (U invocations per jitted call, cycling over enough
-caches to exceed L2; median of repeats). The fastest valid config per shape goes to
+tokens), every valid knob set (`tuning.PrefixConfig`: num_wg, block_kv, stages, num_splits,
+pingpong, overlap) of `prefix_decode.prefix_attention` is checked against the float32 reference and
+timed (U invocations per jitted call, cycling over enough caches to exceed L2; median of repeats).
+The fastest valid config per shape goes to
 
     pallas_kernels/tuning/prefix_<device kind>.json   (with --install; else only bench/results)
 
-which `prefix_decode.default_config` reads (merged: the swept shapes replace their entries, the
-table's other shapes stay). The JSON also keeps every variant's time, the
+which `tuning.default_config` reads (merged by `tuning.install_entries`: the swept shapes replace
+their entries, the table's other shapes stay). The JSON also keeps every variant's time, the
 heuristic's time and the max(bytes / bandwidth, flops / matmul peak) floor, with bandwidth and
 peak measured in the same run.
 
@@ -22,6 +23,7 @@ peak measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import bench_kernels  # noqa: E402
 from pallas_kernels import prefix_decode, tuning  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
+from pallas_kernels._wgmma import ROWS_PER_WG  # noqa: E402
 
 U = bench_kernels.U  # invocations per jitted call
 SM_COUNT = 132  # H100 SXM / H200; only used to propose split counts (waves of CTAs)
@@ -52,72 +55,46 @@ def measure_ceilings(interpret):
     return (float("nan"), float("nan")) if interpret else bench_kernels.measure_ceilings()
 
 
-def lone_variants(T, G, K, B, S, H):
-    """Knob sets for the last row tile when it holds one warpgroup of real rows (`--lone`): two
-    compute warpgroups, 128-slot blocks, ping-pong off and on; for the heuristic's split count P and
-    for the P that puts the sharing form at two waves of CTAs, the lone tile at P splits with its
-    second warpgroup idle (the kernel before the knob), at ceil(2P / 3) splits idle (each CTA
-    longer, for the one warpgroup's lower rate), and shared (each warpgroup half of every block's
-    keys) at ceil(P / 2) and ceil(2P / 3) splits."""
-    rows = T * G
-    if not prefix_decode.lone_tile(rows, 2):
-        return []
-    m_tiles = -(-rows // (2 * prefix_decode.ROWS_PER_WG))
-    stages = prefix_decode.smem_stages(2, 128, H)
-    target = 2 * SM_COUNT if S >= 16384 else SM_COUNT
-    p_h = prefix_decode.heuristic_config(T, G, K, B, S, H)[3]
-    p_b = max(1, round(target / (K * B * (m_tiles - 0.5))))
-    out = []
-    for sp in sorted({p_h, p_b}):
-        sp = min(sp, S // 128)
-        for pp in (False, True):
-            for lsp, share in ((sp, False), (-(-2 * sp // 3), False), (-(-sp // 2), True), (-(-2 * sp // 3), True)):
-                out.append((2, 128, stages, sp, pp, lsp, share, False))
-    return list(dict.fromkeys(out))
-
-
-def variants(T, G, K, B, S, H, quick=False, lone=False, overlap=False):
-    """Valid knob sets for a shape: num_wg (1, or 2 where rows > 64), block_kv 64 / 128, the
-    deepest pipeline that fits SMEM, split counts giving 1, 2, 3 and 4 waves of CTAs, and, with
-    two compute warpgroups, the warpgroup ping-pong off and on. `quick`: the heuristic's split
-    count only. `lone`: only `lone_variants` where the last row tile is lone. `overlap`: each knob
-    set also with the intra-warpgroup overlap (where the pipeline has >= 2 stages)."""
-    rows = T * G
-    if lone and prefix_decode.lone_tile(rows, 2):
-        out = lone_variants(T, G, K, B, S, H)
-    else:
-        out = plain_variants(T, G, K, B, S, H, quick)
-    if overlap:
-        out += [v[:7] + (True,) for v in out if v[2] >= 2]
-    return out
-
-
-def keep_variants(cands, num_wg=None, block_kv=None):
-    """The knob sets with the given num_wg / block_kv (None: any)."""
-    return [c for c in cands if (num_wg is None or c[0] == num_wg) and (block_kv is None or c[1] == block_kv)]
-
-
-def plain_variants(T, G, K, B, S, H, quick):
+def variants(T, G, K, B, S, H, quick=False, overlap=False):
+    """Valid knob sets (`tuning.PrefixConfig`) for a shape: num_wg (1, or 2 where rows > 64),
+    block_kv 64 / 128, the deepest pipeline that fits SMEM, split counts giving 1, 2, 3 and 4 waves
+    of CTAs, and, with two compute warpgroups, the warpgroup ping-pong off and on. `quick`: the
+    heuristic's split count only. `overlap`: each knob set also with the intra-warpgroup overlap
+    (where the pipeline has >= 2 stages)."""
     rows = T * G
     out = []
-    for num_wg in ((1,) if rows <= 64 else (1, 2)):
+    for num_wg in ((1,) if rows <= ROWS_PER_WG else (1, 2)):
         for block_kv in (64, 128):
             if S % block_kv:
                 continue
-            stages = prefix_decode.smem_stages(num_wg, block_kv, H)
+            stages = tuning.smem_stages(num_wg, block_kv, H)
             if quick:
-                splits = [prefix_decode.heuristic_config(T, G, K, B, S, H)[3]]
+                splits = [tuning.heuristic_config(T, G, K, B, S, H).num_splits]
             else:
-                m_tiles = -(-rows // (num_wg * prefix_decode.ROWS_PER_WG))
+                m_tiles = -(-rows // (num_wg * ROWS_PER_WG))
                 ctas = K * m_tiles * B
                 # Two CTAs fit on an SM when the SMEM of one is at most half: count waves against that.
-                smem = stages * 2 * block_kv * H * 2 + num_wg * prefix_decode.ROWS_PER_WG * H * 2
+                smem = stages * 2 * block_kv * H * 2 + num_wg * ROWS_PER_WG * H * 2
                 slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
                 splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for sp in splits:
                 for pp in ((False, True) if num_wg == 2 else (False,)):
-                    out.append((num_wg, block_kv, stages, sp, pp, sp, False, False))
+                    out.append(tuning.PrefixConfig(num_wg=num_wg, block_kv=block_kv, stages=stages, num_splits=sp,
+                                                   pingpong=pp))
+    if overlap:
+        out += [dataclasses.replace(v, overlap=True) for v in out if v.stages >= 2]
     return out
+
+
+def short(cfg: dict) -> str:
+    """A config dict of a result as one column: 'wg2 bk128 st2 sp11 pp ov'."""
+    return (f"wg{cfg['num_wg']} bk{cfg['block_kv']} st{cfg['stages']} sp{cfg['num_splits']}"
+            + (" pp" if cfg["pingpong"] else "") + (" ov" if cfg["overlap"] else ""))
+
+
+def keep_variants(cands, num_wg=None, block_kv=None):
+    """The knob sets with the given num_wg / block_kv (None: any)."""
+    return [c for c in cands if (num_wg is None or c.num_wg == num_wg) and (block_kv is None or c.block_kv == block_kv)]
 
 
 def load_baseline(path):
@@ -150,7 +127,7 @@ def point_inputs(G, K, H, S, T, interpret, bw=float("nan"), peak=float("nan")):
     return qs, caches, lengths, length, max(bytes_read / bw, flops / peak)
 
 
-def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, lone=False, overlap=False,
+def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=None, overlap=False,
                num_wg=None, block_kv=None):
     B = 1
     qs, caches, lengths, length, floor = point_inputs(G, K, H, S, T, interpret, bw, peak)
@@ -162,17 +139,15 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         if cfg == "baseline":
             call = lambda q, kc, vc: baseline.prefix_attention(q, kc, vc, lengths, interpret=interpret)  # noqa: E731
         else:
-            wg, bk, st, sp, pp, lsp, lsh, ov = cfg
             call = lambda q, kc, vc: prefix_decode.prefix_attention(  # noqa: E731
-                q, kc, vc, lengths, num_wg=wg, block_kv=bk, stages=st, num_splits=sp, pingpong=pp,
-                lone_splits=lsp, lone_share=lsh, overlap=ov, interpret=interpret)
+                q, kc, vc, lengths, interpret=interpret, **dataclasses.asdict(cfg))
 
         def run(qs, caches, lengths):
             return [call(qs[i], *caches[i % nbuf]) for i in range(U if not interpret else 1)]
         return jax.jit(run)
 
-    heur = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    cands = variants(T, G, K, B, S, H, quick, lone, overlap)
+    heur = tuning.heuristic_config(T, G, K, B, S, H)
+    cands = variants(T, G, K, B, S, H, quick, overlap)
     cands = keep_variants(cands, num_wg, block_kv) or cands  # a filter that keeps nothing: all of them
     if heur not in cands:
         cands.append(heur)
@@ -180,7 +155,7 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
         cands.append("baseline")
     results = []
     for cfg in cands:
-        rec = {"config": cfg if cfg == "baseline" else list(cfg)}
+        rec = {"config": cfg if cfg == "baseline" else dataclasses.asdict(cfg)}
         try:
             fn = run_fn(cfg)
             out, lse = fn(qs, caches, lengths)[0]
@@ -197,11 +172,11 @@ def tune_point(G, K, H, S, T, bw, peak, interpret, reps, quick=False, baseline=N
     ok = [r for r in results if "t_us" in r and r["config"] != "baseline"] or [
         r for r in results if "error" not in r and r["config"] != "baseline"]
     best = min(ok, key=lambda r: r.get("t_us", 0.0)) if ok else None
-    h = next(r for r in results if tuple(r["config"]) == heur)
+    h = next(r for r in results if r["config"] == dataclasses.asdict(heur))
     base = next((r for r in results if r["config"] == "baseline"), {})
     entry = {"G": G, "K": K, "B": B, "H": H, "T": T, "S": S, "length": length,
              "config": best["config"] if best else None, "t_us": best.get("t_us") if best else None,
-             "heuristic_config": list(heur), "heuristic_t_us": h.get("t_us"),
+             "heuristic_config": dataclasses.asdict(heur), "heuristic_t_us": h.get("t_us"),
              "baseline_t_us": base.get("t_us"),
              "floor_us": floor * 1e6, "variants": results}
     return entry
@@ -218,8 +193,6 @@ def main(argv=None):
     ap.add_argument("--interpret", action="store_true", help="check the variants in interpret mode (CPU), no timing")
     ap.add_argument("--install", action="store_true", help="also write pallas_kernels/tuning/<device>.json")
     ap.add_argument("--quick", action="store_true", help="the heuristic's split count only (fewer variants)")
-    ap.add_argument("--lone", action="store_true",
-                    help="where the last row tile is lone, sweep only its knobs (lone_splits, lone_share)")
     ap.add_argument("--overlap", action="store_true",
                     help="also time each variant with the intra-warpgroup overlap (FA3: QK^T of block j with PV of j - 1)")
     ap.add_argument("--num-wg", type=int, help="only knob sets with this many compute warpgroups")
@@ -242,25 +215,9 @@ def main(argv=None):
         with open(out_path, "w") as f:
             json.dump(dict(meta=meta, entries=entries), f, indent=1)
         if args.install and not args.interpret:  # after every point: a time-limited run keeps its table
-            os.makedirs(tuning.TABLE_DIR, exist_ok=True)
             keys = ("G", "K", "B", "H", "T", "S", "config", "t_us", "heuristic_config", "heuristic_t_us", "floor_us")
-            # A table entry's config holds eight knobs: (num_wg, block_kv, stages, num_splits, pingpong,
-            # lone_splits, lone_share, overlap).
-            # Merged into the installed table: this run's shapes replace their entries, others stay.
-            path = os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind))
-            shape = lambda e: tuple(e[k] for k in ("G", "K", "B", "H", "T", "S"))  # noqa: E731
-            new = [{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]]
-            old, table_meta = [], dict(meta)
-            if os.path.exists(path):
-                with open(path) as f:
-                    prev = json.load(f)
-                old = [e for e in prev.get("entries", []) if shape(e) not in {shape(n) for n in new}]
-                if old:  # where the kept entries come from
-                    table_meta["kept_entries_meta"] = prev.get("meta", {}).get("kept_entries_meta", prev.get("meta"))
-            table = dict(meta=table_meta, entries=sorted(old + new, key=lambda e: (e["G"], e["S"], -e["T"])))
-            with open(path, "w") as f:
-                json.dump(table, f, indent=1)
-            tuning.load_table.cache_clear()
+            tuning.install_entries(os.path.join(tuning.TABLE_DIR, tuning.device_file_name(kind)),
+                                   [{k: e[k] for k in keys} for e in entries if e["config"] and e["t_us"]], meta)
 
     baseline = load_baseline(args.baseline) if args.baseline else None
     for G in args.G:
@@ -268,7 +225,7 @@ def main(argv=None):
             for T in args.T:
                 t0 = time.perf_counter()
                 e = tune_point(G, args.K, args.H, S, T, bw, peak, args.interpret, args.reps, args.quick, baseline,
-                               args.lone, args.overlap, args.num_wg, args.block_kv)
+                               args.overlap, args.num_wg, args.block_kv)
                 entries.append(e)
                 save()
                 fails = sum("error" in v for v in e["variants"])
@@ -276,9 +233,10 @@ def main(argv=None):
                     log(f"G={G} S={S:6d} T={T:3d}: {len(e['variants']) - fails}/{len(e['variants'])} variants "
                         f"match the reference ({time.perf_counter() - t0:.0f} s)")
                 else:
-                    log(f"G={G} S={S:6d} T={T:3d}: best {e['config']} {e['t_us'] or math.nan:8.1f} us, heuristic "
-                        f"{e['heuristic_config']} {e['heuristic_t_us'] or math.nan:8.1f} us, floor {e['floor_us']:7.1f} us"
-                        f" ({fails} failed, {time.perf_counter() - t0:.0f} s)")
+                    log(f"G={G} S={S:6d} T={T:3d}: best {short(e['config']) if e['config'] else None} "
+                        f"{e['t_us'] or math.nan:8.1f} us, heuristic "
+                        f"{short(e['heuristic_config'])} {e['heuristic_t_us'] or math.nan:8.1f} us, "
+                        f"floor {e['floor_us']:7.1f} us ({fails} failed, {time.perf_counter() - t0:.0f} s)")
     log(f"wrote {out_path}")
     bad = [(e["G"], e["S"], e["T"], v["config"], v["error"]) for e in entries for v in e["variants"]
            if v.get("error", "").startswith("wrong result")]
@@ -287,7 +245,7 @@ def main(argv=None):
     log("\n   G      S    T  best config                 best_us  heur_us  base_us  floor_us  best/floor  heur/best  base/best")
     for e in entries:
         if e["t_us"]:
-            log(f"{e['G']:4d} {e['S']:6d} {e['T']:4d}  {str(e['config']):26s} {e['t_us']:8.1f} "
+            log(f"{e['G']:4d} {e['S']:6d} {e['T']:4d}  {short(e['config']):26s} {e['t_us']:8.1f} "
                 f"{e['heuristic_t_us'] or math.nan:8.1f} {e['baseline_t_us'] or math.nan:8.1f} {e['floor_us']:9.1f} "
                 f"{e['t_us'] / e['floor_us']:10.2f} {(e['heuristic_t_us'] or math.nan) / e['t_us']:9.2f} "
                 f"{(e['baseline_t_us'] or math.nan) / e['t_us']:9.2f}")

@@ -194,28 +194,24 @@ def test_bench_demo_tie_margin_reads_the_target_logits():
 def test_tune_prefix_variants_and_baseline():
     """The sweep's knob sets: two compute warpgroups come with the ping-pong off and on, one
     warpgroup never; --quick keeps the heuristic's split count; --baseline loads a kernel file."""
+    import dataclasses
     import os
 
     from bench import tune_prefix
-    from pallas_kernels import prefix_decode
+    from pallas_kernels import prefix_decode, tuning
 
     full = tune_prefix.variants(69, 4, 8, 1, 32768, 128)
-    assert {(wg, pp) for wg, _, _, _, pp, _, _, _ in full} == {(1, False), (2, False), (2, True)}
-    assert all(lsp == sp and not lsh and not ov for _, _, _, sp, _, lsp, lsh, ov in full)  # later knobs off
+    assert {(v.num_wg, v.pingpong) for v in full} == {(1, False), (2, False), (2, True)}
+    assert not any(v.overlap for v in full)  # the overlap only with --overlap
     quick = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True)
-    assert {v[3] for v in quick} == {prefix_decode.heuristic_config(69, 4, 8, 1, 32768, 128)[3]}
-    assert all(v[0] == 1 and not v[4] for v in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
-    # --lone: the lone tile's knobs, the old form (lone_splits == num_splits, idle) among them.
-    lone = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, lone=True)
-    assert (2, 128, 2, 11, True, 11, False, False) in lone and (2, 128, 2, 13, True, 7, True, False) in lone
-    assert all(v[0] == 2 and v[5] <= v[3] for v in lone)
-    assert tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True, lone=True) == \
-        tune_prefix.variants(64, 4, 8, 1, 32768, 128, quick=True)  # 256 rows: no lone tile
+    assert {v.num_splits for v in quick} == {tuning.heuristic_config(69, 4, 8, 1, 32768, 128).num_splits}
+    assert all(v.num_wg == 1 and not v.pingpong for v in tune_prefix.variants(5, 4, 8, 1, 32768, 128, quick=True))
     # --overlap: every knob set with a >= 2-stage pipeline also with the intra-warpgroup overlap.
     ov = tune_prefix.variants(69, 4, 8, 1, 32768, 128, quick=True, overlap=True)
-    assert ov == quick + [v[:7] + (True,) for v in quick if v[2] >= 2] and any(v[7] for v in ov)
+    assert ov == quick + [dataclasses.replace(v, overlap=True) for v in quick if v.stages >= 2]
+    assert any(v.overlap for v in ov)
     # --num-wg / --block-kv keep only the knob sets with those values.
-    assert {(v[0], v[1]) for v in tune_prefix.keep_variants(ov, num_wg=2, block_kv=128)} == {(2, 128)}
+    assert {(v.num_wg, v.block_kv) for v in tune_prefix.keep_variants(ov, num_wg=2, block_kv=128)} == {(2, 128)}
     assert tune_prefix.keep_variants(ov) == ov
     base = tune_prefix.load_baseline(prefix_decode.__file__)
     assert base.prefix_attention is not prefix_decode.prefix_attention and callable(base.prefix_attention)
@@ -264,10 +260,11 @@ def test_profile_prefix_tiny(tmp_path):
     """The prefix-call profile runs (interpret mode on the CPU) and splits device time into kernel and
     glue that add up to the total, with the config the call used."""
     from bench import profile_prefix
+    from pallas_kernels import tuning
 
     assert profile_prefix.main(["--tiny", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("profile_prefix_*.json")
     (row,) = json.loads(path.read_text())["rows"]
     assert row["device_us_per_call"] > 0 and row["device_ops_per_call"] >= 1
     assert abs(row["kernel_us_per_call"] + row["glue_us_per_call"] - row["device_us_per_call"]) < 1e-6
-    assert len(row["config"]) == 8  # (num_wg, block_kv, stages, num_splits, pingpong, lone_splits, lone_share, overlap)
+    assert set(row["config"]) == set(tuning.KNOBS)  # the named knobs of tuning.PrefixConfig
