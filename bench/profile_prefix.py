@@ -106,7 +106,8 @@ def main(argv=None):
     print(f"wrote {path}")
     print("     S    T  config                          wall_us  device_us  kernel_us  glue_us  ops  floor_us  kernel/floor")
     for r in rows:
-        print(f"{r['S']:6d} {r['T']:4d}  {tune_prefix.short(r['config']):30s} {r.get('wall_us_per_call', float('nan')):8.1f} "
+        print(f"{r['S']:6d} {r['T']:4d}  {tune_prefix.short(r['config']):30s} "
+              f"{r.get('wall_us_per_call', float('nan')):8.1f} "
               f"{r.get('device_us_per_call', float('nan')):10.1f} {r.get('kernel_us_per_call', float('nan')):10.1f} "
               f"{r.get('glue_us_per_call', float('nan')):8.1f} {r.get('device_ops_per_call', float('nan')):4.0f} "
               f"{r['floor_us']:9.1f} {r.get('kernel_vs_floor', float('nan')):12.2f}")

@@ -233,8 +233,8 @@ def test_prefix(impl, case):
     k = _rand(kk, (B, S, K, H), dtype)
     v = _rand(kv, (B, S, K, H), dtype)
     lengths = jnp.asarray(case.lengths, jnp.int32)
-    out, lse = prefix_decode.prefix_attention(q, k, v, lengths, window=case.window, interpret=impl == "pallas_interpret",
-                                              **case.knobs)
+    out, lse = prefix_decode.prefix_attention(q, k, v, lengths, window=case.window,
+                                              interpret=impl == "pallas_interpret", **case.knobs)
     assert out.shape == (B, T, N, H) and out.dtype == dtype and lse.shape == (B, T, N) and lse.dtype == jnp.float32
     r_out, r_lse = ref.prefix_attention_ref(q, k, v, lengths, window=case.window)
     _assert_close(out, lse, r_out, r_lse, dtype, f"prefix {impl} {_case_id(case)}")
@@ -405,6 +405,6 @@ def test_merge_attention_of_empty_parts():
     np.testing.assert_array_equal(np.asarray(o[0, 0, 1]), np.asarray(o2[0, 0, 1]))
     assert (np.asarray(o[0, :, 2]) == 0).all() and (np.asarray(lse[0, :, 2]) == -np.inf).all()
     w1 = np.exp(1.0) / (np.exp(1.0) + np.exp(0.0))
-    np.testing.assert_allclose(np.asarray(o[0, 1, 0]), w1 * np.asarray(o1[0, 1, 0]) + (1 - w1) * np.asarray(o2[0, 1, 0]),
-                               rtol=1e-6)
+    mixed = w1 * np.asarray(o1[0, 1, 0]) + (1 - w1) * np.asarray(o2[0, 1, 0])
+    np.testing.assert_allclose(np.asarray(o[0, 1, 0]), mixed, rtol=1e-6)
     np.testing.assert_allclose(float(lse[0, 1, 0]), np.logaddexp(1.0, 0.0), rtol=1e-6)

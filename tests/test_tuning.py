@@ -28,7 +28,8 @@ def test_apply_overrides():
     rule for another warpgroup count), never with one stage."""
     default = tuning.PrefixConfig(2, 128, 2, 11, pingpong=True, overlap=True)
     assert tuning.apply_overrides(default, 128) == default
-    assert tuning.apply_overrides(default, 128, num_splits=5, overlap=None) == dataclasses.replace(default, num_splits=5)
+    assert tuning.apply_overrides(default, 128, num_splits=5, overlap=None) == \
+        dataclasses.replace(default, num_splits=5)
     assert tuning.apply_overrides(default, 128, block_kv=64).stages == tuning.smem_stages(2, 64, 128) == 4
     one = tuning.apply_overrides(default, 128, num_wg=1)
     assert (one.stages, one.pingpong, one.overlap) == (tuning.smem_stages(1, 128, 128), False, False)
@@ -119,6 +120,7 @@ def test_install_entries_merges(tmp_path):
     better["config"] = tuning.PrefixConfig(**better["config"])  # a dataclass is written by name too
     table = tuning.install_entries(path, [better], meta={"run": 2})
     assert table["version"] == tuning.TABLE_VERSION and table["meta"]["kept_entries_meta"] == {"run": 1}
-    assert sorted((e["T"], e["config"]["num_splits"]) for e in tuning.read_table(path)["entries"]) == [(16, 33), (69, 9)]
+    entries = tuning.read_table(path)["entries"]
+    assert sorted((e["T"], e["config"]["num_splits"]) for e in entries) == [(16, 33), (69, 9)]
     assert tuning.lookup(69, 4, 8, 1, 32768, 128, device_kind="Install GPU", table_dir=str(tmp_path)).num_splits == 9
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left behind
