@@ -28,6 +28,8 @@ import json
 import os
 import re
 
+import jax
+
 from pallas_kernels._wgmma import ROWS_PER_WG
 
 TABLE_VERSION = 2
@@ -183,8 +185,6 @@ def load_table(device_kind: str, table_dir: str = TABLE_DIR) -> tuple[TableEntry
 
 def current_device_kind() -> str | None:
     """The first device's kind where it is a GPU, else None."""
-    import jax
-
     try:
         dev = jax.devices()[0]
     except RuntimeError:
