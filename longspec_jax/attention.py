@@ -54,7 +54,6 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.mesh = None  # a tensor-parallel mesh (sharding.set_attention_mesh): kernels run per device
         init = jax.nn.initializers.normal(init_std)
         self.q_kernel = param(rngs, init, (D, N, H), param_dtype, ("embed", "q_heads", "head_dim"))
         self.k_kernel = param(rngs, init, (D, K, H), param_dtype, ("embed", "kv_heads", "head_dim"))
@@ -93,7 +92,7 @@ class Attention(nnx.Module):
         cache = kvc.write_layer(cache, layer, k, v, lengths)
         o, _ = pallas_kernels.hybrid_attention(
             q, cache.k[layer], cache.v[layer], lengths, k.astype(cache.dtype), v.astype(cache.dtype), mask,
-            window=None, implementation=self.attention_impl, mesh=self.mesh)
+            window=None, implementation=self.attention_impl)
         return self.out(o), cache
 
     def forward_train(self, x, cos, sin, *, attention: str | Callable = "dense", chunk: int = 1024):

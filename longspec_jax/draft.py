@@ -161,7 +161,6 @@ class Draft(nnx.Module):
         self.rope = rope
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.mesh = None  # a tensor-parallel mesh (sharding.set_attention_mesh): kernels run per device
         D = cfg.hidden_size
         self.input_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = _SelfAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -233,16 +232,15 @@ class Draft(nnx.Module):
         tree_k = jax.lax.dynamic_update_slice_in_dim(tree_k, k.astype(tree_k.dtype), offset, axis=1)
         tree_v = jax.lax.dynamic_update_slice_in_dim(tree_v, v.astype(tree_v.dtype), offset, axis=1)
         impl = self.attention_impl
-        mesh = self.mesh
 
         def self_attend(q):
             o, _ = pallas_kernels.hybrid_attention(q, ring.k, ring.v, committed, tree_k, tree_v, tree_mask,
-                                                   window=self.cfg.window, implementation=impl, mesh=mesh)
+                                                   window=self.cfg.window, implementation=impl)
             return o
 
         def cross_attend(q):
             o, _ = pallas_kernels.prefix_attention(q, k_last, v_last.astype(k_last.dtype), t_last,
-                                                   window=None, implementation=impl, mesh=mesh)
+                                                   window=None, implementation=impl)
             return o
 
         h = self._block(x, cos, sin, self_attend, cross_attend)

@@ -198,13 +198,15 @@ class Embedding(nnx.Module):
                  param_dtype=jnp.float32, init_std: float = 0.02):
         self.dtype = dtype
         self.embedding = param(rngs, _normal(init_std), (vocab, dim), param_dtype, ("vocab", "embed"))
-        self.mesh = None  # a tensor-parallel mesh (sharding.set_attention_mesh): vocabulary-parallel lookup
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Rows [..., D] for `tokens`; per vocabulary slice (`vocab_parallel_lookup`) under an ambient
+        mesh (`jax.set_mesh`) whose "tensor" axis splits the vocabulary."""
         table = self.embedding[...]
-        n = 1 if self.mesh is None else dict(self.mesh.shape).get("tensor", 1)
+        mesh = jax.sharding.get_abstract_mesh()
+        n = 1 if mesh.empty or "tensor" in mesh.manual_axes else dict(mesh.shape).get("tensor", 1)
         if n > 1 and table.shape[0] % n == 0:
-            return vocab_parallel_lookup(table, tokens, self.mesh).astype(self.dtype)
+            return vocab_parallel_lookup(table, tokens, mesh).astype(self.dtype)
         return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:

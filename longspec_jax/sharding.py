@@ -168,24 +168,12 @@ def check_tensor_parallel(cfg, tensor: int, *, what: str = "model") -> None:
 def place_for_inference(model: nnx.Module, mesh: Mesh, rules=None, *, what: str = "model") -> nnx.Module:
     """A copy of `model` with its parameters on `mesh` (`model` itself is left where it is).
 
-    Checks the heads against the mesh's tensor axis (`check_tensor_parallel`) first.
+    Checks the heads against the mesh's tensor axis (`check_tensor_parallel`) first. Trace and run
+    the placed model's jitted calls under `with jax.set_mesh(mesh):`: the ambient mesh is what makes
+    the Pallas attention kernels run per device on their heads (`pallas_kernels.api`) and the
+    embedding look tokens up per vocabulary slice (`layers.vocab_parallel_lookup`). Without it the
+    results are the same, but XLA may gather the KV cache or the embedding table onto every device.
     """
     check_tensor_parallel(model.cfg, mesh.shape.get("tensor", 1), what=what)
     graphdef, state = nnx.split(model)
-    placed = shard_model(nnx.merge(graphdef, state, copy=True), mesh, rules)
-    set_attention_mesh(placed, mesh)
-    return placed
-
-
-def set_attention_mesh(model: nnx.Module, mesh: Mesh | None) -> nnx.Module:
-    """Tell the model's attention (target layers, draft) which mesh splits its heads, so the Pallas
-    kernels run per device under shard_map (`pallas_kernels.api`), and its embedding which mesh
-    splits the vocabulary (`layers.vocab_parallel_lookup`); None undoes it."""
-    from longspec_jax.attention import Attention
-    from longspec_jax.draft import Draft
-    from longspec_jax.layers import Embedding
-
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, (Attention, Draft, Embedding)):
-            node.mesh = mesh
-    return model
+    return shard_model(nnx.merge(graphdef, state, copy=True), mesh, rules)

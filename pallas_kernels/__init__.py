@@ -1,17 +1,23 @@
-"""Hybrid Tree Attention kernels (spec section 4). Imports only jax.
+"""Hybrid Tree Attention kernels (LongSpec section 4): Mosaic GPU kernels for Hopper, their XLA
+twins, and the exact merge. Imports only jax.
 
-Public API (all return (out, lse), lse float32 [B, T, N]):
-  prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None, implementation="xla")
-  tree_attention(q, k, v, mask, *, sm_scale=None, implementation="xla")
+Public API (every attention returns (out [B, T, N, H] in q.dtype, lse [B, T, N] float32)):
+  prefix_attention(q, k_cache, v_cache, lengths, *, window, sm_scale, implementation, head_axis)
+      the T queries over the visible slots of a static-capacity cache (`api`).
+  tree_attention(q, k, v, mask, *, sm_scale, implementation, head_axis)
+      the T queries over the tree's own keys under a boolean mask (`api`).
+  hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window, sm_scale, implementation, head_axis)
+      both parts merged exactly: the attention a decode or verification step needs (`hybrid`).
   merge_attention((o1, lse1), (o2, lse2))
-  hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, sm_scale=None,
-                   implementation="xla")
+      the exact log-sum-exp merge of two parts over disjoint keys (`hybrid`).
+  default_implementation()
+      "pallas" on a Hopper GPU, else "xla" (`api`).
+
+`implementation` is "xla", "pallas", "pallas_interpret" or "auto"; under an ambient mesh
+(`jax.set_mesh`) whose head axis has several devices, the kernels run per device on their heads.
 """
 
-from pallas_kernels.api import (  # noqa: F401
-    default_implementation,
-    hybrid_attention,
-    prefix_attention,
-    tree_attention,
-)
-from pallas_kernels.reference import merge_attention  # noqa: F401
+from pallas_kernels.api import default_implementation, prefix_attention, tree_attention
+from pallas_kernels.hybrid import hybrid_attention, merge_attention
+
+__all__ = ["default_implementation", "hybrid_attention", "merge_attention", "prefix_attention", "tree_attention"]

@@ -1,4 +1,4 @@
-"""Tree (speculative-block) attention for Hybrid Tree Attention (LongSpec spec 4.1, 4.3): Mosaic GPU.
+"""Tree (speculative-block) attention for Hybrid Tree Attention (LongSpec sections 4.1, 4.3): Mosaic GPU.
 
 Backend: Pallas Mosaic GPU (`plgpu.kernel`), sm_90 (wgmma + TMA); `interpret=True` runs the same
 body in Mosaic GPU interpret mode on CPU.
@@ -27,35 +27,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._interpret import interpret_params, layout_cast, matmul_nn, matmul_nt
+from pallas_kernels._wgmma import (ROWS_PER_WG, interpret_params, layout_cast, matmul_nn, matmul_nn_smem,
+                                   matmul_nt)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-ROWS = 64  # wgmma M of one warpgroup
+HEAD_TILE_AXIS = "kv_head_x_row_tile"  # grid axis enumerating (KV head, row tile) pairs
 
 
 def _tree_kernel(q_ref, k_ref, v_ref, mask_ref, eye_ref, o_ref, lse_ref, scoped, *, m_tiles, head_dim,
                  block_k, num_kblocks, scale_log2, dtype, interpret):
     q_smem, k_smem, v_smem, mask_smem, eye_smem, lse_smem, bar = scoped
-    km, b = lax.axis_index("km"), lax.axis_index("b")
-    kh, mt = lax.div(km, m_tiles), lax.rem(km, m_tiles)
-    row0 = mt * ROWS
-    plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, ROWS)], q_smem, bar.at[0])
+    head_tile, b = lax.axis_index(HEAD_TILE_AXIS), lax.axis_index("b")
+    kh, mt = lax.div(head_tile, m_tiles), lax.rem(head_tile, m_tiles)
+    row0 = mt * ROWS_PER_WG
+    plgpu.copy_gmem_to_smem(q_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)], q_smem, bar.at[0])
     plgpu.copy_gmem_to_smem(eye_ref, eye_smem, bar.at[1])
     plgpu.barrier_wait(bar.at[0])
     plgpu.barrier_wait(bar.at[1])
 
     layout = plgpu.Layout.WGMMA
-    m_i = layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), layout.reduce(1), interpret)
-    l_i = layout_cast(jnp.full((ROWS,), 0.0, jnp.float32), layout.reduce(1), interpret)
-    acc = layout_cast(jnp.full((ROWS, head_dim), 0.0, jnp.float32), layout, interpret)
+    m_i = layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), layout.reduce(1), interpret)
+    l_i = layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), layout.reduce(1), interpret)
+    acc = layout_cast(jnp.full((ROWS_PER_WG, head_dim), 0.0, jnp.float32), layout, interpret)
 
     # The tree is tiny (<= a few blocks): load each key block synchronously, no pipeline.
     for j in range(num_kblocks):
         ks = (b, pl.ds(j * block_k, block_k), kh)
         plgpu.copy_gmem_to_smem(k_ref.at[ks], k_smem, bar.at[2])
         plgpu.copy_gmem_to_smem(v_ref.at[ks], v_smem, bar.at[3])
-        plgpu.copy_gmem_to_smem(mask_ref.at[b, pl.ds(row0, ROWS), pl.ds(j * block_k, block_k)],
+        plgpu.copy_gmem_to_smem(mask_ref.at[b, pl.ds(row0, ROWS_PER_WG), pl.ds(j * block_k, block_k)],
                                 mask_smem, bar.at[4])
         plgpu.barrier_wait(bar.at[2])
         plgpu.barrier_wait(bar.at[4])
@@ -79,21 +80,9 @@ def _tree_kernel(q_ref, k_ref, v_ref, mask_ref, eye_ref, o_ref, lse_ref, scoped,
     q_smem[...] = acc.astype(dtype)  # reuse the q tile's SMEM for the output
     lse_smem[...] = jnp.where(has, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, kh, pl.ds(row0, ROWS)])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kh, pl.ds(row0, ROWS)])
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, kh, pl.ds(row0, ROWS_PER_WG)])
     plgpu.wait_smem_to_gmem(0)
-
-
-def matmul_nn_smem(a_smem, b_smem, interpret):
-    """float32 `a @ b` with both operands in SMEM (wgmma natively, a plain dot in interpret mode)."""
-    if interpret:
-        return jnp.dot(a_smem[...], b_smem[...], preferred_element_type=jnp.float32)
-
-    def scope(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, b_smem)
-        return acc_ref[...]
-
-    return pl.run_scoped(scope, plgpu.ACC((a_smem.shape[0], b_smem.shape[1]), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "interpret"))
@@ -124,8 +113,8 @@ def tree_attention(q, k, v, mask, *, sm_scale=None, block_k=None, interpret=Fals
     num_kblocks = -(-Tk // block_k)
     tk_pad = num_kblocks * block_k
     rows = T * G
-    m_tiles = -(-rows // ROWS)
-    m_pad = m_tiles * ROWS
+    m_tiles = -(-rows // ROWS_PER_WG)
+    m_pad = m_tiles * ROWS_PER_WG
     scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
 
     qf = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, rows, H)  # [B, K, T*G, H]
@@ -146,12 +135,12 @@ def tree_attention(q, k, v, mask, *, sm_scale=None, block_k=None, interpret=Fals
     def entry(q_ref, k_ref, v_ref, mask_ref, eye_ref, o_ref, lse_ref):
         pl.run_scoped(
             lambda *scoped: body(q_ref, k_ref, v_ref, mask_ref, eye_ref, o_ref, lse_ref, scoped),
-            plgpu.SMEM((ROWS, H), q.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((ROWS_PER_WG, H), q.dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((block_k, H), q.dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((block_k, H), q.dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((ROWS, block_k), q.dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((ROWS_PER_WG, block_k), q.dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((block_k, block_k), q.dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((ROWS,), jnp.float32),
+            plgpu.SMEM((ROWS_PER_WG,), jnp.float32),
             plgpu.Barrier(num_barriers=5),
         )
 
@@ -160,7 +149,7 @@ def tree_attention(q, k, v, mask, *, sm_scale=None, block_k=None, interpret=Fals
         out_type=(jax.ShapeDtypeStruct((B, K, m_pad, H), q.dtype),
                   jax.ShapeDtypeStruct((B, K, m_pad), jnp.float32)),
         grid=(K * m_tiles, B),
-        grid_names=("km", "b"),
+        grid_names=(HEAD_TILE_AXIS, "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params(interpret),
     )(qf, kp, vp, mrow, eye)

@@ -1,11 +1,11 @@
-"""The `implementation="xla"` prefix attention: what CPUs and non-Hopper GPUs run.
+"""The `implementation="xla"` Hybrid Tree Attention parts: what CPUs and non-Hopper GPUs run.
 
-Backend: plain XLA (any platform), float32 maths. Two algorithms, picked per call from static
-shapes (`use_blockwise`):
+Backend: plain XLA (any platform), float32 maths. The tree part is one dense masked softmax
+(`tree_attention`). The prefix part has two algorithms, picked per call from static shapes
+(`use_blockwise`):
 
-  dense      the float32 reference itself (`reference.prefix_attention_ref`): one masked softmax
-             over all S cache slots. Best for a handful of query rows (decode, short chains),
-             where the score matrix is small.
+  dense      one masked softmax over all S cache slots under `prefix_visibility`. Best for a
+             handful of query rows (decode, short chains), where the score matrix is small.
   blockwise  flash-style online softmax over key blocks of the cache, in a `lax.fori_loop` whose
              trip count is a run-time value, ceil(max(lengths) / block): only blocks holding
              visible slots are read and multiplied. For many query rows (prefill chunks, wide
@@ -15,12 +15,14 @@ shapes (`use_blockwise`):
              work grows with the visible prefix instead, so a chunked prefill costs ~P^2/2 score
              entries instead of P * S.
 
-Layouts (STYLE.md alphabet): q [B, T, N, H]; k_cache, v_cache [B, S, K, H]; lengths [B] int32;
-returns (out [B, T, N, H] in q.dtype, lse [B, T, N] float32, natural log, -inf where no key).
+Layouts (shape alphabet: B batch, T queries, S cache slots, N query heads, K KV heads, G = N / K,
+H head dim): q [B, T, N, H]; k_cache, v_cache [B, S, K, H]; lengths [B] int32; tree k, v
+[B, Tk, K, H] and mask [B, T, Tk] bool; returns (out [B, T, N, H] in q.dtype, lse [B, T, N]
+float32, natural log, -inf where no key). Any dtype (computed in float32), any head dim.
 
 Blockwise handles linear caches only (visible = slots [0, lengths)); a sliding window over a ring
 buffer (the draft's self-attention) always takes the dense path, whose visibility rule covers it.
-Its results equal the reference's up to float32 summation order (tests/test_kernels.py).
+Both equal the float32 oracles of `reference.py` up to summation order (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -28,16 +30,75 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference as ref
-
 NEG_INF = float("-inf")
 BLOCKS = (512, 256, 128)  # key block sizes tried, largest first; one must divide the capacity
-# G * T query rows per KV head from which blockwise is used: over a nearly full cache (a decode
-# cache's capacity is bucketed to the need) the dense single pass is as fast or faster up to a few
-# hundred rows, blockwise wins beyond, and always over a half-empty cache. So prefill chunks
-# (>= 384 rows) go blockwise; decode and verification stay dense. Chosen by `python -m bench kernels
-# --xla`; docs/results.md, "XLA prefix attention: dense or blockwise".
+# G * T query rows per KV head from which blockwise is used: prefill chunks go blockwise, decode and
+# verification keep the dense single pass, where blockwise was no faster (docs/perf_notes.md, "Kernels").
 MIN_ROWS = 384
+
+
+def scale(q, sm_scale=None) -> float:
+    """The softmax scale: `sm_scale`, or 1 / sqrt(H) for q [..., H]."""
+    return (1.0 / (q.shape[-1] ** 0.5)) if sm_scale is None else sm_scale
+
+
+def prefix_visibility(lengths: jax.Array, capacity: int, window: int | None) -> jax.Array:
+    """Boolean [B, S]: the cache slots every query of a row sees (the ring rule of `pallas_kernels.hybrid`).
+
+    Slot s holds the token `d(s) = (len - 1 - s) mod S` steps back from the newest one; it is
+    visible iff d(s) < len and (no window or d(s) < window). For a linear cache (len <= S) this is
+    slots [max(0, len - W), len); for the draft's ring buffer it selects the last W tokens.
+    """
+    s = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    lengths = lengths.astype(jnp.int32)[:, None]
+    back = jnp.mod(lengths - 1 - s, capacity)  # steps back from the newest token
+    visible = back < lengths
+    if window is not None:
+        visible &= back < window
+    return visible
+
+
+def masked_attention(q, k, v, mask, *, sm_scale=None):
+    """Dense masked attention in float32: q [B, T, N, H] over k, v [B, Tk, K, H] under mask
+    [B, T, Tk] bool. Returns (out [B, T, N, H] float32, lse [B, T, N] float32); rows with no key
+    give out 0 and lse -inf, never NaN.
+
+    Laid out as batched [G*T, H] x [H, Tk] matmuls with the (B, K) batch dimensions leading, the
+    form XLA's CPU backend turns into fast GEMMs (docs/perf_notes.md, "Kernels").
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    Tk = k.shape[1]
+    qf = q.astype(jnp.float32).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    kf = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, K, Tk, H]
+    vf = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkqh,bksh->bkqs", qf, kf).reshape(B, K, G, T, Tk) * scale(q, sm_scale)
+    s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = (p / jnp.where(l > 0, l, 1.0)).reshape(B, K, G * T, Tk)
+    o = jnp.einsum("bkqs,bksh->bkqh", p, vf).reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
+    lse = jnp.where(l[..., 0] > 0, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), NEG_INF)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(B, T, N)  # [B, K, G, T] -> [B, T, N]
+    return o.reshape(B, T, N, H), lse
+
+
+def tree_attention(q, k, v, mask, *, sm_scale=None):
+    """Attention of T tree queries over Tk tree keys under a boolean ancestor mask [B, T, Tk]."""
+    o, lse = masked_attention(q, k, v, mask.astype(bool), sm_scale=sm_scale)
+    return o.astype(q.dtype), lse
+
+
+def prefix_attention_dense(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None):
+    """Unmasked attention of T queries over the visible slots of a cache, one softmax over all S."""
+    B, T = q.shape[:2]
+    vis = prefix_visibility(lengths, k_cache.shape[1], window)  # [B, S]
+    mask = jnp.broadcast_to(vis[:, None, :], (B, T, k_cache.shape[1]))
+    o, lse = masked_attention(q, k_cache, v_cache, mask, sm_scale=sm_scale)
+    return o.astype(q.dtype), lse
 
 
 def block_for(capacity: int) -> int | None:
@@ -72,10 +133,10 @@ def prefix_attention_blockwise(q, k_cache, v_cache, lengths, *, sm_scale=None, b
     block = block or block_for(S)
     if block is None or S % block:
         raise ValueError(f"cache capacity {S} is not a multiple of a key block {BLOCKS}; use the dense path")
-    scale = ref._scale(q, sm_scale)
     lengths = lengths.astype(jnp.int32)
     # [B, K, G*T, H]: query rows grouped under their KV head; the scale folded in once.
-    qf = (q.astype(jnp.float32) * scale).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    qf = q.astype(jnp.float32) * scale(q, sm_scale)
+    qf = qf.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     trips = (jnp.max(lengths) + block - 1) // block  # run-time: blocks past every row's length are skipped
     trips = jnp.minimum(trips, S // block)
 
@@ -107,7 +168,7 @@ def prefix_attention_blockwise(q, k_cache, v_cache, lengths, *, sm_scale=None, b
 
 
 def prefix_attention(q, k_cache, v_cache, lengths, *, window=None, sm_scale=None):
-    """The XLA prefix attention: blockwise where `use_blockwise`, else the dense reference."""
+    """The XLA prefix attention: blockwise where `use_blockwise`, else dense."""
     if use_blockwise(q.shape, k_cache.shape, window):
         return prefix_attention_blockwise(q, k_cache, v_cache, lengths, sm_scale=sm_scale)
-    return ref.prefix_attention_ref(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)
+    return prefix_attention_dense(q, k_cache, v_cache, lengths, window=window, sm_scale=sm_scale)

@@ -271,7 +271,7 @@ def test_script_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("v.npy", None, r"^error: --draft-vocab: draft_vocab has 1 ids outside the target vocabulary \[0, 259\)"),
+    ("v.npy", None, r"^error: --draft-vocab: draft_vocab has 1 ids outside the target vocabulary \[0, 256\)"),
     ("v.json", '{"vocab": [1, 2]}', '^error: --draft-vocab: draft vocabulary .* is a JSON object without an "ids"'),
     ("v.txt", "1 2", "^error: --draft-vocab: draft vocabulary .* must be a .npy or .json file"),
     ("missing.npy", "", "^error: --draft-vocab: cannot read the draft vocabulary .*No such file"),

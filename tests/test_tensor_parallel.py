@@ -185,7 +185,8 @@ def test_pallas_attention_runs_per_device_heads(n):
     """Under a tensor mesh the Mosaic GPU kernels run per device on their own heads (shard_map):
     the hybrid / prefix / tree results equal the single-device float32 references, and the output
     stays split over heads (no gathered KV cache)."""
-    from pallas_kernels import api, reference as ref
+    import pallas_kernels
+    from pallas_kernels import reference as ref
 
     mesh = sharding.tensor_parallel_mesh(n)
     B, T, N, K, H, S = 1, 5, 8, 4, 64, 256
@@ -199,29 +200,45 @@ def test_pallas_attention_runs_per_device_heads(n):
     mask = jnp.tril(jnp.ones((B, T, T), bool))
     heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "tensor", None))
     qs, kcs, vcs, kns, vns = (jax.device_put(x, heads) for x in (q, kc, vc, kn, vn))
-    run = jax.jit(lambda *a: api.hybrid_attention(*a, implementation="pallas_interpret", mesh=mesh))
-    out, lse = run(qs, kcs, vcs, lengths, kns, vns, mask)
+    run = jax.jit(lambda *a: pallas_kernels.hybrid_attention(*a, implementation="pallas_interpret"))
+    with jax.set_mesh(mesh):  # the ambient mesh splits the heads
+        out, lse = run(qs, kcs, vcs, lengths, kns, vns, mask)
     r_out, r_lse = ref.dense_attention_ref(q, kc, vc, lengths, kn, vn, mask)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(r_out, np.float32), atol=2e-2, rtol=2e-2)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(r_lse), atol=1e-2, rtol=1e-3)
     assert out.sharding.spec[2] == "tensor" and len(out.sharding.device_set) == n
-    p_out, _ = jax.jit(lambda *a: api.prefix_attention(*a, implementation="pallas_interpret", mesh=mesh))(
-        qs, kcs, vcs, lengths)
+    with jax.set_mesh(mesh):
+        p_out, _ = jax.jit(lambda *a: pallas_kernels.prefix_attention(*a, implementation="pallas_interpret"))(
+            qs, kcs, vcs, lengths)
     rp_out, _ = ref.prefix_attention_ref(q, kc, vc, lengths)
     np.testing.assert_allclose(np.asarray(p_out, np.float32), np.asarray(rp_out, np.float32), atol=2e-2, rtol=2e-2)
 
 
-def test_place_for_inference_tells_attention_the_mesh(models):
-    target, draft, _ = models
-    mesh = sharding.tensor_parallel_mesh(2)
-    placed = sharding.place_for_inference(target, mesh)
-    assert all(layer.attn.mesh is mesh for layer in placed.layers)
-    assert getattr(target.layers[0].attn, "mesh", None) is None  # the caller's model is untouched
-    assert sharding.place_for_inference(draft, mesh, what="draft").mesh is mesh
-    with pytest.raises(ValueError, match="heads only"):
-        from pallas_kernels import api
+def test_attention_kernels_read_the_ambient_mesh():
+    """The kernels split heads over the mesh set by `jax.set_mesh` (nothing is stored on a model):
+    not without one, not inside a shard_map over the head axis, and never over another axis."""
+    from jax.sharding import PartitionSpec as P
 
-        api._heads_split(sharding.make_mesh(data=2, tensor=2), "tensor")
+    from pallas_kernels import api
+
+    mesh = sharding.tensor_parallel_mesh(2)
+    assert api.head_parallel_mesh() is None
+    with jax.set_mesh(mesh):
+        assert dict(api.head_parallel_mesh().shape)["tensor"] == 2
+        seen = []
+
+        def per_device(x):
+            seen.append(api.head_parallel_mesh())  # already split: no second shard_map
+            return x
+
+        jax.eval_shape(jax.shard_map(per_device, mesh=mesh, in_specs=P("tensor"), out_specs=P("tensor")),
+                       jnp.zeros(4))
+        assert seen == [None]
+    with jax.set_mesh(sharding.tensor_parallel_mesh(1)):
+        assert api.head_parallel_mesh() is None  # a one-device head axis: nothing to split
+    with pytest.raises(ValueError, match="heads only"):
+        with jax.set_mesh(sharding.make_mesh(data=2, tensor=2)):
+            api.head_parallel_mesh()
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -244,9 +261,18 @@ def test_vocab_parallel_embedding_lookup(n):
 
 
 def test_placed_embedding_uses_the_mesh(models):
+    """Under the ambient mesh a placed model's embedding looks tokens up per vocabulary slice (one
+    all-reduce, no gathered table) and gives the single-device rows."""
+    import re
+
     target, _, prompts = models
     mesh = sharding.tensor_parallel_mesh(2)
     placed = sharding.place_for_inference(target, mesh)
-    assert placed.embedder.mesh is mesh and target.embedder.mesh is None
+    graphdef, state = nnx.split(placed)
+    embed = jax.jit(lambda state, toks: nnx.merge(graphdef, state).embed(toks))
     toks = jnp.asarray([prompts[0][:9]], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(placed.embed(toks)), np.asarray(target.embed(toks)))
+    with jax.set_mesh(mesh):
+        rows = embed(state, toks)
+        hlo = embed.lower(state, toks).compile().as_text()
+    assert not re.search(r"all-gather(-start)?\(", hlo) and re.search(r"all-reduce(-start)?\(", hlo)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(target.embed(toks)))
