@@ -6,7 +6,7 @@ draft level, every tree's node count), one layer's attention is checked against 
 references and then timed as:
   prefix   the Mosaic GPU prefix kernel at its default config (the GPU's tuning table or the heuristic)
   tree     the Mosaic GPU tree kernel
-  hybrid   prefix + tree + exact LSE merge (`api.hybrid_attention`, implementation "pallas")
+  hybrid   prefix + tree + exact LSE merge (`pallas_kernels.hybrid_attention`, implementation "pallas")
   xla      the same composition in float32 XLA (implementation "xla")
   dense    one masked attention over [prefix ; tree] (`reference.dense_attention_ref`): the "HF" baseline
   gqa      at T = 1, JAX's bundled Triton `decode_attention.gqa` (deprecated; a baseline only)
@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, workloads
-from pallas_kernels import api, xla_attention
+import pallas_kernels as api
+from pallas_kernels import xla_attention
 from pallas_kernels import reference as ref
 
 CALLS = 8  # invocations per jitted call (1 in interpret mode)

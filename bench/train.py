@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common, workloads
-from train import setup
+from train import build as setup
 from train import step as step_lib
 from train.config import from_dict
 
@@ -42,7 +42,7 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--loss-chunk", type=int, default=1024)
     parser.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     parser.add_argument("--attention-impl", default="xla", choices=["xla", "pallas", "auto"])
-    parser.add_argument("--train-attention", default="auto", choices=["auto", "model", "chunked", "flash"],
+    parser.add_argument("--train-attention", default="auto", choices=["auto", "dense", "chunked", "flash"],
                         help="train.attention (auto: the dense model forwards up to 4k tokens, query-chunked above)")
     parser.add_argument("--attention-chunk", type=int, default=1024, help="query rows per block for 'chunked'")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
@@ -66,7 +66,7 @@ def flops(tcfg, draft_params: int, target_params: int, batch: int, T: int, windo
 def train_attention(args, T: int) -> str:
     if args.train_attention != "auto":
         return args.train_attention
-    return "chunked" if T > 4096 else "model"
+    return "chunked" if T > 4096 else "dense"
 
 
 def count(tree) -> int:

@@ -19,8 +19,8 @@ Off a Hopper GPU the variants run in Mosaic GPU interpret mode: correctness only
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import json
 import math
 import os
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from bench import common, kernels, workloads
 from pallas_kernels import prefix_decode, tuning
+from pallas_kernels.tuning import ROWS_PER_WG
 from pallas_kernels import reference as ref
 
 SM_COUNT = 132  # H100 SXM / H200; only used to propose split counts (waves of CTAs)
@@ -50,9 +51,7 @@ def add_cli_args(parser) -> None:
 
 def heuristic_knobs(T, G, K, B, S, H) -> dict:
     """The kernel's heuristic config as named knobs."""
-    c = prefix_decode.heuristic_config(T, G, K, B, S, H)
-    return {"num_wg": c[0], "block_kv": c[1], "stages": c[2], "num_splits": c[3], "pingpong": bool(c[4]),
-            "overlap": bool(c[7])}
+    return dataclasses.asdict(tuning.heuristic_config(T, G, K, B, S, H))
 
 
 def variants(T, G, K, B, S, H, quick=False) -> list[dict]:
@@ -62,17 +61,17 @@ def variants(T, G, K, B, S, H, quick=False) -> list[dict]:
     intra-warpgroup overlap off and on where the pipeline has two stages or more."""
     rows = T * G
     out = []
-    for num_wg in ((1,) if rows <= prefix_decode.ROWS_PER_WG else (1, 2)):
+    for num_wg in ((1,) if rows <= ROWS_PER_WG else (1, 2)):
         for block_kv in (64, 128):
             if S % block_kv:
                 continue
-            stages = prefix_decode.smem_stages(num_wg, block_kv, H)
+            stages = tuning.smem_stages(num_wg, block_kv, H)
             if quick:
                 splits = [heuristic_knobs(T, G, K, B, S, H)["num_splits"]]
             else:
-                ctas = K * B * -(-rows // (num_wg * prefix_decode.ROWS_PER_WG))
+                ctas = K * B * -(-rows // (num_wg * ROWS_PER_WG))
                 # Two CTAs fit on an SM when one takes at most half its shared memory: count waves against that.
-                smem = stages * 2 * block_kv * H * 2 + num_wg * prefix_decode.ROWS_PER_WG * H * 2
+                smem = stages * 2 * block_kv * H * 2 + num_wg * ROWS_PER_WG * H * 2
                 slots = SM_COUNT * (2 if smem <= 113 * 1024 else 1)
                 splits = sorted({max(1, min(64, S // block_kv, -(-w * slots // ctas))) for w in (1, 2, 3, 4)})
             for num_splits in splits:
@@ -134,30 +133,12 @@ def tune_point(G, K, H, S, T, ceil, reps, quick=False, baseline=None, num_wg=Non
 
 
 def install_table(device_kind: str, entries: list[dict], meta: dict) -> str:
-    """Merge the winners of `entries` into pallas_kernels/tuning/prefix_<device kind>.json: the swept
-    shapes replace their entries, the table's other shapes stay. The only place that knows the
-    table's on-disk format: `tuning.lookup` reads a positional config (num_wg, block_kv, stages,
-    num_splits, pingpong, lone_splits, lone_share, overlap); the last-tile knobs are written at
-    their defaults (lone_splits = num_splits, not shared)."""
-
-    def positional(k):
-        return [k["num_wg"], k["block_kv"], k["stages"], k["num_splits"], k["pingpong"], k["num_splits"], False,
-                k["overlap"]]
-
-    shape = lambda e: tuple(e[k] for k in ("G", "K", "B", "H", "T", "S"))  # noqa: E731
-    new = [{**{k: e[k] for k in ("G", "K", "B", "H", "T", "S", "floor_us")}, "config": positional(e["knobs"]),
-            "t_us": e["us"], "heuristic_config": positional(e["heuristic"]), "heuristic_t_us": e["heuristic_us"]}
-           for e in entries if e["knobs"]]
+    """Merge the winners of `entries` into pallas_kernels/tuning/prefix_<device kind>.json through
+    `tuning.install_entries` (named knobs, versioned; the swept shapes replace their entries)."""
+    new = [{**{k: e[k] for k in ("G", "K", "B", "H", "T", "S", "floor_us")}, "config": e["knobs"], "t_us": e["us"],
+            "heuristic_config": e["heuristic"], "heuristic_t_us": e["heuristic_us"]} for e in entries if e["knobs"]]
     path = os.path.join(tuning.TABLE_DIR, tuning.device_file_name(device_kind))
-    table_meta, old = dict(meta), []
-    if os.path.exists(path):
-        with open(path) as f:
-            prev = json.load(f)
-        old = [e for e in prev.get("entries", []) if shape(e) not in {shape(n) for n in new}]
-        if old:  # where the kept entries come from
-            table_meta["kept_entries_meta"] = prev.get("meta", {}).get("kept_entries_meta", prev.get("meta"))
-    common.write_json(path, {"meta": table_meta, "entries": sorted(old + new, key=lambda e: (e["G"], e["S"], -e["T"]))})
-    tuning.load_table.cache_clear()
+    tuning.install_entries(path, new, meta)
     return path
 
 

@@ -90,8 +90,7 @@ def test_tune_variants_and_table_format(tmp_path, monkeypatch):
              "heuristic": tune.heuristic_knobs(69, 4, 8, 1, 32768, 128), "heuristic_us": 3.0}
     tune.install_table("Fake GPU", [entry], {"device": "Fake GPU"})
     got = tuning.lookup(69, 4, 8, 1, 32768, 128, device_kind="Fake GPU", table_dir=str(tmp_path))
-    assert got[:5] == (knobs["num_wg"], knobs["block_kv"], knobs["stages"], knobs["num_splits"], knobs["pingpong"])
-    assert got[-1] == (knobs["overlap"] and knobs["stages"] >= 2)
+    assert got == tuning.PrefixConfig(**knobs)  # the named knobs read back as written
 
 
 def test_train_tiny(tmp_path):
