@@ -139,7 +139,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
         state, metrics = step_fn(state, frozen, batch)
         # Counted on the device, so steps between two logged ones add their tokens without a sync.
         tok_acc = metrics["tokens"] if tok_acc is None else tok_acc + metrics["tokens"]
-        out_of_time = time_limit_s is not None and s + 1 < end and _all_agree(
+        out_of_time = time_limit_s is not None and s + 1 < end and _from_process_0(
             time.perf_counter() - t_start > time_limit_s)
         if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None or out_of_time:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -183,7 +183,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     return last
 
 
-def _all_agree(flag: bool) -> bool:
+def _from_process_0(flag: bool) -> bool:
     """Process 0's `flag`, on every process: a decision taken from a local clock (the time limit) must
     be the same everywhere, or one host would leave the step loop while the others wait for it."""
     if jax.process_count() == 1:
