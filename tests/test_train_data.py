@@ -73,15 +73,15 @@ def test_packing_is_exact_concatenation_and_resumable(tmp_path):
     np.testing.assert_array_equal(rows, stream[: len(rows)])
     # Resuming at a saved position gives exactly the batches an uninterrupted loader gives.
     a = DataLoader(docs, cfg, pad_id=0, rows_per_step=4)
-    seq = [a.next_batch(2) for _ in range(loader.steps_per_epoch + 3)]
+    seq = [a.batch(*a.next_step(2)) for _ in range(loader.steps_per_epoch + 3)]
     b = DataLoader(docs, cfg, pad_id=0, rows_per_step=4)
     for _ in range(5):
-        b.next_batch(2)
+        b.next_step(2)
     pos = b.position()
     c = DataLoader(docs, cfg, pad_id=0, rows_per_step=4)
     c.restore(pos)
     for want in seq[5:]:
-        got = c.next_batch(2)
+        got = c.batch(*c.next_step(2))
         np.testing.assert_array_equal(got["tokens"], want["tokens"])
     assert c.epoch == 1  # crossed into the second epoch, with a different order
     epoch = lambda e: np.stack([loader.row(e, i)[0] for i in range(loader.rows_per_epoch)])  # noqa: E731
@@ -98,12 +98,35 @@ def test_padding_truncation_and_hosts(tmp_path):
     assert mask.sum() == 6  # 5 bytes + EOS
     toks, mask = loader.row(0, 1)
     assert mask.all() and decode(toks) == "a much longer do"
-    # Two hosts split each global batch.
-    h0 = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=2, process_index=0, process_count=2)
-    h1 = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=2, process_index=1, process_count=2)
-    full = loader.next_batch(1)["tokens"]
-    np.testing.assert_array_equal(np.concatenate([h0.next_batch(1)["tokens"], h1.next_batch(1)["tokens"]], 1),
-                                  full)
+    epoch, ids = loader.next_step(1)
+    np.testing.assert_array_equal(ids, [[0, 1]])
+    np.testing.assert_array_equal(loader.batch(epoch, ids)["tokens"][0, 1], toks)
+
+
+def test_device_batch_reads_only_the_rows_of_local_devices(tmp_path):
+    """On a mesh, the global batch is assembled from the rows each device holds (a host of a pod
+    reads only those); it equals the host batch, and the rows read are those of the local shards."""
+    import jax
+
+    from longspec_jax import sharding
+    from train.build import batch_sharding
+
+    recs = [{"text": f"record {i} " * (i % 3 + 1)} for i in range(40)]
+    cfg = data_cfg(paths=[write_jsonl(tmp_path / "d.jsonl", recs)], seq_len=8, packing=True)
+    loader = DataLoader(load_documents(cfg, TOK), cfg, pad_id=0, rows_per_step=16)
+    loader.next_step(2)
+    epoch, ids = loader.next_step(2)  # the second step: rows 16..31 as [2, 8]
+    mesh = sharding.make_mesh(4, 1, 2)  # batch over 4 devices, each row on 2 (tensor)
+    batch, rows = loader.device_batch(epoch, ids, batch_sharding(mesh))
+    assert rows == list(range(16, 32))  # one process holds every device here
+    want = loader.batch(epoch, ids)
+    for k in ("tokens", "loss_mask"):
+        assert batch[k].shape == (2, 8, 8) and batch[k].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(batch[k]), want[k])
+    assert batch["tokens"].sharding == batch_sharding(mesh)
+    shard = batch["tokens"].addressable_shards[0]
+    np.testing.assert_array_equal(np.asarray(shard.data), want["tokens"][shard.index])
+    assert jax.device_count() == 8
 
 
 def test_errors(tmp_path):

@@ -23,7 +23,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def initialize_distributed(mode: bool | str) -> bool:
+def initialize_distributed(mode: bool | str, *, heartbeat_timeout_s: int = 100) -> bool:
     """Start JAX's multi-process runtime (`jax.distributed.initialize`) for a multi-host launch.
 
     mode: False (never), True (always) or "auto" (when a launch is found). Two kinds of launch:
@@ -31,6 +31,7 @@ def initialize_distributed(mode: bool | str) -> bool:
         and JAX_PROCESS_ID set in every process (a plain multi-node launch);
       - a cluster JAX detects itself (SLURM `srun`, Open MPI `mpirun`, TPU pods, ...): with nothing
         set, "auto" asks `jax.distributed.initialize()` and runs single-process when it finds none.
+    heartbeat_timeout_s: how long the processes wait for a dead peer before JAX stops them.
     Returns whether the runtime runs. It must start before any JAX call touches the devices: the CLI
     calls this first; an in-process caller that already used JAX gets a single-process run in "auto".
     """
@@ -50,11 +51,11 @@ def initialize_distributed(mode: bool | str) -> bool:
         if not 0 <= index < count:
             raise TrainConfigError(f"JAX_PROCESS_ID={index} must be in 0 .. JAX_NUM_PROCESSES - 1 = {count - 1}")
         jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=count,
-                                   process_id=index)
+                                   process_id=index, heartbeat_timeout_seconds=heartbeat_timeout_s)
         return True
     if mode == "auto":
         try:
-            jax.distributed.initialize()
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
         except ValueError:
             # No cluster was detected, so there is no coordinator to join: a single-process run.
             return False
@@ -62,7 +63,7 @@ def initialize_distributed(mode: bool | str) -> bool:
             # JAX's backend already runs in this process (an in-process caller): too late to join.
             return False
         return True
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     return True
 
 

@@ -197,12 +197,15 @@ class MeshSection:
 
     distributed: "auto" (call jax.distributed.initialize() when a multi-process launch is detected
       from the environment), True (always) or False (never).
+    heartbeat_timeout_s: seconds without a heartbeat after which a multi-process run gives up on a
+      process that died: the others stop with JAX's "another task died" error instead of waiting.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     distributed: bool | str = "auto"
+    heartbeat_timeout_s: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,12 +228,14 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class LogSection:
-    """Metrics: JSONL file (one line per logged step), progress bar, optional TensorBoard."""
+    """Metrics: JSONL file (one line per logged step), progress bar, optional TensorBoard; `rows`: a
+    path prefix where each process logs the global data rows it read per step (`<rows>.<process>`)."""
 
     metrics: str = ""
     every: int = 1
     progress: bool = True
     tensorboard: str = ""
+    rows: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,6 +422,8 @@ def validate(cfg: TrainConfig) -> None:
                                "epoch of the data")
     if t.attention_chunk < 1:
         raise TrainConfigError(f"train.attention_chunk must be >= 1, got {t.attention_chunk}")
+    if cfg.mesh.heartbeat_timeout_s < 1:
+        raise TrainConfigError(f"mesh.heartbeat_timeout_s must be >= 1 second, got {cfg.mesh.heartbeat_timeout_s}")
     if cfg.log.every < 1:
         raise TrainConfigError(f"log.every must be >= 1 (log every N steps), got {cfg.log.every}")
     if not 1 <= t.min_lag <= t.max_lag:

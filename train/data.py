@@ -26,6 +26,7 @@ import dataclasses
 import glob
 import json
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -315,10 +316,12 @@ def _cache_path(cfg: DataSection, tok, files: list[tuple[str, str]]) -> str:
 def _write_cache(path: str, docs: list[Document]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     lengths = np.asarray([len(d.ids) for d in docs], np.int64)
-    tmp = path + ".tmp.npz"
-    # Written to a temporary name, then renamed: an interrupted write never leaves a half cache.
-    np.savez(tmp, ids=np.concatenate([d.ids for d in docs]), mask=np.concatenate([d.mask for d in docs]),
-             lengths=lengths, where=np.asarray([d.where for d in docs]))
+    # Written to a temporary file of its own, then renamed: an interrupted write never leaves a half
+    # cache, and the processes of a pod, which all encode the data, never write into one file.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path), suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, ids=np.concatenate([d.ids for d in docs]), mask=np.concatenate([d.mask for d in docs]),
+                 lengths=lengths, where=np.asarray([d.where for d in docs]))
     os.replace(tmp, path)
 
 
@@ -336,22 +339,22 @@ def _read_cache(path: str) -> list[Document]:
 class DataLoader:
     """Deterministic, resumable batches of fixed-shape rows.
 
+    A step's global batch is rows `index .. index + rows_per_step` of the epoch's order, as
+    [A, B, T] (A micro-batches of B rows). On a mesh, `device_batch` reads only the rows the local
+    devices hold: on a multi-host pod every host reads its own share of each global batch (all
+    hosts must see the same files, so that they agree on the order).
+
     Args:
       docs: encoded documents.
       cfg: the data section (seq_len, packing, truncate, shuffle, seed).
       pad_id: id written into padding slots (masked out of the loss).
-      rows_per_step: A * B rows consumed per optimizer step (global, over all processes).
-      process_index, process_count: this host's share of each global batch (rows are split evenly).
+      rows_per_step: A * B rows consumed per optimizer step (the global batch).
     """
 
-    def __init__(self, docs: list[Document], cfg: DataSection, *, pad_id: int, rows_per_step: int,
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(self, docs: list[Document], cfg: DataSection, *, pad_id: int, rows_per_step: int):
         self.docs, self.cfg, self.pad_id = docs, cfg, int(pad_id)
         self.T = cfg.seq_len
         self.rows_per_step = rows_per_step
-        if rows_per_step % process_count:
-            raise DataError(f"the global batch ({rows_per_step} rows) must divide over {process_count} hosts")
-        self.process_index, self.process_count = process_index, process_count
         self.lengths = np.asarray([len(d.ids) for d in docs], np.int64)
         if not cfg.packing and not cfg.truncate:
             too_long = np.nonzero(self.lengths > self.T)[0]
@@ -416,18 +419,37 @@ class DataLoader:
             j += 1
         return np.concatenate(toks), np.concatenate(masks)
 
-    def next_batch(self, accum: int) -> dict[str, np.ndarray]:
-        """This process's share of the next optimizer step: tokens / loss_mask [A, B_local, T]."""
+    # -- batches -------------------------------------------------------------------------------
+    def next_step(self, accum: int) -> tuple[int, np.ndarray]:
+        """(epoch, row indices [A, B]) of the next optimizer step's global batch; advances the position."""
         if self.index + self.rows_per_step > self.rows_per_epoch:
             # Drop the epoch's remainder (it would give a ragged step), start the next epoch.
             self.epoch, self.index = self.epoch + 1, 0
-        per_micro = self.rows_per_step // accum
-        local = per_micro // self.process_count
-        toks = np.empty((accum, local, self.T), np.int32)
-        mask = np.empty((accum, local, self.T), np.uint8)
-        for a in range(accum):
-            for b in range(local):
-                r = self.index + a * per_micro + self.process_index * local + b
-                toks[a, b], mask[a, b] = self.row(self.epoch, r)
+        ids = self.index + np.arange(self.rows_per_step).reshape(accum, -1)
         self.index += self.rows_per_step
-        return {"tokens": toks, "loss_mask": mask}
+        return self.epoch, ids
+
+    def batch(self, epoch: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows `ids` (any shape) of an epoch: tokens int32 / loss_mask uint8 [*ids.shape, T]."""
+        rows = [self.row(epoch, int(i)) for i in ids.ravel()]
+        return {"tokens": np.stack([r[0] for r in rows]).reshape(ids.shape + (self.T,)),
+                "loss_mask": np.stack([r[1] for r in rows]).reshape(ids.shape + (self.T,))}
+
+    def device_batch(self, epoch: int, ids: np.ndarray, sharding) -> tuple[dict[str, Any], list[int]]:
+        """The global batch of rows `ids` [A, B] as jax Arrays [A, B, T] int32 laid out by `sharding`,
+        reading only the rows held by this process's devices; also returns those row indices."""
+        import jax
+
+        shape = ids.shape + (self.T,)
+        where = sharding.addressable_devices_indices_map(shape).values()
+        local = sorted({int(i) for index in where for i in ids[index[:2]].ravel()})
+        rows = dict(zip(local, (self.row(epoch, i) for i in local)))
+
+        def field(k):
+            def shard(index):  # index: slices of the [A, B, T] global shape
+                return np.stack([rows[int(i)][k] for i in ids[index[:2]].ravel()]).reshape(
+                    ids[index[:2]].shape + (self.T,))[..., index[2]].astype(np.int32)
+
+            return jax.make_array_from_callback(shape, sharding, shard)
+
+        return {"tokens": field(0), "loss_mask": field(1)}, local

@@ -1,8 +1,9 @@
 """Training metrics sinks: a JSONL file (one object per logged step) and optional TensorBoard.
 
-Only process 0 writes. Lines are flushed at once so a killed run keeps everything it logged. A run
-resumed from step s first drops the records after s (and a line cut short by the kill) from the file,
-so the log reads as one uninterrupted run: each step once, in order.
+Only process 0 writes metrics; with `log.rows` every process also logs the data rows it read
+(`RowsLog`). Lines are flushed at once so a killed run keeps everything it logged. A run resumed
+from step s first drops the records after s (and a line cut short by the kill) from its files, so
+each log reads as one uninterrupted run: each step once, in order.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ class MetricsWriter:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class RowsLog:
+    """`log.rows`: each process appends {"step", "epoch", "rows"} (the global row indices of the epoch
+    that it read for the step) to `<log.rows>.<process index>`, to audit how a pod splits the data.
+
+    resumed_at: as for `MetricsWriter`.
+    """
+
+    def __init__(self, path: str, *, resumed_at: int | None = None):
+        self.file = None
+        if path:
+            path = f"{path}.{jax.process_index()}"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if resumed_at is not None and os.path.exists(path):
+                _truncate(path, resumed_at)
+            self.file = open(path, "a", buffering=1)
+
+    def write(self, step: int, epoch: int, rows: list[int]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "epoch": epoch, "rows": rows}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _truncate(path: str, step: int) -> None:

@@ -25,13 +25,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from train import build
+from train import checkpoint as checkpoint_lib
 from train import config as config_lib
 from train import data as data_lib
-from train import build
 from train import step as step_lib
-from train import checkpoint as checkpoint_lib
 from train.checkpoint import CheckpointError, Checkpointer
-from train.metrics import MetricsWriter
+from train.metrics import MetricsWriter, RowsLog
 
 
 def build_data(cfg, tcfg, target_path):
@@ -39,9 +39,8 @@ def build_data(cfg, tcfg, target_path):
     tok = data_lib.load_tokenizer(cfg.model.tokenizer, target_path)
     data_lib.check_tokenizer(tok, tcfg.vocab_size)
     docs = data_lib.load_documents(cfg.data, tok)
-    loader = data_lib.DataLoader(docs, cfg.data, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                                 rows_per_step=cfg.train.batch_size * cfg.train.grad_accum,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+    loader = data_lib.DataLoader(docs, cfg.data, pad_id=tok.pad_token_id,
+                                 rows_per_step=cfg.train.batch_size * cfg.train.grad_accum)
     return tok, loader
 
 
@@ -81,7 +80,7 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     to fit the budget and treat the limit as a safety net.
     """
     t_start = time.perf_counter()
-    build.initialize_distributed(cfg.mesh.distributed)
+    build.initialize_distributed(cfg.mesh.distributed, heartbeat_timeout_s=cfg.mesh.heartbeat_timeout_s)
     # Every refusal about checkpoint.dir comes before anything is built or written.
     resume_from = checkpoint_lib.resume_step(cfg, resume)
     mesh = build.build_mesh(cfg)
@@ -131,15 +130,17 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     tokens_since, t_since, tok_acc = 0.0, time.perf_counter(), None
     compile_s, stopped_early = None, False
     end = total if stop_after is None else min(total, start + stop_after)
+    rows_log = RowsLog(cfg.log.rows, resumed_at=start if resume else None)
     for s in range(start, end):
-        local = loader.next_batch(t.grad_accum)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh, v.astype(np.int32))
-                 for k, v in local.items()}
+        epoch, ids = loader.next_step(t.grad_accum)
+        batch, local_rows = loader.device_batch(epoch, ids, batch_sh)  # this host's rows only
+        rows_log.write(s + 1, epoch, local_rows)
         t0 = time.perf_counter()
         state, metrics = step_fn(state, frozen, batch)
         # Counted on the device, so steps between two logged ones add their tokens without a sync.
         tok_acc = metrics["tokens"] if tok_acc is None else tok_acc + metrics["tokens"]
-        out_of_time = time_limit_s is not None and time.perf_counter() - t_start > time_limit_s and s + 1 < end
+        out_of_time = time_limit_s is not None and s + 1 < end and _from_process_0(
+            time.perf_counter() - t_start > time_limit_s)
         if (s + 1) % cfg.log.every == 0 or s + 1 == end or compile_s is None or out_of_time:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
@@ -175,10 +176,21 @@ def train(cfg: config_lib.TrainConfig, *, resume: bool = False, stop_after: int 
     if ckpt is not None:
         ckpt.close()
     writer.close()
+    rows_log.close()
     out = export(cfg, trained_graphdef, state.params, tcfg, tok) if end == total or stopped_early else None
     if lead and out:
         print(f"exported the trained {'draft' if t.objective == 'draft' else 'target'} to {out}", file=sys.stderr)
     return last
+
+
+def _from_process_0(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: a decision taken from a local clock (the time limit) must
+    be the same everywhere, or one host would leave the step loop while the others wait for it."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
