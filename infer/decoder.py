@@ -11,6 +11,7 @@ is the one-shot case (every row starts together, the loop runs until every row i
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Callable, Sequence
@@ -128,6 +129,11 @@ class Decoder:
         return DecodeLoop(shape, sample_drafts=bool(shape is not None and self.sample_drafts and shape.is_chain
                                                     and sampled))
 
+    def mesh_context(self):
+        """The ambient mesh for compiling and running (`jax.set_mesh`): the kernels and the embedding
+        read it to split heads and vocabulary over the devices; a no-op without a mesh."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def generate(self, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams] = None,
                  eos_ids: Sequence[int] | None = None, seed: int | Sequence[int] = 0, cache_capacity: int | None = None,
                  stream_callback: StreamFn | None = None, stream_every: int = 8, stream_interval_s: float = 0.25,
@@ -149,73 +155,74 @@ class Decoder:
             start at `stream_every` steps and grow to about `stream_interval_s` seconds each.
           progress: called as `progress(tokens done, total, seconds)` after each prefill chunk.
         """
-        cfg = self.target.cfg
-        rows = runtime.as_rows(prompt_ids)
-        runtime.check_prompts(rows, cfg, max_new_tokens)
-        if stream_callback is not None and stream_every < 1:
-            raise ValueError(f"stream_every must be >= 1, got {stream_every}")
-        B = len(rows)
-        row_sampling = RowSampling.rows(sampling or SamplingParams(), B)
-        sampled = bool(np.any(row_sampling.temperature > 0))
-        eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_ids is None else eos_ids))
-        seeds = [int(seed) + b for b in range(B)] if np.ndim(seed) == 0 else [int(s) for s in seed]
-        if len(seeds) != B:
-            raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
-        lens = np.array([r.size for r in rows], np.int32)
-        longest = int(lens.max())
-        padded, chunk = runtime.prompt_bucket(longest, self.prefill_chunk)
-        loop = self.loop_for(longest, max_new_tokens, sampled)
-        needed = longest + max_new_tokens + loop.num_nodes
-        capacity = cache_capacity if cache_capacity is not None else max(runtime.capacity_bucket(needed), padded)
-        min_cap = max(padded, longest + loop.num_nodes)
-        if capacity < min_cap:
-            raise ValueError(
-                f"cache_capacity (--cache-capacity) {capacity} cannot hold the padded prompt ({padded} slots) and "
-                f"one step after the prompt ({longest} + {loop.num_nodes}); pass at least {min_cap} (at least "
-                f"{needed} to never stop early), or leave it unset.")
-        out_size, G = runtime.output_bucket(max_new_tokens), loop.max_accept
-        ring_slots = self.ring_slots(G)
-        put = self.put
-        cache_sharding = None if self.mesh is None else shd.cache_sharding(
-            self.mesh, shape=(B, capacity, cfg.num_kv_heads, cfg.head_dim))
-        cache = kvc.KVCache.init(cfg, B, capacity, self.cache_dtype, sharding=cache_sharding)
-        compile_before = self.compiler.seconds
-        graphs = dict(t_graph=self.t_graph, d_graph=self.d_graph)
-        start_args = (self.t_state, self.d_state, cache, put(np.zeros((B, cfg.hidden_size), np.float32)),
-                      put(runtime.tail_tokens(rows, ring_slots or 1)), put(lens),
-                      put(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))), put(np.full(B, max_new_tokens,
-                                                                                             np.int32)),
-                      put(np.tile(eos_array(eos), (B, 1))), jax.tree.map(put, row_sampling))
-        start_exe = self.compiler.get("start", start_jit, start_args, dict(
-            graphs, loop=loop, out_size=out_size, max_accept=G, ring_slots=ring_slots))
-        # Compile the prefill too before the clock starts (the arrays only provide shapes).
-        tokens = runtime.padded_tokens(rows, padded)
+        with self.mesh_context():  # the ambient mesh (tensor parallelism) for compiling and running
+            cfg = self.target.cfg
+            rows = runtime.as_rows(prompt_ids)
+            runtime.check_prompts(rows, cfg, max_new_tokens)
+            if stream_callback is not None and stream_every < 1:
+                raise ValueError(f"stream_every must be >= 1, got {stream_every}")
+            B = len(rows)
+            row_sampling = RowSampling.rows(sampling or SamplingParams(), B)
+            sampled = bool(np.any(row_sampling.temperature > 0))
+            eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_ids is None else eos_ids))
+            seeds = [int(seed) + b for b in range(B)] if np.ndim(seed) == 0 else [int(s) for s in seed]
+            if len(seeds) != B:
+                raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
+            lens = np.array([r.size for r in rows], np.int32)
+            longest = int(lens.max())
+            padded, chunk = runtime.prompt_bucket(longest, self.prefill_chunk)
+            loop = self.loop_for(longest, max_new_tokens, sampled)
+            needed = longest + max_new_tokens + loop.num_nodes
+            capacity = cache_capacity if cache_capacity is not None else max(runtime.capacity_bucket(needed), padded)
+            min_cap = max(padded, longest + loop.num_nodes)
+            if capacity < min_cap:
+                raise ValueError(
+                    f"cache_capacity (--cache-capacity) {capacity} cannot hold the padded prompt ({padded} slots) and "
+                    f"one step after the prompt ({longest} + {loop.num_nodes}); pass at least {min_cap} (at least "
+                    f"{needed} to never stop early), or leave it unset.")
+            out_size, G = runtime.output_bucket(max_new_tokens), loop.max_accept
+            ring_slots = self.ring_slots(G)
+            put = self.put
+            cache_sharding = None if self.mesh is None else shd.cache_sharding(
+                self.mesh, shape=(B, capacity, cfg.num_kv_heads, cfg.head_dim))
+            cache = kvc.KVCache.init(cfg, B, capacity, self.cache_dtype, sharding=cache_sharding)
+            compile_before = self.compiler.seconds
+            graphs = dict(t_graph=self.t_graph, d_graph=self.d_graph)
+            start_args = (self.t_state, self.d_state, cache, put(np.zeros((B, cfg.hidden_size), np.float32)),
+                          put(runtime.tail_tokens(rows, ring_slots or 1)), put(lens),
+                          put(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))), put(np.full(B, max_new_tokens,
+                                                                                                 np.int32)),
+                          put(np.tile(eos_array(eos), (B, 1))), jax.tree.map(put, row_sampling))
+            start_exe = self.compiler.get("start", start_jit, start_args, dict(
+                graphs, loop=loop, out_size=out_size, max_accept=G, ring_slots=ring_slots))
+            # Compile the prefill too before the clock starts (the arrays only provide shapes).
+            tokens = runtime.padded_tokens(rows, padded)
 
-        compiled_before_prefill = self.compiler.seconds
-        t0 = time.perf_counter()
-        cache, hidden = runtime.prefill(self.compiler, self.t_graph, self.t_state, cache, tokens, lens, chunk,
-                                        hidden_size=cfg.hidden_size, put=put, progress=progress)
-        compiled_in_prefill = self.compiler.seconds - compiled_before_prefill
-        state = start_exe(self.t_state, self.d_state, cache, hidden, *start_args[4:])
-        jax.block_until_ready(state)
-        prefill_s = time.perf_counter() - t0 - compiled_in_prefill
-
-        run_args = (self.t_state, self.d_state, state, self.vocab, put(np.int32(MAX_ITERS)), put(np.bool_(False)))
-        run_exe = self.compiler.get("run", run_jit, run_args, dict(graphs, loop=loop))
-        t0 = time.perf_counter()
-        # Everything the loop reads is on the device: a host round trip inside it would be a bug.
-        with jax.transfer_guard("disallow"):
-            if stream_callback is None:
-                state = run_exe(*run_args[:2], state, *run_args[3:])
-            else:
-                state = self._run_streaming(run_exe, state, max_new_tokens, stream_callback, stream_every,
-                                            stream_interval_s)
+            compiled_before_prefill = self.compiler.seconds
+            t0 = time.perf_counter()
+            cache, hidden = runtime.prefill(self.compiler, self.t_graph, self.t_state, cache, tokens, lens, chunk,
+                                            hidden_size=cfg.hidden_size, put=put, progress=progress)
+            compiled_in_prefill = self.compiler.seconds - compiled_before_prefill
+            state = start_exe(self.t_state, self.d_state, cache, hidden, *start_args[4:])
             jax.block_until_ready(state)
-        decode_s = time.perf_counter() - t0
-        return self._result(state, loop, lens, capacity, ring_slots, dict(
-            compile_s=self.compiler.seconds - compile_before, prefill_s=prefill_s, decode_s=decode_s),
-            shapes=dict(batch=B, padded_prompt=padded, prefill_chunk=chunk, cache_capacity=capacity,
-                        output_buffer=out_size))
+            prefill_s = time.perf_counter() - t0 - compiled_in_prefill
+
+            run_args = (self.t_state, self.d_state, state, self.vocab, put(np.int32(MAX_ITERS)), put(np.bool_(False)))
+            run_exe = self.compiler.get("run", run_jit, run_args, dict(graphs, loop=loop))
+            t0 = time.perf_counter()
+            # Everything the loop reads is on the device: a host round trip inside it would be a bug.
+            with jax.transfer_guard("disallow"):
+                if stream_callback is None:
+                    state = run_exe(*run_args[:2], state, *run_args[3:])
+                else:
+                    state = self._run_streaming(run_exe, state, max_new_tokens, stream_callback, stream_every,
+                                                stream_interval_s)
+                jax.block_until_ready(state)
+            decode_s = time.perf_counter() - t0
+            return self._result(state, loop, lens, capacity, ring_slots, dict(
+                compile_s=self.compiler.seconds - compile_before, prefill_s=prefill_s, decode_s=decode_s),
+                shapes=dict(batch=B, padded_prompt=padded, prefill_chunk=chunk, cache_capacity=capacity,
+                            output_buffer=out_size))
 
     # ---------------------------------------------------------------------------------------
 

@@ -108,7 +108,8 @@ class Engine:
         self._admitting: Request | None = None  # popped from `waiting`, not yet running
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
                           forwards=0, steps=0, decode_s=0.0, host_s=0.0)
-        self._build()
+        with dec.mesh_context():
+            self._build()
 
     # ---------------------------------------------------------------------------------------
     # device state and executables
@@ -202,6 +203,10 @@ class Engine:
 
     def step(self) -> list[Event]:
         """Admit, prefill a chunk, run one decode call, collect tokens. Returns this step's events."""
+        with self.dec.mesh_context():
+            return self._step()
+
+    def _step(self) -> list[Event]:
         t0 = time.perf_counter()
         events: list[Event] = []
         self._drain(events)
