@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-SUITES = ("kernels", "tune", "train", "plot")
+SUITES = ("kernels", "tune", "train", "plot", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

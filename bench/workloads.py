@@ -93,6 +93,12 @@ WORKLOADS: dict[str, Workload] = {
         model="demo", contexts=(8192,), trees=DEMO_TREES, draft_vocab_sizes=(2048,), dtype="float32",
         prompts="heldout", num_prompts=4,
         about="the demo pair at 8k, 4 held-out prompts, T = 0 (the context of the demo's headline numbers)"),
+    "serve-demo": Workload(
+        model="demo", contexts=(2048,), dtype="float32", prompts="heldout", new_tokens=64,
+        about="serving agents on the demo pair: 2k-token first turns of held-out code, 64 new tokens a turn"),
+    "serve-llama3-8b": Workload(
+        model="llama3-8b", contexts=(8192,), new_tokens=128,
+        about="serving agents at Llama-3-8B shapes (a random checkpoint on disk): 8k first turns, 128 new tokens"),
     "tiny": Workload(
         model="tiny", contexts=(256,), trees=((2, 2), (1, 1)), draft_vocab_sizes=(128,), new_tokens=8,
         train_seq_lens=(64,),

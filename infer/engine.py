@@ -107,7 +107,8 @@ class Engine:
         self._rng = np.random.default_rng()
         self._admitting: Request | None = None  # popped from `waiting`, not yet running
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          forwards=0, steps=0, decode_s=0.0, host_s=0.0)
+                          forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_gap_s=0.0)
+        self._results_at: float | None = None  # when the last decode call's results reached the host
         with dec.mesh_context():
             self._build()
 
@@ -225,14 +226,19 @@ class Engine:
             steps = 1 if self.prefill is not None else self.steps_per_call
             dec = self.dec
             t_dev = time.perf_counter()
+            if self._results_at is not None:  # the device waited for the host since the last results
+                self.stats["host_gap_s"] += t_dev - self._results_at
             try:
                 self.state = self._run[widths](dec.t_state, dec.d_state, self.state, dec.vocab,
                                                dec.put(np.int32(steps)), dec.put(np.bool_(busy)))
                 self._collect(running, events)
             except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
                 self._fail_running(e, events)
-            self.stats["decode_s"] += time.perf_counter() - t_dev
+            self._results_at = time.perf_counter()
+            self.stats["decode_s"] += self._results_at - t_dev
             self.stats["steps"] += 1
+        else:
+            self._results_at = None
         self.stats["host_s"] += time.perf_counter() - t0
         return events
 

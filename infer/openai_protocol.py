@@ -55,6 +55,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     session_id: str | None = None
+    return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
     # Not implemented: accepted only at the value that changes nothing.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -152,30 +153,35 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def _ids(c: dict) -> dict:
+    return {"token_ids": c["token_ids"]} if c.get("token_ids") is not None else {}
+
+
 def completion_body(rid: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c["index"], "text": c["text"], "logprobs": None,
-                         "finish_reason": c["finish_reason"]} for c in choices], "usage": usage_}
+                         "finish_reason": c["finish_reason"], **_ids(c)} for c in choices], "usage": usage_}
 
 
 def chat_body(rid: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                         "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices], "usage": usage_}
+                         "logprobs": None, "finish_reason": c["finish_reason"], **_ids(c)} for c in choices],
+            "usage": usage_}
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None,
-                     usage_: dict | None = None) -> dict:
+                     usage_: dict | None = None, token_ids: list | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_}
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                         **_ids({"token_ids": token_ids})}], "usage": usage_}
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None,
-               usage_: dict | None = None) -> dict:
+               usage_: dict | None = None, token_ids: list | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_}
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
+                         **_ids({"token_ids": token_ids})}], "usage": usage_}
 
 
 def usage_chunk(rid: str, model: str, obj: str, usage_: dict) -> dict:

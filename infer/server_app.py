@@ -128,6 +128,9 @@ class _EngineCollector:
         yield counter("prefix_cache_reused_tokens", "Prompt tokens not prefilled thanks to reuse.",
                       s["reused_tokens"])
         yield counter("target_forwards", "Decode steps summed over requests.", s["forwards"])
+        yield counter("engine_decode_calls", "Device calls of the decode loop.", s["steps"])
+        yield counter("engine_host_gap_seconds", "Host time between a decode call's results and the next call, "
+                      "while requests kept running.", s["host_gap_s"])
 
 
 def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int) -> FastAPI:
@@ -223,7 +226,9 @@ def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int
         except asyncio.CancelledError:
             worker.cancel(pending)
             raise
-        out = [dict(index=c.index, text=c.text.sent, finish_reason=c.finish_reason) for c in choices.values()]
+        out = [dict(index=c.index, text=c.text.sent, finish_reason=c.finish_reason,
+                    token_ids=c.text.tokens[:c.completion_tokens] if body.return_token_ids else None)
+               for c in choices.values()]
         use = _usage(choices.values())
         return (oai.chat_body if chat else oai.completion_body)(rid, model_name, out, use)
 
@@ -262,12 +267,13 @@ def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int
                     break
                 delta = _take(c, ev, worker, pending)
                 use = _usage(choices.values()) if usage_each else None
-                if delta or c.finish_reason is not None:
+                ids = ev.tokens if body.return_token_ids else None
+                if delta or ids or c.finish_reason is not None:
                     if chat:
                         yield oai.sse(oai.chat_chunk(rid, model_name, c.index, {"content": delta} if delta else {},
-                                                     c.finish_reason, use))
+                                                     c.finish_reason, use, ids))
                     else:
-                        yield oai.sse(oai.completion_chunk(rid, model_name, c.index, delta, c.finish_reason, use))
+                        yield oai.sse(oai.completion_chunk(rid, model_name, c.index, delta, c.finish_reason, use, ids))
             else:
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield oai.sse(oai.usage_chunk(rid, model_name, "chat.completion.chunk" if chat else

@@ -1,0 +1,238 @@
+"""Serve long-context agents: C concurrent simulated agents, K turns each over a growing context,
+through the OpenAI-compatible server (`python -m infer.serve`, its own process) and the async
+`openai` client; the speculative engine and the same engine in AR mode in one run.
+
+    python -m bench serve --workload serve-demo                          # the demo pair (CPU)
+    python -m bench serve --workload serve-llama3-8b --checkpoint DIR --draft DIR    # GPU
+
+Agent a's first prompt is `context` tokens (the demo's held-out code, or random ids); each turn
+appends the reply (its token ids, `return_token_ids`) and `turn_tokens` new tokens, then asks for
+`new_tokens` more, streamed, greedy, ignoring EOS. Per mode and concurrency: output tokens/s (every
+agent's completion tokens over the wall time), TTFT and inter-token latency p50 / p99 (a stream
+chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused prefix) TTFT, tau and
+the prefix-reuse hit rate (from /metrics), and the engine's host time per decode call. A cold
+prefill of a later turn's length, timed alone, is the reference for the reused turns' TTFT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench import common, workloads
+
+
+def add_cli_args(parser) -> None:
+    workloads.add_workload_arg(parser, "serve-demo")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="agents at once (default: 1 2 4 8)")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--turn-tokens", type=int, default=128, help="new user tokens per later turn")
+    parser.add_argument("--modes", nargs="+", default=["tree", "ar"], choices=["tree", "ar"])
+    parser.add_argument("--checkpoint", help="target checkpoint (default: the workload's model)")
+    parser.add_argument("--draft", help="draft checkpoint (default: the model's)")
+    parser.add_argument("--max-slots", type=int, default=8)
+    parser.add_argument("--server-args", default="", help="more flags for python -m infer.serve")
+    parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
+
+
+def server_model(wl) -> str:
+    """The --model name `python -m infer.serve` knows the workload's model by."""
+    return {"demo": "longspec-demo", "tiny": "tiny-random"}.get(wl.model, wl.model)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, wl, mode: str, max_context: int):
+    """Start `python -m infer.serve` for this mode; returns (process, base url, startup seconds)."""
+    import httpx
+
+    port = _port()
+    model = server_model(wl)
+    cmd = [sys.executable, "-m", "infer.serve", "--model", model, "--method", mode, "--port", str(port),
+           "--max-slots", str(args.max_slots), "--max-context", str(max_context), *args.server_args.split()]
+    cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    cmd += ["--draft", args.draft] if args.draft and mode == "tree" else []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - t0 < 1800:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not start in 30 minutes")
+
+
+def scrape(url: str) -> dict:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        m = re.match(r"longspec:(\w+)\{[^}]*\} ([-+.\deE]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def contexts(wl, n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
+    """n first-turn prompts: slices of the demo's held-out code, or random ids."""
+    rng = np.random.default_rng(seed)
+    if wl.prompts == "heldout":
+        from longspec_jax import demo
+        from longspec_jax.weights import load_tokenizer, read_config
+
+        tok = load_tokenizer(demo.TARGET_DIR, read_config(demo.TARGET_DIR))
+        texts = [p["text"] for p in demo.heldout_prompts()]
+        ids = [tok(t)["input_ids"] for t in texts]
+        return [ids[(seed + a) % len(ids)][:length] for a in range(n)]
+    return [rng.integers(2, vocab, length).tolist() for _ in range(n)]
+
+
+async def agent(client, model: str, first: list[int], turns: int, turn_tokens: int, new_tokens: int, rng,
+                vocab: int, records: list):
+    ctx = list(first)
+    for turn in range(turns):
+        t0 = time.perf_counter()
+        stream = await client.completions.create(
+            model=model, prompt=ctx, max_tokens=new_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        arrivals, reply = [], []
+        async for chunk in stream:
+            ids = (chunk.choices[0].model_extra or {}).get("token_ids") if chunk.choices else None
+            if ids:
+                arrivals.append((time.perf_counter(), len(ids)))
+                reply.extend(ids)
+        records.append(dict(turn=turn, prompt_tokens=len(ctx), tokens=len(reply), start=t0,
+                            ttft=arrivals[0][0] - t0 if arrivals else None, end=time.perf_counter(),
+                            itl=[(t - p) / n for (p, _), (t, n) in zip(arrivals, arrivals[1:]) for _ in range(n)]))
+        ctx = ctx + reply + rng.integers(2, vocab, turn_tokens).tolist()
+
+
+def run_level(url: str, model: str, firsts, args, wl, vocab: int) -> dict:
+    import openai
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=3600, max_retries=0)
+        records: list = []
+        try:
+            await asyncio.gather(*(agent(client, model, f, args.turns, args.turn_tokens, wl.new_tokens,
+                                         np.random.default_rng(i), vocab, records) for i, f in enumerate(firsts)))
+        finally:
+            await client.close()
+        return records
+
+    before = scrape(url)
+    t0 = time.perf_counter()
+    records = asyncio.run(main())
+    wall = time.perf_counter() - t0
+    after = scrape(url)
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    ttft = [r["ttft"] for r in records if r["ttft"] is not None]
+    itl = [x for r in records for x in r["itl"]]
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    return dict(
+        agents=len(firsts), wall_s=wall, output_tokens=sum(r["tokens"] for r in records),
+        output_tokens_per_s=sum(r["tokens"] for r in records) / wall,
+        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
+        ttft_first_turn_s=pct([r["ttft"] for r in records if r["turn"] == 0 and r["ttft"]], 50),
+        ttft_later_turns_s=pct([r["ttft"] for r in records if r["turn"] > 0 and r["ttft"]], 50),
+        later_turn_prompt_tokens=int(np.median([r["prompt_tokens"] for r in records if r["turn"] > 0] or [0])),
+        tau=d.get("generation_tokens_total", 0) / max(1.0, d.get("target_forwards_total", 0)
+                                                       + d.get("prefix_cache_queries_total", 0)),
+        prefix_hit_rate=d.get("prefix_cache_hits_total", 0) / max(1.0, d.get("prefix_cache_queries_total", 0)),
+        reused_tokens=d.get("prefix_cache_reused_tokens_total", 0),
+        host_ms_per_decode_call=1e3 * d.get("engine_host_gap_seconds_total", 0)
+        / max(1.0, d.get("engine_decode_calls_total", 0)))
+
+
+def cold_ttft(url: str, model: str, length: int, vocab: int, seed: int) -> float:
+    """TTFT of a fresh prompt of `length` tokens that shares nothing with any resident sequence."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=3600, max_retries=0)
+    prompt = np.random.default_rng(seed).integers(2, vocab, length).tolist()
+    t0 = time.perf_counter()
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True, "return_token_ids": True}):
+        if chunk.choices and (chunk.choices[0].model_extra or {}).get("token_ids"):
+            return time.perf_counter() - t0
+    return float("nan")
+
+
+def main(args) -> int:
+    wl = workloads.get(args.workload)
+    cfg, _ = wl.configs()
+    levels = args.concurrency or [1, 2, 4, 8]
+    length = wl.contexts[0]
+    max_context = length + args.turns * (wl.new_tokens + args.turn_tokens) + 64
+    model = server_model(wl)
+    record = common.header("serve", args.workload, args.argv)
+    record.update(context=length, turns=args.turns, turn_tokens=args.turn_tokens, new_tokens=wl.new_tokens,
+                  max_slots=args.max_slots, modes={})
+    path = common.result_path(args.out, "serve", args.workload)
+    for mode in args.modes:
+        proc, url, startup = launch(args, wl, mode, max_context)
+        rows = []
+        try:
+            for c in levels:
+                firsts = contexts(wl, c, length, seed=1000 * c, vocab=cfg.vocab_size)
+                rows.append(run_level(url, model, firsts, args, wl, cfg.vocab_size))
+                common.log(f"{mode} x{c}: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
+                           f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
+                           f"{rows[-1]['itl_p99_s']:.4f} s, tau {rows[-1]['tau']:.2f}, hits "
+                           f"{rows[-1]['prefix_hit_rate']:.2f}, host {rows[-1]['host_ms_per_decode_call']:.2f} ms/call")
+                record["modes"][mode] = dict(startup_s=startup, levels=rows)
+                common.write_json(path, record)
+            later = max((r["later_turn_prompt_tokens"] for r in rows), default=length)
+            record["modes"][mode]["cold_ttft_s"] = cold_ttft(url, model, later, cfg.vocab_size, seed=7)
+            record["modes"][mode]["cold_ttft_prompt_tokens"] = later
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    if {"tree", "ar"} <= set(record["modes"]):
+        tree, ar = record["modes"]["tree"]["levels"], record["modes"]["ar"]["levels"]
+        record["speedup"] = {str(t["agents"]): t["output_tokens_per_s"] / a["output_tokens_per_s"]
+                             for t, a in zip(tree, ar)}
+        common.log("speedup over AR by agents: " + ", ".join(f"{k}: {v:.2f}x" for k, v in record["speedup"].items()))
+    common.write_json(path, record)
+    plot(record, os.path.splitext(path)[0] + ".png")
+    common.log(f"wrote {path}")
+    return 0
+
+
+def plot(record: dict, out: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, m in record["modes"].items():
+        n = [r["agents"] for r in m["levels"]]
+        a.plot(n, [r["output_tokens_per_s"] for r in m["levels"]], "o-", label=mode)
+        b.plot(n, [1e3 * (r["itl_p99_s"] or 0) for r in m["levels"]], "o-", label=mode)
+    a.set(xlabel="concurrent agents", ylabel="output tokens/s", title="throughput")
+    b.set(xlabel="concurrent agents", ylabel="p99 inter-token latency (ms)", title="latency")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{record['workload']} on {record['device']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
