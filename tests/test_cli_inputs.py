@@ -64,6 +64,11 @@ def test_max_new_tokens_alone_beyond_the_limit(capsys, no_weights):
     assert err.rstrip().endswith(f"pass --max-new-tokens {2048 - n_prompt}")  # what is left after the prompt
 
 
+def test_tree_flags_refused_for_ar(capsys, no_weights):
+    err = _refused(["--model", "tiny-random", "--method", "ar", "--tree-shape", "2", "2"], capsys)
+    assert "--tree-shape applies to speculative decoding, but the method is ar" in err
+
+
 @pytest.mark.parametrize("method,capacity,message", [
     ("ar", 50, "--cache-capacity 50 cannot hold the prompt (42 tokens) plus --max-new-tokens (16); raise "
                "--cache-capacity to at least 58"),
@@ -72,7 +77,8 @@ def test_max_new_tokens_alone_beyond_the_limit(capsys, no_weights):
 ])
 def test_cache_capacity_too_small(capsys, no_weights, method, capacity, message):
     argv = ["--model", "tiny-random", "--prompt", "x" * 41, "--no-chat-template", "--max-new-tokens", "16",
-            "--method", method, "--tree-shape", "2", "2", "--cache-capacity", str(capacity)]
+            "--method", method, *(["--tree-shape", "2", "2"] if method == "tree" else []),
+            "--cache-capacity", str(capacity)]
     assert message in _refused(argv, capsys)
 
 
@@ -89,7 +95,7 @@ def test_cache_capacity_too_small(capsys, no_weights, method, capacity, message)
     (["--method", "tree", "--tree-shape", "4", "0"], "--tree-shape 4 0: every depth of the tree shape needs at "
                                                      "least one node"),
     (["--method", "tree", "--tree-shape", "300"], "--tree-shape 300: tree shape (300,): depth 1 asks for 300 nodes "
-                                                  "but only 1 parents x 259 tokens exist"),
+                                                  "but only 1 parents x 256 tokens exist"),
 ])
 def test_flags_are_checked_before_loading(argv, message, capsys, no_weights):
     assert message in _refused(["--model", "tiny-random", *argv], capsys)
