@@ -116,18 +116,20 @@ class DecodeLoop:
         return self._advance(state, first[:, None], zeros, jnp.ones((B,), bool), cache, ring, state.committed,
                              count_step=False)
 
-    def draft_tree(self, target, draft, state: DecodeState, vocab=None, key=None):
+    def draft_tree(self, target, draft, state: DecodeState, vocab=None, key=None, visible=None):
         """This step's tree by D draft forwards (levels 0 .. D-1) for every row.
 
         vocab: None, or (ids int32 [V'], head [D, V']) of a draft vocabulary: logits, log_softmax and
         top-k run over the V' columns, mapped back to full-vocabulary ids in `expand`.
         key: per-row keys for `sample_drafts` (each draft token drawn from q); then the q
         distributions come back as float32 [B, D, V] (zero outside a draft vocabulary), else None.
+        visible: [B] committed tokens the draft attends to (default: all; 0 for rows that are done).
         Returns (tree, positions [B, Nn], tree_k, tree_v [B, Nn, K, H], q).
         """
         shape = self.tree
         B = state.root.shape[0]
         c = state.committed
+        seen = c if visible is None else visible
         tree = init_tree(shape, state.root)
         positions = tree.positions(shape, c)  # [B, Nn]
         K, H = draft.cfg.num_kv_heads, draft.cfg.head_dim
@@ -139,8 +141,8 @@ class DecodeLoop:
             o, n = shape.offsets[level], shape.level_sizes[level]
             with jax.named_scope(f"draft_level{level}"):  # phases in profiles (bench latency --profile)
                 x = target.embed(tree.tokens[:, o:o + n])
-                h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, c, tree_k, tree_v, o,
-                                                    tree.mask[:, o:o + n], k_last, v_last, c)
+                h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, seen, tree_k, tree_v, o,
+                                                    tree.mask[:, o:o + n], k_last, v_last, seen)
                 logits = target.logits(h) if vocab is None else cut_logits(target, h, vocab[1])
                 logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, n, V(')]
                 if self.sample_drafts:  # a chain (n == 1) drawing its next token from q
@@ -159,10 +161,13 @@ class DecodeLoop:
         """One decode step for every row (module docstring); done rows are left unchanged."""
         active = ~state.done
         c = state.committed
+        # Rows that are done still run through every matmul (static shapes) but attend to none of
+        # their cache: an idle serving slot holding a long resident sequence costs no KV reads.
+        visible = jnp.where(active, c, 0)
         k_draft, k_verify = smp.split(smp.fold_in(state.key, state.iters + 1))
         if self.tree is None:
             with jax.named_scope("verify"):
-                h, cache = target(state.root[:, None], c[:, None], state.cache, c)
+                h, cache = target(state.root[:, None], c[:, None], state.cache, c, visible=visible)
                 tok = smp.sample(k_verify, target.logits(h)[:, 0], state.sampling)  # [B]
             ring = state.ring
             if draft is not None:  # keep the ring current: it must hold [0, c + 1) after this step
@@ -172,9 +177,9 @@ class DecodeLoop:
 
         shape = self.tree
         G = shape.max_accept
-        tree, positions, tree_k, tree_v, q_probs = self.draft_tree(target, draft, state, vocab, k_draft)
+        tree, positions, tree_k, tree_v, q_probs = self.draft_tree(target, draft, state, vocab, k_draft, visible)
         with jax.named_scope("verify"):
-            hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask)
+            hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask, visible=visible)
             logits = target.logits(hidden)  # [B, Nn, V] float32
         with jax.named_scope("accept"):
             if self.sample_drafts:

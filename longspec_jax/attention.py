@@ -81,18 +81,18 @@ class Attention(nnx.Module):
         """Output projection [B,T,N,H] -> [B,T,D]."""
         return jnp.einsum("BTNH,NHD->BTD", o.astype(self.dtype), self.o_kernel[...].astype(self.dtype))
 
-    def __call__(self, x, cos, sin, cache: kvc.KVCache, layer: int, lengths, mask):
+    def __call__(self, x, cos, sin, cache: kvc.KVCache, layer: int, lengths, mask, visible=None):
         """Attend T new tokens over the cached prefix and each other; returns (out [B,T,D], cache).
 
         The new K/V are written at slots lengths[b] + [0, T) of layer `layer`; the prefix seen is
-        exactly `[0, lengths)` (hybrid attention's visibility rule), so the just-written slots are
-        read only through the masked tree part.
+        exactly `[0, visible)` (default `lengths`: hybrid attention's visibility rule), so the
+        just-written slots are read only through the masked tree part.
         """
         q, k, v = self.qkv(x, cos, sin)
         cache = kvc.write_layer(cache, layer, k, v, lengths)
         o, _ = pallas_kernels.hybrid_attention(
-            q, cache.k[layer], cache.v[layer], lengths, k.astype(cache.dtype), v.astype(cache.dtype), mask,
-            window=None, implementation=self.attention_impl)
+            q, cache.k[layer], cache.v[layer], lengths if visible is None else visible, k.astype(cache.dtype),
+            v.astype(cache.dtype), mask, window=None, implementation=self.attention_impl)
         return self.out(o), cache
 
     def forward_train(self, x, cos, sin, *, attention: str | Callable = "dense", chunk: int = 1024):

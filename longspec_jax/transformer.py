@@ -28,8 +28,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, h, cos, sin, cache, layer, lengths, mask):
-        a, cache = self.attn(self.input_norm(h), cos, sin, cache, layer, lengths, mask)
+    def __call__(self, h, cos, sin, cache, layer, lengths, mask, visible=None):
+        a, cache = self.attn(self.input_norm(h), cos, sin, cache, layer, lengths, mask, visible)
         h = h + a
         return h + self.mlp(self.post_attn_norm(h)), cache
 
@@ -93,7 +93,7 @@ class Transformer(nnx.Module):
         return rope_cos_sin(self.cfg.rope, self.cfg.head_dim, positions)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: kvc.KVCache, lengths: jax.Array,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, kvc.KVCache]:
+                 mask: jax.Array | None = None, visible: jax.Array | None = None) -> tuple[jax.Array, kvc.KVCache]:
         """Run T new tokens against the cache.
 
         Args:
@@ -102,6 +102,8 @@ class Transformer(nnx.Module):
           cache: KVCache with capacity >= lengths[b] + T.
           lengths: [B] int32 committed prefix length per row; never advanced here.
           mask: [B, T, T] bool among the new tokens (True = may attend); None = causal.
+          visible: [B] int32 cached prefix the tokens attend to (default: `lengths`). A decode loop
+            passes 0 for rows that are done, so their attention reads none of their cache.
 
         Returns:
           (hidden [B, T, D] after the final norm, cache with every layer's new K/V written at
@@ -121,7 +123,7 @@ class Transformer(nnx.Module):
         cos, sin = self.rope(positions)
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h, cache = layer(h, cos, sin, cache, i, lengths, mask)
+            h, cache = layer(h, cos, sin, cache, i, lengths, mask, visible)
         return self.final_norm(h), cache
 
     def forward_train(self, tokens: jax.Array, positions: jax.Array, *, attention="dense", chunk: int = 1024,
