@@ -23,6 +23,7 @@ Per (context, temperature, configuration), pooled over the prompts:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -50,18 +51,20 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the workload's")
     parser.add_argument("--argmax-chains", action="store_true", help="at T > 0, chains with argmax drafts too")
     parser.add_argument("--matmul-precision", default="auto", choices=("auto", "default", "high", "highest"),
-                        help="auto: highest for float32 on a GPU (where f32 dots may otherwise round to TF32, and "
-                             "AR and verification, computing with different row counts, could flip near-ties)")
+                        help="auto: highest for float32 on a GPU, else JAX's default")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
 
 
-def load(args, wl, dtype):
-    """(target, {draft name: draft}, prompts as token-id lists) of the workload."""
+def load(args, wl, dtype, length: int):
+    """(target, {draft name: draft}, prompts as token-id lists of at least `length` tokens)."""
     if wl.model == "demo":
         from longspec_jax import demo, draft_weights, weights
 
+        bad = [s for s in args.ablation if "=" not in s]
+        if bad:
+            raise SystemExit(f"--ablation takes NAME=DIR (a draft checkpoint directory), got {bad}")
         target, tcfg, tok = weights.load_target(demo.TARGET_DIR, dtype=dtype, attention_impl="auto")
         paths = {"draft": args.draft or demo.DRAFT_DIR, **dict(s.split("=", 1) for s in args.ablation)}
         drafts = {n: draft_weights.load_draft(p, tcfg, dtype=dtype, attention_impl="auto") for n, p in paths.items()}
@@ -71,12 +74,16 @@ def load(args, wl, dtype):
         cfg, dcfg = wl.configs()
         target, draft = common.random_models(cfg, dcfg, "xla", dtype=dtype)
         drafts = {"draft": draft}
-        prompts = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, (8, max(wl.contexts))).tolist()
+        prompts = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, (8, length)).tolist()
     else:
-        raise SystemExit(f"acceptance needs a trained pair: --workload demo or demo-8k (tiny: a random smoke run "
-                         f"without --draft / --ablation); {args.workload!r} has random weights at "
-                         f"{wl.model!r} shapes: time it with `python -m bench latency`")
-    return target, drafts, prompts[:args.num_prompts or wl.num_prompts]
+        raise SystemExit(f"acceptance needs a trained pair: --workload demo or demo-8k (tiny: a random smoke run, "
+                         f"without --draft / --ablation); {args.workload!r} has random weights at {wl.model!r} "
+                         "shapes: time it with `python -m bench latency`")
+    prompts = prompts[:args.num_prompts or wl.num_prompts]
+    short = [len(p) for p in prompts if len(p) < length]
+    if short:
+        raise SystemExit(f"prompts of {short} tokens are shorter than the longest context {length}: lower --contexts")
+    return target, drafts, prompts
 
 
 def pooled(runs, ar_rate=None) -> dict:
@@ -94,26 +101,25 @@ def pooled(runs, ar_rate=None) -> dict:
 
 def main(args) -> int:
     wl = workloads.get(args.workload)
+    contexts, new, dtype = args.contexts or wl.contexts, args.new_tokens or wl.new_tokens, args.dtype or wl.dtype
     if args.matmul_precision != "auto":
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
-    elif (args.dtype or wl.dtype) == "float32" and jax.default_backend() == "gpu":
-        jax.config.update("jax_default_matmul_precision", "highest")  # (see --help)
-    contexts, new = args.contexts or wl.contexts, args.new_tokens or wl.new_tokens
-    dtype = args.dtype or wl.dtype
-    target, drafts, prompts = load(args, wl, jnp.dtype(dtype))
-    short = [len(p) for p in prompts if len(p) < max(contexts)]
-    if short:
-        raise SystemExit(f"prompts of {short} tokens are shorter than the longest context {max(contexts)}")
+    elif dtype == "float32" and jax.default_backend() == "gpu":
+        # GPUs may round float32 dots to TF32; AR and verification compute the same logits with
+        # different row counts, so only full precision keeps near-ties from flipping greedy tokens.
+        jax.config.update("jax_default_matmul_precision", "highest")
+    target, drafts, prompts = load(args, wl, jnp.dtype(dtype), max(contexts))
     trees = [None if t == "default" else TreeShape.parse(t) for t in (args.trees or wl.trees)]
     vocabs = {os.path.splitext(os.path.basename(f))[0]: draft_vocab.read(f) for f in args.draft_vocab}
-    decoders, ar = {}, Decoder(target)
+    ar = Decoder(target)
 
+    @functools.cache  # one decoder per configuration: its executables are compiled once
     def decoder(name, shape, vocab, sample=True):
-        key = (name, shape, vocab, sample)
-        if key not in decoders:
-            decoders[key] = Decoder(target, drafts[name], tree_shape=shape, sample_drafts=sample,
-                                    draft_vocab=None if vocab is None else vocabs[vocab])
-        return decoders[key]
+        return Decoder(target, drafts[name], tree_shape=shape, sample_drafts=sample,
+                       draft_vocab=None if vocab is None else vocabs[vocab])
+
+    def generate(dec, ids, ctx, sampling):  # EOS ignored: every run emits `new` tokens
+        return dec.generate(ids[:ctx], max_new_tokens=new, sampling=sampling, eos_ids=(), seed=args.seed)
 
     record = common.header("acceptance", args.workload, args.argv)
     record.update(dtype=dtype, matmul_precision=str(jax.config.jax_default_matmul_precision or "default"),
@@ -130,22 +136,14 @@ def main(args) -> int:
                 configs += [(d, s, v, False) for d, s, v, _ in configs if decoder(d, s, v).tree_shape_for(
                     ctx, new, sampled=True).is_chain]
 
-            def generate(dec, ids):
-                return dec.generate(ids[:ctx], max_new_tokens=new, sampling=sampling, eos_ids=(), seed=args.seed)
-
             for _ in range(args.warmup):  # each executable's first run, untimed
                 for dec in [ar] + [decoder(*c) for c in configs]:
-                    generate(dec, prompts[0])
+                    generate(dec, prompts[0], ctx, sampling)
             ar_runs, runs = [], [[] for _ in configs]
-            for i, ids in enumerate(prompts):  # interleaved: AR, then every configuration, per prompt
-                ar_runs.append(generate(ar, ids))
+            for ids in prompts:  # interleaved: AR, then every configuration, per prompt
+                ar_runs.append(generate(ar, ids, ctx, sampling))
                 for c, out in zip(configs, runs):
-                    out.append(generate(decoder(*c), ids))
-                    ref, got = ar_runs[-1].tokens[0], out[-1].tokens[0]
-                    if temp == 0 and got != ref:
-                        first = next((j for j, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
-                        record["greedy_mismatches"].append(dict(context=ctx, draft=c[0], tree=str(c[1]),
-                                                                draft_vocab=c[2], prompt=i, first_diff=first))
+                    out.append(generate(decoder(*c), ids, ctx, sampling))
             ar_row = pooled(ar_runs)
             record["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_row})
             common.log(f"ctx {ctx} T={temp:g}: AR {ar_row['decode_tok_s']:.1f} tokens/s")
@@ -156,7 +154,11 @@ def main(args) -> int:
                        "tree_nodes": TreeShape(tuple(used)).num_nodes, "draft_vocab": vocab,
                        "draft_vocab_size": rs[0].spec.draft_vocab_size, **pooled(rs, ar_row["decode_tok_s"])}
                 if temp == 0:
-                    row["greedy_equal"] = all(r.tokens[0] == a.tokens[0] for r, a in zip(rs, ar_runs))
+                    diffs = [(i, next((j for j, (x, y) in enumerate(zip(r.tokens[0], a.tokens[0])) if x != y), None))
+                             for i, (r, a) in enumerate(zip(rs, ar_runs)) if r.tokens[0] != a.tokens[0]]
+                    row["greedy_equal"] = not diffs
+                    record["greedy_mismatches"] += [dict(context=ctx, method=method, draft=name, draft_vocab=vocab,
+                                                         prompt=i, first_diff=j) for i, j in diffs]
                 record["rows"].append(row)
                 common.log(f"  {name} {method}{'+' + vocab if vocab else ''}: tau {row['tau']:.2f}, "
                            f"{row['decode_tok_s']:.1f} tokens/s, {row['speedup']:.2f}x AR"

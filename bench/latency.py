@@ -41,11 +41,11 @@ from bench import common, workloads
 from infer import runtime
 from infer.loop import DecodeLoop, run_jit
 from infer.state import DecodeState
-from longspec_jax import kv_cache as kvc
-from longspec_jax import sharding, verify
+from longspec_jax import kv_cache, sharding, verify
 from longspec_jax.draft import ring_capacity
 from longspec_jax.draft_vocab import head_columns
 from longspec_jax.tree import TreeShape
+from pallas_kernels import default_implementation
 
 
 def add_cli_args(parser) -> None:
@@ -65,46 +65,45 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
 
 
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def restart(st: DecodeState, ctx: int) -> DecodeState:
+    """The state back at `ctx` committed tokens with nothing emitted (the caches are left as they are)."""
+    zero = jnp.zeros_like(st.committed)
+    return st.replace(committed=zero + ctx, out_len=zero, iters=zero, stop_reason=zero, done=st.done & False)
+
+
 class Bench:
-    """The models (split once), where small arrays go, the ceilings and the per-token costs."""
+    """The models (split once), where small arrays go, the ceilings, and one method per timed part."""
 
     def __init__(self, args, wl):
         cfg, dcfg = self.cfg, self.dcfg = wl.configs()
         self.dtype, self.steps, self.args = jnp.dtype(wl.dtype), args.steps, args
-        self.impl = args.attention_impl
-        if self.impl == "auto":
-            from pallas_kernels import default_implementation
-            self.impl = default_implementation()
+        self.impl = default_implementation() if args.attention_impl == "auto" else args.attention_impl
         self.n = args.tensor_parallel
         self.mesh = sharding.tensor_parallel_mesh(self.n) if self.n > 1 else None
-        self.rep = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        # Small arrays: the default device, or replicated over the mesh.
+        self.put = functools.partial(jax.device_put, device=self.mesh and NamedSharding(self.mesh, PartitionSpec()))
         self.ceil = common.ceilings(wl.dtype)
-        target, draft = common.random_models(cfg, dcfg, self.impl, dtype=self.dtype, mesh=self.mesh)
-        self.target = target
+        target, draft = self.target, _ = common.random_models(cfg, dcfg, self.impl, dtype=self.dtype, mesh=self.mesh)
         self.t_graph, self.t_state = nnx.split(target)
         self.d_graph, self.d_state = nnx.split(draft)
-        isz = self.dtype.itemsize
         self.w_bytes = common.param_bytes(target)  # a decode step gathers one embedding row
-        self.params = self.w_bytes // isz
         self.d_bytes = common.param_bytes(draft, skip_embedding=False)
-        self.kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * isz  # K and V, every layer
-
-    def put(self, x):
-        return jax.device_put(x, self.rep)
+        self.params = self.w_bytes // self.dtype.itemsize
+        self.kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize  # K, V; all layers
 
     def floor_ms(self, nbytes, flops=0.0):
         return self.ceil.floor_s(nbytes / self.n, flops / self.n) * 1e3
 
     def state(self, ctx, trees):
-        """A state at `ctx` committed tokens, room for --steps steps of the largest tree, and a ring
-        of random K/V (the cache is filled by `prefill`)."""
-        cfg, G = self.cfg, max([t.max_accept for t in trees] or [1])
-        nodes = max([t.num_nodes for t in trees] or [1])
+        """A state at `ctx` committed tokens with room for --steps steps of any of `trees`, and a ring
+        of random K/V (`prefill` fills the cache)."""
+        cfg, G, nodes = self.cfg, max(t.max_accept for t in trees), max(t.num_nodes for t in trees)
         padded, _ = runtime.prompt_bucket(ctx, self.args.prefill_chunk)
         cap = max(-(-(ctx + self.steps * G + nodes) // 128) * 128, padded)  # the Pallas kernels read 128-slot blocks
         kv = None if self.mesh is None else sharding.cache_sharding(
             self.mesh, shape=(1, cap, cfg.num_kv_heads, cfg.head_dim))
-        # The ring's size rule is the decoder's: 128-slot blocks for the Pallas kernels, 8 for XLA.
+        # The decoder's ring size: 128-slot blocks for the Pallas kernels, 8 for XLA.
         slots = ring_capacity(self.dcfg.window, G, 8 if self.impl == "xla" else 128)
         st = DecodeState.initial(cfg, batch=1, capacity=cap, out_size=self.steps * G, max_accept=G, ring_slots=slots,
                                  draft_cfg=self.dcfg, committed=ctx, dtype=self.dtype, cache_sharding=kv)
@@ -116,7 +115,7 @@ class Bench:
         return st.replace(ring=ring)
 
     def prefill(self, st, ctx):
-        """(state with its cache prefilled by `ctx` random tokens, prefill fields of the row)."""
+        """(state with its cache prefilled by `ctx` random tokens, the row's prefill fields)."""
         cfg = self.cfg
         padded, chunk = runtime.prompt_bucket(ctx, self.args.prefill_chunk)
         tokens = runtime.padded_tokens([np.random.default_rng(ctx).integers(0, cfg.vocab_size, ctx)], padded)
@@ -127,38 +126,45 @@ class Bench:
                                             np.array([ctx], np.int32), chunk, hidden_size=cfg.hidden_size, put=self.put)
             jax.block_until_ready(hidden)
             seconds = time.perf_counter() - t0
-        # Weights without the LM head (the prefill keeps hidden states only) + causal attention.
+        # The weights but the LM head (a prefill keeps hidden states only) and causal attention.
         body = self.params - (0 if cfg.tie_word_embeddings else cfg.hidden_size * cfg.vocab_size)
-        flops = 2 * body * ctx + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * ctx * (ctx + 1) / 2
-        floor = self.floor_ms(0, flops) / 1e3
+        floor = self.floor_ms(0, 2 * body * ctx + 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers * ctx * (ctx + 1))
         return st.replace(cache=cache), dict(prefill_s=seconds, prefill_tokens_per_s=ctx / seconds,
-                                             prefill_floor_s=floor, prefill_vs_floor=seconds / floor,
+                                             prefill_floor_s=floor / 1e3, prefill_vs_floor=seconds / floor * 1e3,
                                              prefill_compile_s=compiler.seconds)
 
     def loop(self, st, ctx, tree, vocab=None, profile=None):
         """(ms per step, state, profile summary) of `DecodeLoop(tree)` run --steps steps by `run_jit`."""
-        draft = tree is not None
-        loop, ring = DecodeLoop(tree), st.ring
-        st = st if draft else st.replace(ring=None)  # AR: the target alone
-        statics = dict(loop=loop, t_graph=self.t_graph, d_graph=self.d_graph if draft else None)
-        args = (self.t_state, self.d_state if draft else None)
+        ring = st.ring
+        st = st if tree else st.replace(ring=None)  # AR: the target alone
+        statics = dict(loop=DecodeLoop(tree), t_graph=self.t_graph, d_graph=self.d_graph if tree else None)
+        args = (self.t_state, self.d_state if tree else None)
         budget = (vocab, self.put(np.int32(self.steps)), self.put(np.bool_(False)))
-        reset = jax.jit(lambda s: s.replace(committed=s.committed * 0 + ctx, out_len=s.out_len * 0, iters=s.iters * 0,
-                                            done=s.done & False, stop_reason=s.stop_reason * 0), donate_argnums=0)
 
         def once(s):
-            return run_jit(*args, reset(s), *budget, **statics)
+            return run_jit(*args, restart(s, ctx), *budget, **statics)
 
         t, st = common.time_carry(once, st)
-        iters = int(st.iters[0])
-        summary = None
+        iters, summary = int(st.iters[0]), None
         if profile:
             text = run_jit.lower(*args, st, *budget, **statics).compile().as_text()
             jax.profiler.start_trace(profile)
             st = jax.block_until_ready(once(st))
             jax.profiler.stop_trace()
             summary = common.summarize_trace(profile, iters, compiled_text=text)
-        return t / max(iters, 1) * 1e3, st if draft else st.replace(ring=ring), summary
+        return t / max(iters, 1) * 1e3, st if tree else st.replace(ring=ring), summary
+
+    def draft(self, st, shape: TreeShape, vocab=None):
+        """ms of the tree's draft levels: --steps trees in one loop, each rooted at the last one's token."""
+        graphs, loop, steps = (self.t_graph, self.d_graph), DecodeLoop(shape), self.steps
+
+        @jax.jit
+        def run(t_state, d_state, st, vocab):
+            target, draft = nnx.merge(graphs[0], t_state), nnx.merge(graphs[1], d_state)
+            return jax.lax.fori_loop(0, steps, lambda _, root: loop.draft_tree(
+                target, draft, st.replace(root=root), vocab)[0].tokens[:, -1], st.root)
+
+        return common.timeit(run, self.t_state, self.d_state, st, vocab) / steps * 1e3
 
     def verify(self, st, tree, positions):
         """(ms, state): one target forward over the tree's tokens at the committed length, with the LM
@@ -179,20 +185,8 @@ class Bench:
         t, cache = common.time_carry(lambda c: run(self.t_state, c, st.committed), st.cache)
         return t / steps * 1e3, st.replace(cache=cache)
 
-    def draft(self, st, tree: TreeShape, vocab=None):
-        """ms of the tree's draft levels, --steps trees in one loop, each rooted at the last one's token."""
-        graphs, loop, steps = (self.t_graph, self.d_graph), DecodeLoop(tree), self.steps
-
-        @jax.jit
-        def run(t_state, d_state, st, vocab):
-            target, draft = nnx.merge(graphs[0], t_state), nnx.merge(graphs[1], d_state)
-            body = lambda _, root: loop.draft_tree(target, draft, st.replace(root=root), vocab)[0].tokens[:, -1]  # noqa: E731
-            return jax.lax.fori_loop(0, steps, body, st.root)
-
-        return common.timeit(run, self.t_state, self.d_state, st, vocab) / steps * 1e3
-
     def commit(self, st, shape: TreeShape, drafted):
-        """(ms, state): the iteration's work after verification, as `DecodeLoop.step` does it under its
+        """(ms, state): the iteration's work after verification as `DecodeLoop.step` does it in its
         "accept" and "commit" scopes: target choices from random logits, acceptance, KV compaction of
         the accepted path (not for a chain: its path is in place), the draft ring write."""
         tree, _, tree_k, tree_v, _ = drafted
@@ -206,7 +200,7 @@ class Bench:
             def body(i, s):
                 lg = jnp.where(s.root[:, None, None] < 0, 0.0, logits)  # depends on the carry: not hoisted
                 acc = verify.accept(tree, shape, verify.target_choices(jax.random.fold_in(key, i), lg, s.sampling))
-                cache = s.cache if shape.is_chain else kvc.compact(s.cache, c, acc.path, acc.num_accepted + 1)
+                cache = s.cache if shape.is_chain else kv_cache.compact(s.cache, c, acc.path, acc.num_accepted + 1)
                 path = acc.path[:, :, None, None]
                 ring = s.ring.write(jnp.take_along_axis(tree_k, path, 1), jnp.take_along_axis(tree_v, path, 1),
                                     c[:, None] + j, j <= acc.num_accepted[:, None])
@@ -217,51 +211,48 @@ class Bench:
         t, st = common.time_carry(lambda s: run(s, jax.random.key(3)), st)
         return t / steps * 1e3, st
 
-    def draft_floor_ms(self, st, shape: TreeShape, vocab_size: int):
-        """Per level: the draft's weights, the head's V' columns, the target's last-layer cache (its
-        cross-attention) and the ring read once; each of the level's n rows costs their FLOPs."""
-        cfg, isz, R = self.cfg, self.dtype.itemsize, st.ring.capacity
-        ctx = int(st.committed[0])
-        head = cfg.hidden_size * vocab_size
-        nbytes = self.d_bytes + head * isz + (ctx + R) * 2 * cfg.num_kv_heads * cfg.head_dim * isz
-        return sum(self.floor_ms(nbytes, 2 * (self.d_bytes // isz + head) * n + 4 * cfg.num_heads * cfg.head_dim
-                                 * (ctx + R) * n) for n in shape.level_sizes)
+    def draft_floor_ms(self, ctx, shape: TreeShape, vocab_size: int, ring_slots: int):
+        """Per level: the draft's weights, the head's V' columns, the target's last-layer cache (the
+        cross-attention's keys) and the ring read once; every row of the level costs its FLOPs."""
+        cfg, isz = self.cfg, self.dtype.itemsize
+        head, keys = cfg.hidden_size * vocab_size, ctx + ring_slots
+        nbytes = self.d_bytes + head * isz + keys * 2 * cfg.num_kv_heads * cfg.head_dim * isz
+        flops_row = 2 * (self.d_bytes // isz + head) + 4 * cfg.num_heads * cfg.head_dim * keys
+        return sum(self.floor_ms(nbytes, flops_row * n) for n in shape.level_sizes)
 
 
 def measure_context(b: Bench, ctx, trees, loop_trees, vocab_sizes, tau, save):
     """One row: prefill, AR, and every tree's parts at context `ctx`; `save(row)` after each part."""
-    cfg, steps, prof = b.cfg, b.steps, b.args.profile
-    pdir = (lambda name: os.path.join(prof, f"ctx{ctx}_{name}")) if prof else (lambda name: None)
-    st = b.state(ctx, loop_trees)
-    st, row = b.prefill(st, ctx)
+    cfg, prof = b.cfg, b.args.profile
+    st, row = b.prefill(b.state(ctx, trees), ctx)
     row = {"context": ctx, **row}
-    ar_ms, st, row["ar_profile"] = b.loop(st, ctx, None, profile=pdir("ar"))
+    ar_ms, st, row["ar_profile"] = b.loop(st, ctx, None, profile=prof and os.path.join(prof, f"ctx{ctx}_ar"))
     ar_floor = b.floor_ms(b.w_bytes + ctx * b.kv_token)
     row.update(ar_ms=ar_ms, ar_floor_ms=ar_floor, ar_vs_floor=ar_ms / ar_floor, trees={})
     common.log(f"ctx {ctx}: prefill {row['prefill_tokens_per_s']:.0f} tokens/s ({row['prefill_vs_floor']:.2f}x "
                f"floor); AR {ar_ms:.3f} ms/step, floor {ar_floor:.3f} ({ar_ms / ar_floor:.2f}x)")
     save(row)
     for shape in trees:
+        # A real tree at this context: the random draft's beam search from the state's root.
         drafted = jax.jit(lambda ts, ds, s, shape=shape: DecodeLoop(shape).draft_tree(
             nnx.merge(b.t_graph, ts), nnx.merge(b.d_graph, ds), s))(b.t_state, b.d_state, st)
-        Nn = shape.num_nodes
         ver_ms, st = b.verify(st, drafted[0], drafted[1])
-        v_floor = b.floor_ms(b.w_bytes + ctx * b.kv_token,
-                             2 * b.params * Nn + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * ctx * Nn)
-        tr = row["trees"][str(shape)] = dict(nodes=Nn, verify_ms=ver_ms, verify_floor_ms=v_floor,
+        # The target's weights and cache read once; every node costs its weight and attention FLOPs.
+        v_floor = b.floor_ms(b.w_bytes + ctx * b.kv_token, shape.num_nodes * (
+            2 * b.params + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * ctx))
+        tr = row["trees"][str(shape)] = dict(nodes=shape.num_nodes, verify_ms=ver_ms, verify_floor_ms=v_floor,
                                               verify_vs_floor=ver_ms / v_floor, verify_vs_ar=ver_ms / ar_ms)
-        line = f"  tree {str(shape):>16} ({Nn} nodes): verify {ver_ms:.3f} ms ({ver_ms / ar_ms:.2f}x AR)"
+        line = f"  tree {shape!s:>16} ({shape.num_nodes} nodes): verify {ver_ms:.3f} ms ({ver_ms / ar_ms:.2f}x AR)"
         if shape in loop_trees:
-            levels = [shape.widths[:d] for d in range(1, shape.depth + 1)] if b.args.draft_levels else [shape.widths]
-            cumulative = [b.draft(st, TreeShape(w)) for w in levels]
-            tr["draft_ms"] = cumulative[-1]
-            tr["draft_level_ms"] = list(np.diff([0.0] + cumulative))
-            tr["draft_floor_ms"] = b.draft_floor_ms(st, shape, cfg.vocab_size)
+            levels = range(1, shape.depth + 1) if b.args.draft_levels else [shape.depth]
+            cumulative = [b.draft(st, TreeShape(shape.widths[:d])) for d in levels]
+            d_floor = b.draft_floor_ms(ctx, shape, cfg.vocab_size, st.ring.capacity)
+            tr.update(draft_ms=cumulative[-1], draft_level_ms=list(np.diff([0.0] + cumulative)), draft_floor_ms=d_floor)
             tr["commit_ms"], st = b.commit(st, shape, drafted)
-            it_ms, st, tr["profile"] = b.loop(st, ctx, shape, profile=pdir("-".join(map(str, shape.widths))))
-            tr.update(iteration_ms=it_ms, iteration_floor_ms=v_floor + tr["draft_floor_ms"],
-                      iteration_vs_ar=it_ms / ar_ms, rest_of_iteration_ms=it_ms - ver_ms - tr["draft_ms"],
-                      modelled_speedup=tau * ar_ms / it_ms)
+            pdir = prof and os.path.join(prof, f"ctx{ctx}_" + "-".join(map(str, shape.widths)))
+            it_ms, st, tr["profile"] = b.loop(st, ctx, shape, profile=pdir)
+            tr.update(iteration_ms=it_ms, iteration_floor_ms=v_floor + d_floor, iteration_vs_ar=it_ms / ar_ms,
+                      rest_of_iteration_ms=it_ms - ver_ms - tr["draft_ms"], modelled_speedup=tau * ar_ms / it_ms)
             line += (f", draft {tr['draft_ms']:.3f}, commit {tr['commit_ms']:.3f}, iteration {it_ms:.3f} "
                      f"({it_ms / ar_ms:.2f}x AR) -> modelled speedup {tau * ar_ms / it_ms:.2f}x at tau {tau}")
             for size in vocab_sizes:
@@ -270,8 +261,8 @@ def measure_context(b: Bench, ctx, trees, loop_trees, vocab_sizes, tau, save):
                 d_ms = b.draft(st, shape, vocab)
                 v_ms, st, _ = b.loop(st, ctx, shape, vocab)
                 tr.setdefault("draft_vocab", {})[str(size)] = dict(
-                    draft_ms=d_ms, draft_floor_ms=b.draft_floor_ms(st, shape, size), iteration_ms=v_ms,
-                    iteration_vs_ar=v_ms / ar_ms, modelled_speedup=tau * ar_ms / v_ms)
+                    draft_ms=d_ms, draft_floor_ms=b.draft_floor_ms(ctx, shape, size, st.ring.capacity),
+                    iteration_ms=v_ms, iteration_vs_ar=v_ms / ar_ms, modelled_speedup=tau * ar_ms / v_ms)
                 line += f"; draft vocab {size}: draft {d_ms:.3f}, iteration {v_ms:.3f} ms"
         common.log(line)
         save(row)
@@ -286,20 +277,19 @@ def main(args) -> int:
     vocab_sizes = wl.draft_vocab_sizes if args.draft_vocab_sizes is None else args.draft_vocab_sizes
     tau = args.tau or wl.tau
     b = Bench(args, wl)
-    record = common.header("latency", args.workload, args.argv)
-    record.update(model_shapes=wl.model, weights=f"random {wl.dtype}", attention_impl=b.impl,
-                  tensor_parallel=b.n, steps=args.steps, tau=tau, ceilings={**vars(b.ceil), "bandwidth_Bps": b.ceil.bandwidth_Bps},
+    record, c = common.header("latency", args.workload, args.argv), b.ceil
+    record.update(model_shapes=wl.model, weights=f"random {wl.dtype}", attention_impl=b.impl, tensor_parallel=b.n,
+                  steps=args.steps, tau=tau, ceilings={**vars(c), "bandwidth_Bps": c.bandwidth_Bps},
                   matmul_precision=str(jax.config.jax_default_matmul_precision or "default"),
                   target_weight_bytes_excl_embedding=b.w_bytes, draft_param_bytes=b.d_bytes, rows=[])
     path = common.result_path(args.out, "latency", args.workload, device=common.device_slug(b.n))
-    c = b.ceil
     common.log(f"{record['device']} x{b.n}, {wl.model}, {b.impl} attention: bandwidth {c.bandwidth_Bps / 1e12:.3f} "
                f"TB/s, matmul {c.matmul_flops / 1e12:.1f} TFLOP/s")
 
-    for ctx in args.contexts or wl.contexts:
-        def save(row):
-            common.write_json(path, {**record, "rows": record["rows"] + [row]})
+    def save(row):  # after every part: a run cut short keeps what it measured
+        common.write_json(path, {**record, "rows": record["rows"] + [row]})
 
+    for ctx in args.contexts or wl.contexts:
         record["rows"].append(measure_context(b, ctx, trees, loop_trees, vocab_sizes, tau, save))
     common.write_json(path, record)
     common.log(f"wrote {path}")
