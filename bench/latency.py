@@ -84,10 +84,10 @@ class Bench:
         # Small arrays: the default device, or replicated over the mesh.
         self.put = functools.partial(jax.device_put, device=self.mesh and NamedSharding(self.mesh, PartitionSpec()))
         self.ceil = common.ceilings(wl.dtype)
-        target, draft = self.target, _ = common.random_models(cfg, dcfg, self.impl, dtype=self.dtype, mesh=self.mesh)
-        self.t_graph, self.t_state = nnx.split(target)
+        self.target, draft = common.random_models(cfg, dcfg, self.impl, dtype=self.dtype, mesh=self.mesh)
+        self.t_graph, self.t_state = nnx.split(self.target)
         self.d_graph, self.d_state = nnx.split(draft)
-        self.w_bytes = common.param_bytes(target)  # a decode step gathers one embedding row
+        self.w_bytes = common.param_bytes(self.target)  # a decode step gathers one embedding row
         self.d_bytes = common.param_bytes(draft, skip_embedding=False)
         self.params = self.w_bytes // self.dtype.itemsize
         self.kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize  # K, V; all layers
@@ -126,7 +126,7 @@ class Bench:
                                             np.array([ctx], np.int32), chunk, hidden_size=cfg.hidden_size, put=self.put)
             jax.block_until_ready(hidden)
             seconds = time.perf_counter() - t0
-        # The weights but the LM head (a prefill keeps hidden states only) and causal attention.
+        # The weights without the LM head (a prefill keeps hidden states only), and causal attention.
         body = self.params - (0 if cfg.tie_word_embeddings else cfg.hidden_size * cfg.vocab_size)
         floor = self.floor_ms(0, 2 * body * ctx + 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers * ctx * (ctx + 1))
         return st.replace(cache=cache), dict(prefill_s=seconds, prefill_tokens_per_s=ctx / seconds,
