@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-SUITES = ("kernels", "tune", "train", "plot", "serve")
+SUITES = ("latency", "acceptance", "serve", "kernels", "tune", "train", "plot")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,32 +176,38 @@ def ceilings(dtype: str = "bfloat16") -> Ceilings:
     return Ceilings(copy_Bps=copy, read_Bps=read, gemv_Bps=gemv, matmul_flops=mm)
 
 
-def random_models(cfg, dcfg, impl: str, dtype=jnp.bfloat16, seed: int = 0):
+def random_models(cfg, dcfg, impl: str, dtype=jnp.bfloat16, seed: int = 0, mesh=None):
     """A random target and draft (parameters and compute in `dtype`) made directly on the device:
     the structure from `nnx.eval_shape` (no initialiser compiled), every parameter drawn by a small
     jitted generator per (shape, dtype), so a 32B model takes seconds rather than the minutes a
     whole-model initialiser takes to compile. Matrices ~ N(0, 0.02^2); 1-D parameters (norm scales,
-    biases) ~ 1 + N(0, 0.02^2)."""
+    biases) ~ 1 + N(0, 0.02^2). With a `mesh`, each parameter goes to its tensor-parallel sharding as
+    soon as it is drawn, so a model larger than one device's memory never sits whole on one device."""
     from flax import nnx
 
+    from longspec_jax import sharding
     from longspec_jax.draft import Draft
     from longspec_jax.transformer import Transformer
-
-    def build():
-        return (Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype, attention_impl=impl),
-                Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), dtype=dtype, param_dtype=dtype, attention_impl=impl))
-
-    graph, state = nnx.split(nnx.eval_shape(build))
 
     @functools.partial(jax.jit, static_argnums=(1, 2))
     def draw(key, shape, dt):
         x = 0.02 * jax.random.normal(key, shape, jnp.float32)
         return (x + 1.0 if len(shape) == 1 else x).astype(dt)
 
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    filled = [draw(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
-    return nnx.merge(graph, jax.tree_util.tree_unflatten(treedef, filled))
+    def fill(model, key):
+        if mesh is not None:
+            sharding.check_tensor_parallel(model.cfg, mesh.shape["tensor"], what=type(model).__name__)
+            sharding.set_attention_mesh(model, mesh)
+        for i, (_, var) in enumerate(sharding.iter_params(model)):
+            x = var.get_value()
+            value = draw(jax.random.fold_in(key, i), tuple(x.shape), jnp.dtype(x.dtype))
+            var.set_value(value if mesh is None else jax.device_put(value, sharding.variable_sharding(var, mesh)))
+        return model
+
+    kw = dict(dtype=dtype, param_dtype=dtype, attention_impl=impl)
+    target = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), **kw))
+    draft = nnx.eval_shape(lambda: Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), **kw))
+    return fill(target, jax.random.key(seed)), fill(draft, jax.random.key(seed + 1))
 
 
 def random_cache(cfg, capacity: int, key, dtype=jnp.bfloat16):
@@ -226,21 +232,6 @@ def param_bytes(module, skip_embedding: bool = True) -> int:
             continue
         total += leaf.size * leaf.dtype.itemsize
     return total
-
-
-def load_trace(profile_dir: str):
-    """(trace file, events, {pid: process name}) of the newest `jax.profiler` trace under
-    `profile_dir`, or None when there is none."""
-    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
-                   + glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
-    if not files:
-        return None
-    with gzip.open(files[-1]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return files[-1], events, pids
 
 
 PHASES = re.compile(r"/(draft_level\d+|verify|accept|commit)/")
@@ -270,10 +261,15 @@ def summarize_trace(profile_dir: str, iterations: int, top: int = 25, compiled_t
     """Device time per op name in ms per iteration, and device ops per iteration (at small model
     sizes launches, not bytes, set the time); with the loop's compiled HLO text, time and op count
     per phase of the iteration (`hlo_phases`)."""
-    loaded = load_trace(profile_dir)
-    if loaded is None:
+    files = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
+                   + glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not files:
         return {"error": f"no trace file under {profile_dir}"}
-    path, events, pids = loaded
+    with gzip.open(files[-1]) as f:  # the newest trace
+        trace = json.load(f)
+    path, events = files[-1], trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu_pids = {p for p, n in pids.items() if "GPU" in n}
     phase_of = hlo_phases(compiled_text) if compiled_text else {}
     n_it = max(iterations, 1)

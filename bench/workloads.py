@@ -29,6 +29,7 @@ class Workload:
       prompts: "heldout" (the demo's held-out packages) or None (random tokens).
       num_prompts, new_tokens, temperatures: what a decoding benchmark generates.
       train_seq_lens: sequence lengths of the training-step benchmark.
+      tau: the acceptance length `latency` models its speedup at (the paper's 3.4 by default).
       xla_flags: appended to $XLA_FLAGS before JAX starts (`python -m bench` does it).
       about: one line for `--help` and the docs.
     """
@@ -43,6 +44,7 @@ class Workload:
     new_tokens: int = 256
     temperatures: tuple[float, ...] = (0.0,)
     train_seq_lens: tuple[int, ...] = ()
+    tau: float = 3.4
     xla_flags: str = ""
     about: str = ""
 

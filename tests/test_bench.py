@@ -123,40 +123,45 @@ def test_hf_torch_baseline_tiny(tmp_path):
     assert set(HEADER) <= set(record) and record["torch"] and record["rows"][0]["decode_ms_per_token"] > 0
 
 
-# The scripts below become `python -m bench latency` / `acceptance` (and a gpu-marked exactness test);
-# until then their tiny runs keep them from rotting.
-
-@pytest.mark.slow
-def test_bench_e2e_tiny(tmp_path):
-    from bench import bench_e2e
-
-    assert bench_e2e.main(["--tiny", "--contexts", "256", "--trees", "2 2", "1 1", "--loop-trees", "2 2",
-                           "--steps", "4", "--draft-vocab-sizes", "128", "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("e2e_tiny_*.json")
-    record = json.loads(path.read_text())
-    assert set(HEADER) <= set(record)
-    tr = record["rows"][0]["trees"]["2 2"]
-    assert all(tr[k] > 0 for k in ("verify_ms", "draft_ms", "commit_ms", "iteration_ms"))
-    assert tr["draft_vocab"]["128"]["iteration_ms"] > 0
+def test_latency_tiny(tmp_path):
+    record = run_suite(tmp_path, "latency", "--steps", "2")
+    assert record["tensor_parallel"] == 1 and record["tau"] == 3.4 and record["ceilings"]["matmul_flops"] > 0
+    (row,) = record["rows"]
+    assert row["context"] == 256 and row["prefill_tokens_per_s"] > 0 and row["prefill_floor_s"] > 0
+    assert row["ar_ms"] > 0 and row["ar_floor_ms"] > 0
+    assert set(row["trees"]) == {"2 2", "1 1"} and row["trees"]["1 1"]["verify_ms"] > 0
+    tr = row["trees"]["2 2"]  # the first tree: every part timed
+    assert tr["nodes"] == 5 and all(tr[k] > 0 for k in ("verify_ms", "draft_ms", "commit_ms", "iteration_ms"))
+    assert tr["iteration_floor_ms"] > tr["verify_floor_ms"] > 0 and len(tr["draft_level_ms"]) == 1
+    assert tr["modelled_speedup"] == pytest.approx(3.4 * row["ar_ms"] / tr["iteration_ms"])
+    assert tr["draft_vocab"]["128"]["iteration_ms"] > 0 and tr["draft_vocab"]["128"]["draft_ms"] > 0
 
 
 @pytest.mark.slow
-def test_bench_tp_tiny(tmp_path):
-    from bench import bench_tp
+def test_latency_tensor_parallel_profile_tiny(tmp_path):
+    prof = tmp_path / "prof"
+    assert main(["latency", "--workload", "tiny", "--steps", "2", "--tensor-parallel", "2", "--draft-levels",
+                 "--draft-vocab-sizes", "--profile", str(prof), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpux2" / "latency_tiny.json").read_text())
+    row = record["rows"][0]
+    tr = row["trees"]["2 2"]
+    assert record["tensor_parallel"] == 2 and row["ar_ms"] > 0 and tr["iteration_ms"] > 0
+    assert len(tr["draft_level_ms"]) == 2 and "draft_vocab" not in tr
+    assert row["ar_profile"]["ops_per_iteration"] > 0
+    assert {"draft_level0", "draft_level1", "verify", "accept", "commit"} <= set(tr["profile"]["phases"])
 
-    bench_tp.main(["--tiny", "--tensor", "2", "--steps", "4", "--tree", "2 2", "--out", str(tmp_path)])
-    (path,) = tmp_path.glob("tp_tiny_*.json")
-    row = json.loads(path.read_text())["rows"][0]
-    assert row["tp_ar_ms"] > 0 and row["single_ar_ms"] > 0
 
+def test_acceptance_tiny(tmp_path):
+    import numpy as np
 
-@pytest.mark.slow
-def test_bench_demo_short(tmp_path):
-    from bench import bench_demo
-
-    out = tmp_path / "demo.json"
-    assert bench_demo.main(["--contexts", "256", "--num-prompts", "1", "--new-tokens", "12", "--temperatures", "0",
-                            "--trees", "default", "small=2,2", "--warmup", "0", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["ar", "default", "small"]
-    assert all(r["greedy_equal"] and r["tau"] >= 1.0 for r in rows[1:])
+    vocab = tmp_path / "even.npy"
+    np.save(vocab, np.arange(0, 256, 2))
+    record = run_suite(tmp_path, "acceptance", "--dtype", "float32", "--draft-vocab", str(vocab))
+    assert record["dtype"] == "float32" and record["greedy_mismatches"] == []
+    ar, *rows = record["rows"]
+    assert ar["method"] == "ar" and ar["decode_tok_s"] > 0 and ar["tokens"] == 7
+    assert [(r["method"], r["draft_vocab"]) for r in rows] == [("2 2", None), ("1 1", None), ("2 2", "even"),
+                                                               ("1 1", "even")]
+    for r in rows:
+        assert r["greedy_equal"] and 1.0 <= r["tau"] <= 3.0 and r["speedup"] > 0 and len(r["accept_by_depth"]) == 2
+    assert rows[2]["draft_vocab_size"] == 128

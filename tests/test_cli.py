@@ -155,22 +155,6 @@ def test_stop_ids_union(tmp_path):
     assert prompts.stop_ids(cfg) == (1,)
 
 
-@pytest.mark.slow
-def test_bench_ar_tiny_smoke(tmp_path):
-    import json
-
-    from bench import bench_ar
-
-    out = tmp_path / "ar.json"
-    assert bench_ar.main(["--tiny", "--contexts", "40", "--new-tokens", "8", "--repeats", "1",
-                          "--stream-every", "4", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert record["command"].startswith("python -m bench.bench_ar --tiny")
-    row = record["results"][0]
-    assert row["context"] == 40 and row["ms_per_token"] > 0 and row["floor_ms_per_token"] > 0
-    assert "stream_ms_per_token" in row and record["jax"] == __import__("jax").__version__
-
-
 @pytest.fixture
 def cached_preset(tmp_path, monkeypatch):
     """A preset whose target and released draft sit only in a (fake) Hugging Face cache, like a

@@ -178,7 +178,8 @@ def test_cli_tensor_parallel_runs(capsys):
 # memory is released at a threading.Barrier that every device's kernel must reach), so the device
 # programs of one shard_map must run concurrently; XLA's CPU client does not promise that, and on a
 # 2-core machine this test hung for good (0% CPU) in one of two runs here. The same shard_map path
-# runs natively on GPUs (bench_tp) and the kernels themselves are tested in test_kernels.py.
+# runs natively on GPUs (`python -m bench latency --tensor-parallel N`); the kernels themselves are
+# tested in test_kernels.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2])
 def test_pallas_attention_runs_per_device_heads(n):
