@@ -177,37 +177,15 @@ def ceilings(dtype: str = "bfloat16") -> Ceilings:
 
 
 def random_models(cfg, dcfg, impl: str, dtype=jnp.bfloat16, seed: int = 0, mesh=None):
-    """A random target and draft (parameters and compute in `dtype`) made directly on the device:
-    the structure from `nnx.eval_shape` (no initialiser compiled), every parameter drawn by a small
-    jitted generator per (shape, dtype), so a 32B model takes seconds rather than the minutes a
-    whole-model initialiser takes to compile. Matrices ~ N(0, 0.02^2); 1-D parameters (norm scales,
-    biases) ~ 1 + N(0, 0.02^2). With a `mesh`, each parameter goes to its tensor-parallel sharding as
-    soon as it is drawn, so a model larger than one device's memory never sits whole on one device."""
-    from flax import nnx
+    """A random target and draft (`longspec_jax.init`: parameters and compute in `dtype`, drawn on the
+    device by one compiled function; with a `mesh`, each parameter in its tensor-parallel sharding,
+    so a model larger than one device's memory never sits whole on one device)."""
+    from longspec_jax import init, sharding
 
-    from longspec_jax import sharding
-    from longspec_jax.draft import Draft
-    from longspec_jax.transformer import Transformer
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def draw(key, shape, dt):
-        x = 0.02 * jax.random.normal(key, shape, jnp.float32)
-        return (x + 1.0 if len(shape) == 1 else x).astype(dt)
-
-    def fill(model, key):
-        if mesh is not None:
-            sharding.check_tensor_parallel(model.cfg, mesh.shape["tensor"], what=type(model).__name__)
-            sharding.set_attention_mesh(model, mesh)
-        for i, (_, var) in enumerate(sharding.iter_params(model)):
-            x = var.get_value()
-            value = draw(jax.random.fold_in(key, i), tuple(x.shape), jnp.dtype(x.dtype))
-            var.set_value(value if mesh is None else jax.device_put(value, sharding.variable_sharding(var, mesh)))
-        return model
-
-    kw = dict(dtype=dtype, param_dtype=dtype, attention_impl=impl)
-    target = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), **kw))
-    draft = nnx.eval_shape(lambda: Draft(dcfg, cfg.rope, rngs=nnx.Rngs(seed + 1), **kw))
-    return fill(target, jax.random.key(seed)), fill(draft, jax.random.key(seed + 1))
+    if mesh is not None:
+        sharding.check_tensor_parallel(cfg, mesh.shape["tensor"], what="the target")
+    kw = dict(dtype=dtype, attention_impl=impl, mesh=mesh)
+    return init.random_target(cfg, seed=seed, **kw), init.random_draft(dcfg, cfg.rope, seed=seed + 1, **kw)
 
 
 def random_cache(cfg, capacity: int, key, dtype=jnp.bfloat16):

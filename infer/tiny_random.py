@@ -28,15 +28,6 @@ def tokenizer():
     return init.byte_tokenizer()
 
 
-def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, attention_impl: str = "xla", seed: int = 0,
-                 std: float = 0.02, on_device: bool = True):
-    """`init.random_target` under its former name, kept for `bench/bench_ar.py` until the benchmark
-    suite calls `longspec_jax.init` directly (`on_device` is ignored: weights are always drawn on the
-    device)."""
-    del on_device
-    return init.random_target(cfg, seed=seed, dtype=dtype, std=std, attention_impl=attention_impl)
-
-
 def build(*, dtype=jnp.float32, attention_impl: str = "xla", seed: int = 0):
     """(model, cfg, tokenizer) with weights drawn from `seed` (deterministic)."""
     cfg = config()

@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 from infer import decoder as spec
-from infer import generate, tiny_random
+from infer import generate
 from infer.decoder import generate_ar
-from longspec_jax import sharding
+from longspec_jax import init, sharding
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import Draft
 from longspec_jax.kv_cache import KVCache
@@ -36,7 +36,7 @@ def _cfg(num_kv_heads=4):
 
 def _target(cfg, seed=0):
     # Host-drawn weights (no XLA compile of an initialiser: seconds saved on a loaded 2-core CPU).
-    return tiny_random.random_model(cfg, dtype=jnp.float32, seed=seed, std=0.2)
+    return init.random_target(cfg, dtype=jnp.float32, seed=seed, std=0.2)
 
 
 @pytest.fixture(scope="module")
