@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longspec_jax import demo, draft_weights, weights
-from infer.ar import generate_ar
-from infer.speculative import SpeculativeDecoder
+from infer.decoder import Decoder
 
 dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 target, cfg, tok = weights.load_target(demo.TARGET_DIR, dtype=dtype)
@@ -35,18 +34,18 @@ print(tok.decode(prompt[-60:]))"""),
     new_markdown_cell("The target alone (greedy), then the tree speculative decoder. At temperature 0 the "
                       "outputs must be identical: speculative decoding is lossless."),
     new_code_cell("""NEW = 128
-ar_res = generate_ar(target, prompt, max_new_tokens=NEW, eos_ids=())
-ar_tokens = ar_res.sequences()[0]
+ar_res = Decoder(target).generate([prompt], max_new_tokens=NEW, eos_ids=())
+ar_tokens = ar_res.tokens[0]
 
-decoder = SpeculativeDecoder(target, draft)          # tree shape chosen from the context length
-spec = decoder.generate(prompt, max_new_tokens=NEW, eos_ids=())
+decoder = Decoder(target, draft)          # tree shape chosen from the context length and the device
+spec = decoder.generate([prompt], max_new_tokens=NEW, eos_ids=())
 assert spec.tokens[0] == ar_tokens, "speculative output differs from the target's greedy output"
 print(tok.decode(spec.tokens[0]))"""),
-    new_code_cell("""s = spec.stats
-forwards = int(np.sum(s["target_forwards"]))
+    new_code_cell("""s = spec.spec
+forwards = spec.timings.decode_steps
 ar_rate = ar_res.timings.decode_tokens_per_s
-tree_rate = (len(spec.tokens[0]) - 1) / s["decode_time_s"]
-print(f"tree shape {s['tree_shape']}: tau = {s['tau']:.2f} tokens per target forward")
+tree_rate = spec.timings.decode_tokens_per_s
+print(f"tree shape {s.tree_shape}: tau = {s.tau:.2f} tokens per target forward")
 print(f"AR {ar_rate:.1f} tok/s | tree {tree_rate:.1f} tok/s | speedup {tree_rate / ar_rate:.2f}x "
       "(decode only; compilation excluded)")"""),
     new_markdown_cell("How deep the accepted drafts go: the share of verifications that accepted a drafted "
@@ -54,21 +53,33 @@ print(f"AR {ar_rate:.1f} tok/s | tree {tree_rate:.1f} tok/s | speedup {tree_rate
     new_code_cell("""import matplotlib
 import matplotlib.pyplot as plt
 
-depth_share = np.asarray(s["accepted_by_depth"]) / forwards
+depth_share = np.asarray(s.accepted_by_depth) / forwards
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.bar(np.arange(1, len(depth_share) + 1), depth_share)
 ax.set_xlabel("tree depth")
 ax.set_ylabel("accepted (share of verifications)")
 ax.set_ylim(0, 1)
-ax.set_title(f"tau = {s['tau']:.2f}")
+ax.set_title(f"tau = {s.tau:.2f}")
 plt.show()"""),
     new_markdown_cell("Sampling at temperature 1: the tokens differ from a sampled AR run, but their "
                       "distribution is the target's (tests/test_verify.py checks it statistically)."),
     new_code_cell("""from longspec_jax.sampling import SamplingParams
 
-hot = decoder.generate(prompt, max_new_tokens=NEW, eos_ids=(), sampling=SamplingParams(temperature=1.0), seed=1)
-print(f"T=1: tau = {hot.stats['tau']:.2f}")
+hot = decoder.generate([prompt], max_new_tokens=NEW, eos_ids=(), sampling=SamplingParams(temperature=1.0), seed=1)
+print(f"T=1: tau = {hot.spec.tau:.2f}")
 print(tok.decode(hot.tokens[0])[:400])"""),
+    new_markdown_cell("Several requests at once: the serving engine (the same decode step) keeps a few slots "
+                      "decoding, admits requests between steps, and keeps finished sequences resident so a "
+                      "follow-up that extends one prefills only its new tokens. Each output is still exactly "
+                      "the target's greedy output."),
+    new_code_cell("""from infer.engine import Engine
+
+engine = Engine(target, draft, max_slots=2, max_context=4096)
+first, second = engine.generate([prompt[:1024], prompt[:1536]], max_new_tokens=32, stop_ids=())
+follow_up = prompt[:1024] + first + prompt[1536:1600]          # the next turn over the first context
+(third,) = engine.generate([follow_up], max_new_tokens=32, stop_ids=())
+assert third == Decoder(target).generate([follow_up], max_new_tokens=32, eos_ids=()).tokens[0]
+print("reused", engine.stats["reused_tokens"], "of", len(follow_up), "prompt tokens")"""),
 ]
 
 

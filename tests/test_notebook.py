@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "examples", "quickstart.ipynb")
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -26,6 +27,6 @@ def test_quickstart_notebook_executes(tmp_path):
         os.environ.clear()
         os.environ.update(env_backup)
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "tau =" in outputs and "speedup" in outputs
+    assert "tau =" in outputs and "speedup" in outputs and "reused" in outputs
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, errors
