@@ -58,6 +58,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"${runtime.COMPILE_CACHE_ENV}, else ~/.cache/longspec_jax/xla; 'none' disables it)")
 
 
+def param_gb(model) -> float:
+    """Parameter gigabytes of a model."""
+    from flax import nnx
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e9
+
+
 def setup_compile_cache(args) -> None:
     """Turn on the persistent compilation cache and say where it is (one line)."""
     path = runtime.enable_compile_cache(args.compile_cache)

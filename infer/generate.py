@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import jax
+from flax import nnx
 
 from infer import cli, prompts, tiny_random
 from infer.cli import UsageError
@@ -199,11 +201,15 @@ def main(argv=None) -> int:
             draft_path = cli.resolve_draft(args)
             draft_vocab = cli.choose_draft_vocab(args, vocab_ids, draft_path, cfg, shape)
         cli.setup_compile_cache(args)
+        t_load = time.perf_counter()
         model = cli.load_target_weights(args, cfg, ckpt, dtype)
+        jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+        t_load = time.perf_counter() - t_load
         eos_ids = prompts.stop_ids(cfg, tokenizer, ckpt)
         print(f"model {args.model} | {args.dtype} | attention {args.attention_impl} | method {args.method} | "
               f"device {jax.devices()[0].device_kind}"
               + (f" x {args.tensor_parallel} (tensor parallel)" if mesh is not None else ""))
+        print(f"weights: {cli.param_gb(model):.2f} GB loaded in {t_load:.1f} s")
         print(f"prompt: {len(ids)} tokens ({'chat template' if templated else 'raw text'}"
               f"{f'; --prompt-tokens {limit} asked for more than it has' if short else ''}); stop ids {list(eos_ids)}")
         print("-" * 72, flush=True)
@@ -221,6 +227,9 @@ def main(argv=None) -> int:
         else:
             print(tokenizer.decode(res.tokens[0], skip_special_tokens=True))
         report(res, len(ids))
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        if peak:
+            print(f"peak device memory: {peak / 2**30:.2f} GiB")
         if args.compare_ar:
             ar = Decoder(model, prefill_chunk=args.prefill_chunk, mesh=mesh).generate([ids], **run)
             t, tree_rate = ar.timings, res.timings.decode_tokens_per_s
