@@ -34,8 +34,11 @@ def log(*parts) -> None:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout the benchmark runs from. A copy without `.git` (e.g. a tree
-    shipped to a GPU machine) reads the commit from $BENCH_GIT_COMMIT; its dirty flag is then None."""
+    """(commit, dirty) of the code the benchmark runs: $BENCH_GIT_COMMIT when set (a copy of the tree
+    shipped to another machine, whose own history may not hold that commit; dirty is then None),
+    else the checkout's."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"], None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -43,7 +46,7 @@ def git_state() -> tuple[str | None, bool | None]:
                                 capture_output=True, text=True, check=True).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_GIT_COMMIT"), None
+        return None, None
 
 
 def header(suite: str, workload: str | None, argv: list[str], device_kind: str | None = None,

@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_executables():
+    """Drop the executables a test module compiled once it is done: the process-wide compiler and
+    jax's caches would otherwise hold every model's code for the whole run."""
+    yield
+    from infer import runtime
+
+    runtime.default_compiler().clear()
+    jax.clear_caches()
