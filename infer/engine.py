@@ -143,7 +143,10 @@ class Engine:
         self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, self.staging, put(np.int32(0))), {})
         self._cancel = c.get("engine_stop_row", stop_row, (self.state, put(np.int32(0))), {})
         W = self.steps_per_call * self.max_accept
-        self._window = c.get("engine_new_tokens", new_tokens, (self.state, put(np.zeros(self.B, np.int32))), dict(width=W))
+        self._width = W
+        self._window = c.get("engine_new_tokens", new_tokens, (self.state,), dict(width=W))
+        # Device copies of the run-time scalars a decode call takes, made once.
+        self._scalars = {(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, self.steps_per_call} for b in (0, 1)}
         self._chunk_exe = c.get("prefill", runtime.prefill_chunk_jit, (
             dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, self.chunk), np.int32)), put(np.int32(0)),
             put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
@@ -229,9 +232,13 @@ class Engine:
             if self._results_at is not None:  # the device waited for the host since the last results
                 self.stats["host_gap_s"] += t_dev - self._results_at
             try:
+                # One call of lag (JetStream's): enqueue the read of what the previous call emitted,
+                # then the next call, and only then wait for the read, so the host's work on the
+                # previous call's tokens overlaps the device's work on the next call.
+                window = self._window(self.state)
                 self.state = self._run[widths](dec.t_state, dec.d_state, self.state, dec.vocab,
-                                               dec.put(np.int32(steps)), dec.put(np.bool_(busy)))
-                self._collect(running, events)
+                                               *self._scalars[(steps, busy)])
+                self._collect(running, events, window)
             except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
                 self._fail_running(e, events)
             self._results_at = time.perf_counter()
@@ -341,13 +348,15 @@ class Engine:
         if done:
             self._finish(slot, STOP_NAMES[int(reason)], events)
 
-    def _collect(self, running, events):
-        """Fetch the tokens the last decode call emitted and hand them out."""
-        out, out_len, done, reason, iters = jax.device_get(
-            self._window(self.state, self.dec.put(np.array([s.emitted for s in self.slots], np.int32))))
+    def _collect(self, running, events, window):
+        """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state)."""
+        packed = np.asarray(jax.device_get(window))
+        W = self._width
+        out, (out_len, done, reason, iters) = packed[:, :W], packed[:, W:].T
         for slot in running:
             b = slot.index
-            new = out[b, :out_len[b] - slot.emitted].tolist()
+            n_new = int(out_len[b]) - slot.emitted
+            new = out[b, W - n_new:].tolist() if n_new > 0 else []
             slot.emitted = int(out_len[b])
             self.stats["forwards"] += int(iters[b]) - slot.iters
             slot.iters = int(iters[b])

@@ -26,32 +26,39 @@ from longspec_jax.sampling import SamplingParams
 class TextStream:
     """Incremental detokenization of one choice with stop strings.
 
-    The text sent so far is `sent`; each call decodes all tokens and returns the new suffix, holding
-    back an incomplete UTF-8 character (a trailing U+FFFD) and any tail that could still grow into
-    a stop string. A stop string ends the text right before it.
+    Text is decoded incrementally (vLLM's offsets: each call decodes only the tokens since the last
+    stable point, so a long completion costs O(new tokens) per call, not O(all)); an incomplete
+    UTF-8 character (a trailing U+FFFD) waits for its remaining bytes. `sent` is the text handed out;
+    a tail that could still grow into a stop string is held back, and a stop string ends the text
+    right before it.
     """
 
     def __init__(self, tokenizer, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.tokens: list[int] = []
+        self.text = ""  # decoded so far
         self.sent = ""
         self.stopped = False
+        self._prefix, self._read = 0, 0  # tokens[prefix:read] decode to the stable end of `text`
 
     def add(self, tokens: list[int], final: bool = False) -> str:
         self.tokens.extend(tokens)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if final or not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+        text = self.text
         # Only a stop string ending past the sent text is new (the sent text was checked already).
         start = max(0, len(self.sent) - max((len(s) for s in self.stops), default=0) + 1)
         cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             text, self.stopped = text[:cut], True
         elif not final:
-            text = text.rstrip("\ufffd")
             hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             text = text[:len(text) - hold]
-        if not text.startswith(self.sent):  # decoding rewrote sent characters: wait for more tokens
-            return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent):], max(text, self.sent, key=len)
         return delta
 
 

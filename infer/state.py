@@ -143,8 +143,11 @@ def stop_row(state: DecodeState, slot):
 
 
 @functools.partial(jax.jit, static_argnames=("width",))
-def new_tokens(state: DecodeState, start, *, width: int):
-    """What a host reads after a decode call: each row's tokens from column `start[b]` (`width`
-    columns: the most one call can emit), out_len, done, stop_reason and iters."""
-    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, state.out.shape[1] - 1)
-    return jnp.take_along_axis(state.out, cols, axis=1), state.out_len, state.done, state.stop_reason, state.iters
+def new_tokens(state: DecodeState, *, width: int) -> jax.Array:
+    """What a host reads after a decode call, packed into one int32 [B, width + 4] array (one
+    device-to-host copy): each row's last `width` emitted tokens (ending at out_len; `width` is the
+    most one call can emit), then out_len, done, stop_reason and iters."""
+    cols = jnp.clip(state.out_len[:, None] - width + jnp.arange(width)[None, :], 0, state.out.shape[1] - 1)
+    tail = jnp.take_along_axis(state.out, cols, axis=1)
+    return jnp.concatenate([tail, jnp.stack([state.out_len, state.done.astype(jnp.int32), state.stop_reason,
+                                             state.iters], axis=1)], axis=1)
