@@ -107,8 +107,8 @@ class Engine:
         self._rng = np.random.default_rng()
         self._admitting: Request | None = None  # popped from `waiting`, not yet running
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_gap_s=0.0)
-        self._results_at: float | None = None  # when the last decode call's results reached the host
+                          forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
+        self._blocked = 0.0  # seconds this step waited for the device (the read of a call's tokens)
         with dec.mesh_context():
             self._build()
 
@@ -212,7 +212,9 @@ class Engine:
 
     def _step(self) -> list[Event]:
         t0 = time.perf_counter()
+        self._blocked = 0.0
         events: list[Event] = []
+        admitting = bool(self.waiting or self.prefill)
         self._drain(events)
         try:  # a failure while admitting one request fails that request only
             if self.prefill is None and self.waiting:
@@ -229,8 +231,6 @@ class Engine:
             steps = 1 if self.prefill is not None else self.steps_per_call
             dec = self.dec
             t_dev = time.perf_counter()
-            if self._results_at is not None:  # the device waited for the host since the last results
-                self.stats["host_gap_s"] += t_dev - self._results_at
             try:
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted,
                 # then the next call, and only then wait for the read, so the host's work on the
@@ -241,11 +241,11 @@ class Engine:
                 self._collect(running, events, window)
             except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
                 self._fail_running(e, events)
-            self._results_at = time.perf_counter()
-            self.stats["decode_s"] += self._results_at - t_dev
+            self.stats["decode_s"] += time.perf_counter() - t_dev
             self.stats["steps"] += 1
-        else:
-            self._results_at = None
+            if not admitting:  # host work of a plain decode step: its wall time minus the waits for the device
+                self.stats["host_busy_s"] += time.perf_counter() - t0 - self._blocked
+                self.stats["host_busy_steps"] += 1
         self.stats["host_s"] += time.perf_counter() - t0
         return events
 
@@ -350,7 +350,9 @@ class Engine:
 
     def _collect(self, running, events, window):
         """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state)."""
+        t = time.perf_counter()
         packed = np.asarray(jax.device_get(window))
+        self._blocked += time.perf_counter() - t
         W = self._width
         out, (out_len, done, reason, iters) = packed[:, :W], packed[:, W:].T
         for slot in running:

@@ -136,8 +136,10 @@ class _EngineCollector:
                       s["reused_tokens"])
         yield counter("target_forwards", "Decode steps summed over requests.", s["forwards"])
         yield counter("engine_decode_calls", "Device calls of the decode loop.", s["steps"])
-        yield counter("engine_host_gap_seconds", "Host time between a decode call's results and the next call, "
-                      "while requests kept running.", s["host_gap_s"])
+        yield counter("engine_host_busy_seconds", "Host work of decode steps without admission (the step's "
+                      "time minus its waits for the device).", s["host_busy_s"])
+        yield counter("engine_host_busy_steps", "Decode steps counted in engine_host_busy_seconds.",
+                      s["host_busy_steps"])
 
 
 def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int) -> FastAPI:
