@@ -36,7 +36,8 @@ SAMPLED_CHAIN = (1, 1, 1, 1, 1)
 LAUNCH_BOUND_BYTES = 512 * 2**20
 
 # Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. Rows x nodes
-# stays under ~300 verification rows, where weight matmuls are still memory-bound.
+# stays under ~300 verification rows, where weight matmuls are still memory-bound (the roofline
+# estimate of docs/perf_notes.md; the breakpoints are not measured yet).
 GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (2, (4, 16, 16, 16, 16)),
     (4, (2, 4, 4, 4, 4)),
@@ -45,7 +46,8 @@ GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
 )
 
 # Serving on a CPU (or a launch-bound target): every node is a row of compute, so the chain
-# shortens as rows grow; measured with the demo pair on a 2-core CPU.
+# shortens as rows grow (a first guess, not measured: on a CPU every slot's rows are computed, busy
+# or not, so the engine's cost grows with its slot count rather than its load).
 CPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (2, (1, 1, 1, 1, 1)),
     (4, (1, 1, 1)),
