@@ -65,9 +65,10 @@ def arange_positions(batch, start, T):
 
 
 def reset_hf_rope(hf):
-    """HF's dynamic RoPE keeps state across calls; a short input resets it to the original length."""
-    with torch.no_grad():
-        hf(torch.zeros((1, 1), dtype=torch.long))
+    """HF's dynamic RoPE keeps state across calls (its frequencies grow with the longest input seen):
+    start each reference computation from a fresh rotary module of the same config."""
+    rotary = hf.model.rotary_emb
+    hf.model.rotary_emb = type(rotary)(config=hf.config).to(next(hf.parameters()).device)
 
 
 def hf_incremental(hf, ids, prompt_len):
