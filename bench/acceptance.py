@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, workloads
-from infer.decoder import Decoder
+from longspec_jax.infer.decoder import Decoder
 from longspec_jax import draft_vocab
 from longspec_jax.sampling import SamplingParams
 from longspec_jax.tree import TreeShape

@@ -38,9 +38,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import common, workloads
-from infer import runtime
-from infer.loop import DecodeLoop, run_jit
-from infer.state import DecodeState
+from longspec_jax.infer import runtime
+from longspec_jax.infer.loop import DecodeLoop, run_jit
+from longspec_jax.infer.state import DecodeState
 from longspec_jax import kv_cache, sharding, verify
 from longspec_jax.draft import ring_capacity
 from longspec_jax.draft_vocab import head_columns

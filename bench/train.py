@@ -28,9 +28,9 @@ import numpy as np
 from flax import nnx
 
 from bench import common, workloads
-from train import build as setup
-from train import step as step_lib
-from train.config import from_dict
+from longspec_jax.train import build as setup
+from longspec_jax.train import step as step_lib
+from longspec_jax.train.config import from_dict
 
 
 def add_cli_args(parser) -> None:

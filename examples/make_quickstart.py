@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longspec_jax import demo, draft_weights, weights
-from infer.decoder import Decoder
+from longspec_jax.infer.decoder import Decoder
 
 dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 target, cfg, tok = weights.load_target(demo.TARGET_DIR, dtype=dtype)

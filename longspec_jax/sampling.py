@@ -1,6 +1,6 @@
 """Logits -> filtered log-probabilities (temperature, top-k, top-p) and sampling.
 
-The decode loop (`infer/loop.py`, autoregressive and speculative alike) and the lossless verifier
+The decode loop (`longspec_jax/infer/loop.py`, autoregressive and speculative alike) and the lossless verifier
 (`longspec_jax/verify.py`) call exactly these functions, so a token sampled by either path is
 drawn from the same distribution: "lossless" is only meaningful if the target distribution is
 defined in one place.

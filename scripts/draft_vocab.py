@@ -11,7 +11,7 @@ file) and/or JSON-lines files (.jsonl: one record per line, text in the --field 
 how often the target's next token is draftable at all (acceptance ends at a node whose target
 choice lies outside). Ids in --always (default: the tokenizer's special tokens: EOS, BOS, ...)
 are always included. Output stays lossless whatever the vocabulary: verification uses the target's
-full vocabulary (infer/speculative.py).
+full vocabulary (longspec_jax/infer/speculative.py).
 
 Usage:
     python scripts/draft_vocab.py --tokenizer meta-llama/Meta-Llama-3-8B-Instruct \

@@ -29,7 +29,7 @@ def _free_executables():
     """Drop the executables a test module compiled once it is done: the process-wide compiler and
     jax's caches would otherwise hold every model's code for the whole run."""
     yield
-    from infer import runtime
+    from longspec_jax.infer import runtime
 
     runtime.default_compiler().clear()
     jax.clear_caches()

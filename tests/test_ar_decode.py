@@ -1,4 +1,4 @@
-"""Autoregressive decoding (`infer/decoder.py` without a draft): exactness against naive and HF references, EOS,
+"""Autoregressive decoding (`longspec_jax/infer/decoder.py` without a draft): exactness against naive and HF references, EOS,
 batching, bucketing (compile once per shape bucket), chunked prefill, streaming, errors.
 
 Shapes are chosen so most tests share compiled executables (prompt bucket 16, output bucket 16,
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import runtime
-from infer import decoder
-from infer.runtime import Compiler, capacity_bucket, output_bucket, prompt_bucket
+from longspec_jax.infer import runtime
+from longspec_jax.infer import decoder
+from longspec_jax.infer.runtime import Compiler, capacity_bucket, output_bucket, prompt_bucket
 from longspec_jax import init
 from longspec_jax.configs import tiny_config
 from longspec_jax import sampling as smp

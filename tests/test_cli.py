@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from infer import cli, generate
+from longspec_jax.infer import cli, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def test_text_streamer_prints_exactly_the_final_text():
 
     import numpy as np
 
-    from infer import prompts, tiny_random
+    from longspec_jax.infer import prompts, tiny_random
 
     tok = tiny_random.tokenizer()
     text = "héllo wörld ✓ done"
@@ -147,7 +147,7 @@ def test_text_streamer_prints_exactly_the_final_text():
 def test_stop_ids_union(tmp_path):
     import json
 
-    from infer import prompts, tiny_random
+    from longspec_jax.infer import prompts, tiny_random
 
     cfg = tiny_random.config()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7, 9999]}))
@@ -163,7 +163,7 @@ def cached_preset(tmp_path, monkeypatch):
     from flax import nnx
     from huggingface_hub import constants
 
-    from infer import tiny_random
+    from longspec_jax.infer import tiny_random
     from longspec_jax import configs, draft_weights, weights
     from longspec_jax.draft import Draft
     from tests.hub_utils import cache_snapshot
@@ -229,7 +229,7 @@ def test_cached_preset_torch_draft_is_found_and_loaded(cached_preset, capsys, mo
 def test_stop_ids_accepts_a_single_generation_eos(tmp_path):
     import json
 
-    from infer import prompts, tiny_random
+    from longspec_jax.infer import prompts, tiny_random
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert prompts.stop_ids(tiny_random.config(), None, str(tmp_path)) == (1, 7)

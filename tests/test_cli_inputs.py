@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from infer import generate, tiny_random
+from longspec_jax.infer import generate, tiny_random
 from longspec_jax import demo, weights
 
 
@@ -55,7 +55,7 @@ def test_long_prompt_file_on_the_demo_model(tmp_path, capsys, no_weights):
 
 
 def test_max_new_tokens_alone_beyond_the_limit(capsys, no_weights):
-    from infer import prompts
+    from longspec_jax.infer import prompts
 
     n_prompt = len(prompts.encode_prompt(tiny_random.tokenizer(), prompts.DEFAULT_PROMPT)[0])
     err = _refused(["--model", "tiny-random", "--max-new-tokens", "5000"], capsys)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import decoder as spec
-from infer import defaults
-from infer.state import DecodeState
+from longspec_jax.infer import decoder as spec
+from longspec_jax.infer import defaults
+from longspec_jax.infer.state import DecodeState
 from longspec_jax import draft_vocab
 from longspec_jax import tree as tree_lib
 from longspec_jax.configs import tiny_config
@@ -279,7 +279,7 @@ def test_script_end_to_end(tmp_path):
 def test_cli_refuses_a_bad_draft_vocab_before_loading(tmp_path, capsys, monkeypatch, name, content, message):
     import re
 
-    from infer import generate, tiny_random
+    from longspec_jax.infer import generate, tiny_random
 
     path = tmp_path / name
     if content is None:
@@ -304,7 +304,7 @@ def test_cli_uses_the_vocabulary_a_draft_directory_ships(tmp_path, capsys):
     import json
     import shutil
 
-    from infer import generate
+    from longspec_jax.infer import generate
     from longspec_jax import demo
 
     if not demo.available():

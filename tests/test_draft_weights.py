@@ -106,7 +106,7 @@ def test_save_load_round_trip_and_converter(tmp_path):
     sd = {f"draft_model.{k}": torch.from_numpy(np.array(v)) for k, v in dw.draft_state_dict(draft).items()}
     torch.save(sd, str(tmp_path / "draft_model_weights.pth"))
     _write_config(tmp_path / "target")
-    from infer import convert_draft
+    from longspec_jax.infer import convert_draft
 
     rc = convert_draft.main([str(tmp_path / "draft_model_weights.pth"), str(tmp_path / "conv"),
                              "--target", str(tmp_path / "target" / "config.json"), "--dtype", "float32"])
@@ -170,7 +170,7 @@ def _pth(tmp_path, prefix="draft_model.", seed=5, name="draft_model_weights.pth"
 
 
 def _convert(tmp_path, *argv):
-    from infer import convert_draft
+    from longspec_jax.infer import convert_draft
 
     _write_config(tmp_path / "target")
     return convert_draft.main([*map(str, argv), "--target", str(tmp_path / "target" / "config.json"),

@@ -11,9 +11,9 @@ the load), and at T > 0 a request's tokens equal the single-request decoder's fo
 import numpy as np
 import pytest
 
-from infer.decoder import Decoder, generate_ar
-from infer.engine import Engine, Request
-from infer.slots import Slot, choose_slot, common_prefix
+from longspec_jax.infer.decoder import Decoder, generate_ar
+from longspec_jax.infer.engine import Engine, Request
+from longspec_jax.infer.slots import Slot, choose_slot, common_prefix
 from longspec_jax.sampling import SamplingParams
 from tests.test_speculative import _prompts, agreeing_models, random_models
 

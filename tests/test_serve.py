@@ -23,11 +23,11 @@ from flax import nnx
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from infer import tiny_random  # noqa: E402
-from infer.decoder import generate_ar  # noqa: E402
-from infer.engine import Engine  # noqa: E402
-from infer.serve import EngineWorker  # noqa: E402
-from infer.server_app import create_app  # noqa: E402
+from longspec_jax.infer import tiny_random  # noqa: E402
+from longspec_jax.infer.decoder import generate_ar  # noqa: E402
+from longspec_jax.infer.engine import Engine  # noqa: E402
+from longspec_jax.infer.serve import EngineWorker  # noqa: E402
+from longspec_jax.infer.server_app import create_app  # noqa: E402
 from longspec_jax.configs import DraftConfig  # noqa: E402
 from longspec_jax.draft import Draft  # noqa: E402
 

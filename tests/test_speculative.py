@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer import decoder as spec
-from infer.decoder import generate_ar
-from infer.loop import start_jit
-from infer.runtime import Compiler
+from longspec_jax.infer import decoder as spec
+from longspec_jax.infer.decoder import generate_ar
+from longspec_jax.infer.loop import start_jit
+from longspec_jax.infer.runtime import Compiler
 from longspec_jax import init
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import ring_capacity

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer import decoder as spec
-from infer import generate
-from infer.decoder import generate_ar
+from longspec_jax.infer import decoder as spec
+from longspec_jax.infer import generate
+from longspec_jax.infer.decoder import generate_ar
 from longspec_jax import init, sharding
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import Draft

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from train.config import TrainConfigError, from_dict, load_config, parse_overrides
+from longspec_jax.train.config import TrainConfigError, from_dict, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from train.config import from_dict
-from train.data import DataError, DataLoader, check_tokenizer, encode_record, load_documents, load_tokenizer
+from longspec_jax.train.config import from_dict
+from longspec_jax.train.data import DataError, DataLoader, check_tokenizer, encode_record, load_documents, load_tokenizer
 
 TOK = load_tokenizer("bytes", None)
 
@@ -109,7 +109,7 @@ def test_device_batch_reads_only_the_rows_of_local_devices(tmp_path):
     import jax
 
     from longspec_jax import sharding
-    from train.build import batch_sharding
+    from longspec_jax.train.build import batch_sharding
 
     recs = [{"text": f"record {i} " * (i % 3 + 1)} for i in range(40)]
     cfg = data_cfg(paths=[write_jsonl(tmp_path / "d.jsonl", recs)], seq_len=8, packing=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from train.positions import anchor_offset_positions, max_offset_for
+from longspec_jax.train.positions import anchor_offset_positions, max_offset_for
 
 
 def _sinks_and_offset(pos: np.ndarray) -> tuple[int, int]:

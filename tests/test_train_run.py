@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import run as run_lib
-from train.checkpoint import Checkpointer
-from train.config import load_config
+from longspec_jax.train import run as run_lib
+from longspec_jax.train.checkpoint import Checkpointer
+from longspec_jax.train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "train", "configs", "tiny_cpu.yaml")
@@ -154,7 +154,7 @@ def test_in_process_resume_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def exported_draft(tmp_path_factory):
     """Train a tiny draft for 4 steps and export it (shared by the export tests)."""
-    from train import build
+    from longspec_jax.train import build
 
     tmp = tmp_path_factory.mktemp("export")
     cfg = load_config(TINY, tiny_overrides(tmp, **{"train.steps": 4, "checkpoint.export_dir": str(tmp / "draft")}))
@@ -177,7 +177,7 @@ def test_exported_draft_loads_in_inference_loader(exported_draft):
 def test_exported_draft_decodes_losslessly(exported_draft):
     from longspec_jax import draft_weights
 
-    from infer.decoder import generate_ar, generate_tree
+    from longspec_jax.infer.decoder import generate_ar, generate_tree
 
     path, target, tcfg = exported_draft
     draft = draft_weights.load_draft(path, tcfg, dtype=jnp.float32, window=8)

@@ -11,10 +11,10 @@ from flax import nnx
 from longspec_jax import init, sharding
 from longspec_jax.configs import DraftConfig, tiny_config
 from pallas_kernels import reference as attn_ref
-from train import build as build_lib
-from train import loss as loss_lib
-from train import step as step_lib
-from train.config import from_dict
+from longspec_jax.train import build as build_lib
+from longspec_jax.train import loss as loss_lib
+from longspec_jax.train import step as step_lib
+from longspec_jax.train.config import from_dict
 
 # Tolerances (float32, matmul precision "highest" from conftest).
 TOL = {
@@ -93,7 +93,7 @@ def test_chunked_cross_entropy_matches_dense():
 
 
 def _np_draft_losses(h, th, w, toks, mask, distill, temp):
-    """float64 numpy reference of the draft objective's parts (independent of train/loss.py)."""
+    """float64 numpy reference of the draft objective's parts (independent of longspec_jax/train/loss.py)."""
     h, th, w = (np.asarray(x, np.float64) for x in (h, th, w))
     lg, tl = h[:, :-1] @ w, th[:, :-1] @ w
     y = np.asarray(toks)[:, 1:]
@@ -172,7 +172,7 @@ def test_distillation_raises_agreement_with_the_target():
     ({"distill": 0.5, "objective": "lm"}, "train.objective=draft"),
 ])
 def test_distill_config_errors(override, needle):
-    from train.config import TrainConfigError, validate
+    from longspec_jax.train.config import TrainConfigError, validate
     with pytest.raises(TrainConfigError, match=needle):
         validate(make_cfg(**override))
 

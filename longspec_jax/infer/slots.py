@@ -1,4 +1,4 @@
-"""Requests, events and the slot table of the serving engine (`infer/engine.py`): host-side
+"""Requests, events and the slot table of the serving engine (`longspec_jax/infer/engine.py`): host-side
 bookkeeping only. Which free slot a request takes: one pinned to another session last, then the
 longest reusable prefix of its resident sequence, the request's own session, the least recently used.
 """

@@ -15,7 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from infer import runtime, tiny_random
+from longspec_jax.infer import runtime, tiny_random
 from longspec_jax import demo
 
 # The model used when --model is not given: the demo pair shipped in the package.
@@ -42,7 +42,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="--method tree: draft checkpoint DIR or HF repo (default: the preset's draft repo)")
     p.add_argument("--tree-shape", nargs="+", type=int, default=None,
                    help="--method tree: nodes per depth, e.g. 4 16 16 16 16 (default: chosen from the context "
-                        "length, device, temperature and load, infer/defaults.py)")
+                        "length, device, temperature and load, longspec_jax/infer/defaults.py)")
     p.add_argument("--draft-vocab", default=None, metavar="FILE",
                    help="--method tree: draft vocabulary, a .npy or .json list of token ids "
                         "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged. "

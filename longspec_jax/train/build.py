@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from longspec_jax import configs, init, sharding
 from longspec_jax.draft import Draft
 from longspec_jax.transformer import Transformer
-from train.config import TrainConfig, TrainConfigError
+from longspec_jax.train.config import TrainConfig, TrainConfigError
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -1,7 +1,7 @@
 """One optimizer step of draft training (or plain LM training), jit-compiled once.
 
 Draft objective (spec 5.1): per micro-batch,
-    pos        = anchor_offset(step key)                       # train/positions.py, same for target
+    pos        = anchor_offset(step key)                       # longspec_jax/train/positions.py, same for target
     _, (k, v)  = target.forward_train(tokens, pos)              # frozen (bf16), no gradient
     h          = draft.forward_train(tokens, pos, k, v, lag)    # lag j ~ U{min_lag..max_lag}, one per step
     loss       = CE(h @ W_head (float32, chunked), next tokens) # only loss-mask tokens count
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train import loss as loss_lib
-from train import positions as pos_lib
-from train.config import TrainConfig
+from longspec_jax.train import loss as loss_lib
+from longspec_jax.train import positions as pos_lib
+from longspec_jax.train.config import TrainConfig
 
 
 @flax.struct.dataclass

@@ -12,7 +12,7 @@ Rows are addressed by (epoch, index): the epoch's document order is a permutatio
 stream found by binary search, so any position can be resumed without replaying the epoch.
 The position is saved in checkpoints (`DataLoader.position`, `DataLoader.restore`).
 
-Loss-mask convention (train/loss.py): `loss_mask[t] = 1` iff token t is a prediction target.
+Loss-mask convention (longspec_jax/train/loss.py): `loss_mask[t] = 1` iff token t is a prediction target.
 Padding and chat prompts are 0. Unlike the released collator (which masks every id equal to the pad
 id, hence also EOS for Qwen), EOS stays a target: the draft must learn to propose it.
 
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.config import DataSection
+from longspec_jax.train.config import DataSection
 
 
 class DataError(ValueError):

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
-from train.config import TrainConfig, TrainConfigError
+from longspec_jax.train.config import TrainConfig, TrainConfigError
 
 
 class CheckpointError(RuntimeError):

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
 
-from infer import engine as eng
-from infer import openai_protocol as oai
+from longspec_jax.infer import engine as eng
+from longspec_jax.infer import openai_protocol as oai
 from longspec_jax.sampling import SamplingParams
 
 

@@ -1,7 +1,7 @@
 """The decode step and loop: autoregressive, or LongSpec tree speculative decoding (spec section 3).
 
 `DecodeLoop` is the static part (hashable: the `self` of every jitted entry point); `DecodeState`
-(`infer/state.py`) the carry. One step advances every running row at once:
+(`longspec_jax/infer/state.py`) the carry. One step advances every running row at once:
 
   AR (`tree=None`): one target forward on the root (the last emitted token), one draw, one token.
   Tree (`tree=TreeShape`), per row, all shapes static (Nn = 1 + sum(widths), G = depth + 1):
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
+from longspec_jax.infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
 from longspec_jax import kv_cache as kvc
 from longspec_jax import sampling as smp
 from longspec_jax import verify

@@ -3,7 +3,7 @@
     engine = Engine(target, draft, max_slots=4, max_context=8192)
     results = engine.generate([prompt_a, prompt_b], max_new_tokens=256)   # or submit() + step()
 
-The device holds one `DecodeState` of `max_slots` rows (`infer/state.py`): each slot a target KV
+The device holds one `DecodeState` of `max_slots` rows (`longspec_jax/infer/state.py`): each slot a target KV
 cache of static capacity and a constant-size draft ring. Between decode calls the host admits
 requests into free slots and collects tokens; one jitted `DecodeLoop.run` advances every running
 slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked.
@@ -18,7 +18,7 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   takes that slot and prefills only the new suffix. The draft needs nothing kept: its
   cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
-  number of running slots (`infer/defaults.py`); every shape runs on the same state.
+  number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer import defaults, runtime
-from infer.decoder import Decoder
-from infer.loop import DecodeLoop, _merge, run_jit
-from infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
+from longspec_jax.infer import defaults, runtime
+from longspec_jax.infer.decoder import Decoder
+from longspec_jax.infer.loop import DecodeLoop, _merge, run_jit
+from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
-from infer.slots import Event, Prefill, Request, Slot, choose_slot
+from longspec_jax.infer.slots import Event, Prefill, Request, Slot, choose_slot
 from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
@@ -57,7 +57,7 @@ class Engine:
       max_slots: B, requests decoded at once.
       max_context: most tokens (prompt + generated) per request; sets each slot's cache capacity.
       tree_shape: a fixed tree for every step, "ar" for none, or None (default) for the load table
-        of `infer/defaults.py` (by device and target size).
+        of `longspec_jax/infer/defaults.py` (by device and target size).
       draft_vocab, cache_dtype, prefill_chunk, mesh: as `Decoder`.
       steps_per_call: decode steps per device call while nothing waits (more amortise host work;
         fewer stream more smoothly). A call returns early when a request finishes and another waits.

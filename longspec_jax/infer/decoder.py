@@ -1,11 +1,11 @@
 """Generate for a batch of prompts, autoregressively or with the LongSpec draft: the host driver of
-`infer/loop.py` (prefill, first token, then one jitted loop of decode steps to the end).
+`longspec_jax/infer/loop.py` (prefill, first token, then one jitted loop of decode steps to the end).
 
     decoder = Decoder(target, draft)                      # draft=None: autoregressive
     result = decoder.generate(prompt_ids, max_new_tokens=256)
     result.tokens[0], result.timings.decode_tokens_per_s, result.spec.tau
 
-The serving engine (`infer/engine.py`) runs the same `DecodeLoop` step over its slots; this driver
+The serving engine (`longspec_jax/infer/engine.py`) runs the same `DecodeLoop` step over its slots; this driver
 is the one-shot case (every row starts together, the loop runs until every row is done).
 """
 
@@ -23,9 +23,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels
-from infer import defaults, runtime
-from infer.loop import MAX_ITERS, DecodeLoop, run_jit, start_jit
-from infer.state import STOP_NAMES, DecodeState, eos_array
+from longspec_jax.infer import defaults, runtime
+from longspec_jax.infer.loop import MAX_ITERS, DecodeLoop, run_jit, start_jit
+from longspec_jax.infer.state import STOP_NAMES, DecodeState, eos_array
 from longspec_jax import kv_cache as kvc
 from longspec_jax import draft_vocab as dv
 from longspec_jax import sharding as shd
