@@ -16,21 +16,17 @@ cannot merge the references' reductions); the median over repetitions is reporte
 
 --profile  one prefix call's device time split into the kernel and the XLA glue around it (query
            re-layout, split merge), from a profiler trace.
---xla      dense against blockwise XLA prefix attention inside the target forward, per query count
-           and visible length: the choice `pallas_kernels.xla_attention.MIN_ROWS` makes.
 
 Off a Hopper GPU the kernels run in Mosaic GPU interpret mode: checked, not timed (a smoke run).
 
     python -m bench kernels --workload llama3-8b
     python -m bench kernels --workload llama3-8b-32k --profile --T 1 16 69
-    python -m bench kernels --workload demo --xla
 """
 
 from __future__ import annotations
 
 import functools
 import tempfile
-import time
 import traceback
 
 import jax
@@ -39,11 +35,10 @@ import numpy as np
 
 from bench import common, workloads
 import pallas_kernels as api
-from pallas_kernels import xla_attention
+
 from pallas_kernels import reference as ref
 
 CALLS = 8  # invocations per jitted call (1 in interpret mode)
-XLA_STEPS = 4  # target forwards per timed call in --xla mode
 TOL = {"out": 2e-2, "lse": 1e-2}  # bf16 kernel against the float32 reference (tests/test_kernels.py)
 
 
@@ -53,7 +48,6 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--T", type=int, nargs="+", help="query counts (default: what the workload's trees imply)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--profile", action="store_true", help="kernel against XLA glue of one prefix call")
-    mode.add_argument("--xla", action="store_true", help="dense against blockwise XLA prefix attention")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
 
@@ -177,75 +171,15 @@ def profile_point(G, K, H, S, T, ceil, reps):
     return row
 
 
-def xla_points(wl, contexts, query_counts, reps):
-    """Target forward over T new tokens, XLA_STEPS times in one fori_loop, with the XLA prefix attention
-    forced dense and then blockwise (interleaved per repetition), per visible length."""
-    from flax import nnx
-
-    from longspec_jax.attention import causal_mask
-
-    cfg, dcfg = wl.configs()
-    dtype = jnp.dtype(wl.dtype)
-    target, _ = common.random_models(cfg, dcfg, "xla", dtype=dtype)
-    graph, state = nnx.split(target)
-    saved, rows = xla_attention.MIN_ROWS, []
-    try:
-        for ctx in contexts:
-            cache = common.random_cache(cfg, ctx + 1024, jax.random.key(ctx), dtype)
-            for visible in (ctx // 2, ctx):
-                for T in query_counts:
-                    toks = (jnp.arange(T, dtype=jnp.int32)[None] % 97) + 5
-                    pos = visible + jnp.arange(T, dtype=jnp.int32)[None]
-                    fns = {}
-                    for name, min_rows in (("dense", 10 ** 9), ("blockwise", 1)):
-                        xla_attention.MIN_ROWS = min_rows  # read at trace time: each jit keeps its variant
-
-                        @functools.partial(jax.jit, donate_argnums=(1,))
-                        def loop(state, cache, toks=toks, pos=pos, visible=visible, T=T):
-                            model = nnx.merge(graph, state)
-                            lengths = jnp.full((1,), visible, jnp.int32)
-
-                            def body(i, carry):
-                                cache, acc = carry
-                                h, cache = model(toks + acc[:, None], pos, cache, lengths, causal_mask(1, T))
-                                return cache, acc + 0 * jnp.argmax(model.logits(h)[:, -1], -1).astype(jnp.int32)
-
-                            return jax.lax.fori_loop(0, XLA_STEPS, body, (cache, jnp.zeros((1,), jnp.int32)))
-
-                        cache, _ = jax.block_until_ready(loop(state, cache))  # compiles this variant
-                        fns[name] = loop
-                    ms = {name: [] for name in fns}
-                    for _ in range(reps):
-                        for name, fn in fns.items():
-                            t0 = time.perf_counter()
-                            cache, _ = jax.block_until_ready(fn(state, cache))
-                            ms[name].append((time.perf_counter() - t0) / XLA_STEPS * 1e3)
-                    row = {"context": ctx, "visible": visible, "T": T,
-                           "rows_per_kv_head": T * cfg.num_heads // cfg.num_kv_heads,
-                           **{f"{n}_ms": float(np.median(v)) for n, v in ms.items()}}
-                    rows.append(row)
-                    common.log(f"visible {visible:6d} T {T:4d}: dense {row['dense_ms']:8.2f} ms, blockwise "
-                               f"{row['blockwise_ms']:8.2f} ms")
-    finally:
-        xla_attention.MIN_ROWS = saved
-    return rows, saved
-
-
 def main(args) -> int:
     wl = workloads.get(args.workload)
     cfg, _ = wl.configs()
     G, K, H = cfg.num_heads // cfg.num_kv_heads, cfg.num_kv_heads, cfg.head_dim
     contexts = args.S or list(wl.contexts)
     query_counts = args.T or list(wl.query_counts())
-    suite = "kernels-profile" if args.profile else "kernels-xla" if args.xla else "kernels"
+    suite = "kernels-profile" if args.profile else "kernels"
     record = common.header(suite, args.workload, args.argv)
     path = common.result_path(args.out, suite, args.workload)
-    if args.xla:
-        query_counts = args.T or sorted(set(query_counts) | {128, 512})  # + prefill chunks
-        record["rows"], record["min_rows_in_use"] = xla_points(wl, contexts, query_counts, args.reps)
-        common.write_json(path, record)
-        common.log(f"wrote {path}")
-        return 0
     ceil = common.ceilings("bfloat16")
     record.update(shape={"G": G, "K": K, "H": H, "B": 1}, interpret=interpret_mode(),
                   ceilings={**vars(ceil), "bandwidth_Bps": ceil.bandwidth_Bps}, rows=[])
