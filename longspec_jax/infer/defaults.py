@@ -45,12 +45,12 @@ GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (None, None),
 )
 
-# Serving on a CPU (or a launch-bound target): every node is a row of compute, so the chain
-# shortens as rows grow (a first guess, not measured: on a CPU every slot's rows are computed, busy
-# or not, so the engine's cost grows with its slot count rather than its load).
+# Serving on a CPU (or a launch-bound target): every slot's rows are computed, busy or not, so a
+# tree's extra rows cost in proportion to the slot count; measured with the demo pair on a 2-core CPU
+# (4 slots, docs/results.md "Serving"): the chain of 5 won with one request running (1.09x AR), AR
+# from two on (0.89x / 0.93x for the chain).
 CPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
-    (2, (1, 1, 1, 1, 1)),
-    (4, (1, 1, 1)),
+    (1, (1, 1, 1, 1, 1)),
     (None, None),
 )
 
