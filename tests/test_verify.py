@@ -316,3 +316,42 @@ def test_block_verification_accepts_at_least_token_wise(widths, V):
         block = _verification_law(shape, P, Q, V, block=True)[2]
         gains.append(block - token)
     assert min(gains) >= -1e-6 and max(gains) > 1e-3, gains
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["token", "block"])
+def test_sampled_tree_greedy_rows_match_the_targets_argmax(block):
+    """Rows at temperature 0 beside sampled rows on a sampled tree: whatever the keys, they emit
+    exactly what walking the tree along the target's argmax emits (sample-and-match, greedy)."""
+    V, B = 7, 64
+    shape = TreeShape((2, 3, 2))
+    topo = sampled_tree.topology(shape)
+    rng = np.random.default_rng(3)
+    tokens = np.zeros((B, shape.num_nodes), np.int64)
+    argmax_child = np.zeros((B, shape.num_nodes), np.int64)  # the target's argmax at every node
+    for b in range(B):
+        for d, table in enumerate(topo.children):
+            for i, row in enumerate(table):
+                kids = row[row >= 0]
+                tokens[b, kids] = rng.choice(V, len(kids), replace=False)
+                u = shape.offsets[d] + i
+                # follow some child most of the time, so that deep paths occur
+                argmax_child[b, u] = tokens[b, rng.choice(kids)] if len(kids) and rng.random() < 0.8 else rng.integers(V)
+        argmax_child[b, shape.offsets[-1]:] = rng.integers(V, size=shape.widths[-1])
+    logits = rng.normal(size=(B, shape.num_nodes, V))
+    np.put_along_axis(logits, argmax_child[:, :, None], 10.0, axis=-1)
+    tree = sampled_tree.init_tree(shape, jnp.asarray(tokens[:, 0], jnp.int32)).replace(
+        tokens=jnp.asarray(tokens, jnp.int32), scores=jnp.zeros((B, shape.num_nodes)))
+    q = jnp.asarray(rng.dirichlet(np.ones(V), (B, shape.num_nodes - shape.widths[-1])), jnp.float32)
+    rows = RowSampling.rows([SamplingParams(), SamplingParams(temperature=1.0)] * (B // 2), B)
+    logits = jnp.asarray(logits, jnp.float32)
+    want = verify.accept(tree, shape, verify.target_choices(None, logits, SamplingParams()))
+    greedy_rows = np.flatnonzero(np.arange(B) % 2 == 0)
+    for seed in range(3):
+        acc = verify.accept_sampled(jax.random.split(jax.random.key(seed), B), tree, shape, logits, q, rows,
+                                    block=block)
+        k = np.asarray(acc.num_accepted)
+        np.testing.assert_array_equal(k[greedy_rows], np.asarray(want.num_accepted)[greedy_rows])
+        for b in greedy_rows:
+            np.testing.assert_array_equal(np.asarray(acc.path)[b], np.asarray(want.path)[b])
+            np.testing.assert_array_equal(np.asarray(acc.tokens)[b, :k[b] + 1], np.asarray(want.tokens)[b, :k[b] + 1])
+    assert np.asarray(want.num_accepted)[greedy_rows].max() == shape.depth
