@@ -39,10 +39,11 @@ from longspec_jax import sampling as smp
 from longspec_jax.tree import Tree, TreeShape, row_top_k
 
 # Prior of the topology: the chance that a node's first-drawn child is on the accepted path, and the
-# factor each later sibling loses (it is tried only after the earlier ones were rejected, against
-# the residual they leave).
-FIRST_CHILD = 0.7
-LATER_CHILD = 0.3
+# factor each later sibling loses (it is tried only after the earlier ones were refused, against the
+# residual they leave). Set from the demo pair's acceptance at T = 1 (docs/perf_notes.md, "Sampled
+# drafts at T > 0"); only the allocation of nodes depends on it, never exactness.
+FIRST_CHILD = 0.75
+LATER_CHILD = 0.25
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
