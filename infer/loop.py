@@ -47,9 +47,8 @@ from flax import nnx
 
 from infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
 from longspec_jax import kv_cache as kvc
-from longspec_jax import sampled_tree
+from longspec_jax import sampled_tree, verify
 from longspec_jax import sampling as smp
-from longspec_jax import verify
 from longspec_jax.draft_vocab import cut_logits
 from longspec_jax.tree import TreeShape, expand, init_tree
 

@@ -38,10 +38,10 @@ import numpy as np
 from longspec_jax import sampling as smp
 from longspec_jax.tree import Tree, TreeShape, row_top_k
 
-# Prior of the topology: the chance that a node's first-drawn child is on the accepted path, and the
-# factor each later sibling loses (it is tried only after the earlier ones were refused, against the
-# residual they leave). Set from the demo pair's acceptance at T = 1 (docs/perf_notes.md, "Sampled
-# drafts at T > 0"); only the allocation of nodes depends on it, never exactness.
+# Prior of the topology: the chance that a node's first-drawn child is on the accepted path (about
+# the demo pair's at T = 1), and the factor each later sibling loses (it is tried only after the
+# earlier ones were refused, against the residual they leave; a coarse value, docs/perf_notes.md,
+# "Sampled drafts at T > 0"). Only where nodes go depends on it, never exactness.
 FIRST_CHILD = 0.75
 LATER_CHILD = 0.25
 
@@ -62,7 +62,7 @@ class Topology:
     mask: np.ndarray
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def topology(shape: TreeShape) -> Topology:
     """The sampled-tree topology of `shape` (module docstring): breadth-first, siblings contiguous."""
     parents, reach, level = [0], [1.0], [0]

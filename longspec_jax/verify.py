@@ -1,4 +1,5 @@
-"""Lossless acceptance of a draft tree against the target's logits ("sample, then match").
+"""Lossless acceptance of a draft tree against the target's logits: "sample, then match" for beam
+trees (`accept`), rejection sampling for trees drawn from the draft (`accept_sampled`).
 
 Given the target's logits Z[u] at every tree node u (its next-token distribution after the path
 root..u), we draw ONE target token x[u] per node from the target's processed distribution
@@ -41,8 +42,8 @@ temperature / top-k / top-p as p; a static topology) are verified by rejection s
 accepts a proposal x with probability ~ min(1, p(x) / q(x)) instead of only when the target's own
 draw equals it: per depth about 1 - TV(p, q) against p(argmax q). Two rules, both exact:
 
-* token-wise (`block=False`): recursive rejection sampling without replacement over each node's
-  siblings (SpecTr, Sun et al. 2023; Jeon et al. 2024), walked down from the root. At a reached
+* token-wise (`block=False`): recursive rejection sampling over each node's siblings (SpecInfer,
+  SpecTr), without replacement as in Jeon et al. 2024, walked down from the root. At a reached
   node with target p_1 = p and children x_1..x_m: accept x_j with probability
   min(1, p_j(x_j) / q_j(x_j)), where q_j is q with x_1..x_{j-1} removed and renormalised (the law
   x_j was drawn from) and p_{j+1} = norm(max(p_j - q_j, 0)); if all are rejected emit a draw of
@@ -53,19 +54,20 @@ draw equals it: per depth about 1 - TV(p, q) against p(argmax q). Two rules, bot
   chain this is Leviathan et al.'s speculative sampling.
 * block (`block=True`, the default): the whole path's likelihood ratio decides, as block
   verification does on chains (Sun et al. 2024, arXiv 2403.10444) and traversal verification on
-  trees (Weng et al. 2025). Each node u carries a weight w_u (root 1) and a demand
-  D = w_u p_u, a sub-distribution over the next token; each child j in draw order gets
-  w_j = min(1, D_j(x_j) / q_j(x_j)) and leaves D_{j+1} = max(D_j - q_j, 0) / (1 - |D_j| + |max(D_j
-  - q_j, 0)|) (|.| the total mass). Verification goes leaf to root: a node is *taken* when one of
-  its children is, or else with probability |D_{m+1}| (a leaf: w_u); the path follows each
-  node's first taken child and the bonus is a draw of D_{m+1} / |D_{m+1}| at its end. Exact: by
-  induction from the leaves, a node with weight w is taken with probability w, and then emits
-  next token y with probability w p_u(y): child j contributes min(D_j, q_j)(y), its refusal
-  (probability 1 - |D_j| + |max(D_j - q_j, 0)|, whatever x_j was) hands the rest max(D_j - q_j,
-  0)(y) on, and the sums telescope to D_1 = w_u p_u. At the root w = 1, so every emitted token is
-  a draw of the target conditional given the tokens before it. On a chain the rule is exactly
-  Sun et al.'s, which maximises the expected accepted length; on trees it keeps every sibling
-  rule above, and accepts at least as much in the cases the tests enumerate.
+  trees (Weng et al. 2025). Node u carries a weight w_u (the root 1) and a demand D_1 = w_u p_u, a
+  sub-distribution over its next token; its children in draw order get w_j = min(1, D_j(x_j) /
+  q_j(x_j)) and hand on D_{j+1} = max(D_j - q_j, 0) / (1 - |D_j| + |max(D_j - q_j, 0)|), |.| the
+  total mass. Verification runs leaf to root: a node is *taken* if one of its children is, else
+  with probability |D_{m+1}| (a leaf: w_u); the path follows each node's first taken child and
+  ends with a draw of D_{m+1} / |D_{m+1}|. Exact: by induction from the leaves, a node of weight w
+  is taken with probability w, and then next emits y with probability w p_u(y). Child j takes
+  min(D_j, q_j)(y) of it; it is refused with probability 1 - |D_j| + |max(D_j - q_j, 0)|, after
+  which D_{j+1} (the same whichever x_j was refused) carries the rest max(D_j - q_j, 0)(y); the
+  terms telescope to D_1 = w_u p_u. At the root w = 1: every emitted token is a draw of the target
+  conditional given the tokens before it. On a chain this is Sun et al.'s rule, which they prove
+  optimal in expected accepted tokens (so never below token-wise); on trees the exact tests find
+  it never below token-wise either.
+
 Rows at temperature 0 are exact under both: their proposals are one-hot draws of the draft's top
 choices, p is one-hot, and both rules reduce to matching the target's argmax.
 """
@@ -75,7 +77,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from longspec_jax import sampling as sampling_lib

@@ -14,13 +14,14 @@ import pytest
 
 from infer import decoder as spec
 from infer.decoder import generate_ar
-from infer.loop import start_jit
+from infer.loop import DecodeLoop, start_jit
 from infer.runtime import Compiler
 from longspec_jax import init
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import ring_capacity
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.sampling import RowSampling, SamplingParams, process_logits
+from longspec_jax.tree import TreeShape
 
 CAPACITY = 128  # one cache shape for every greedy test (prompts <= 16 tokens, max_new <= 40)
 WINDOW = 8  # small draft window so the ring wraps within a test
@@ -180,6 +181,15 @@ def test_compiles_once_per_bucket_without_host_sync():
         hlo = exe.as_text().lower()
         for marker in ("outfeed", "infeed", "host_callback", "xla_python_cpu_callback", "send(", "recv("):
             assert marker not in hlo, marker
+
+
+def test_decode_loop_refuses_unknown_methods():
+    with pytest.raises(ValueError, match="draft_sampling must be one of"):
+        DecodeLoop(TreeShape(CHAIN), draft_sampling="nucleus")
+    with pytest.raises(ValueError, match="verification must be one of"):
+        DecodeLoop(TreeShape(CHAIN), verification="tree")
+    with pytest.raises(ValueError, match="needs a tree shape"):
+        DecodeLoop(None, draft_sampling="sampled")
 
 
 def test_draft_ring_shape_independent_of_context():

@@ -262,7 +262,7 @@ def _verification_law(shape, P, Q, V, block):
     number of accepted drafts, every draft outcome of the sampled tree enumerated."""
     G = shape.max_accept
     outcomes = list(_drafts(shape, Q))
-    B, Nn, inner = len(outcomes), shape.num_nodes, shape.num_nodes - shape.widths[-1]
+    B, inner = len(outcomes), shape.num_nodes - shape.widths[-1]
     tokens = np.array([o[0] for o in outcomes], np.int32)
     drawn = np.array([o[1] for o in outcomes])
     p = np.array([[P[pa] if pa is not None else np.full(V, 1 / V) for pa in o[2]] for o in outcomes], np.float32)
