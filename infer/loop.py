@@ -70,7 +70,8 @@ class DecodeLoop:
         temperature; sampling accepts more where the distributions are spread (T > 0), the beam
         more at T = 0, where a sampled tree's greedy rows take the draft's top children per node.
       verification: with sampled drafts, "block" (the whole path's likelihood ratio decides;
-        never accepts less in expectation) or "token" (token-wise recursive rejection sampling).
+        never accepts less in expectation) or "token" (token-wise recursive rejection sampling);
+        beam drafts have one rule and ignore it.
     """
 
     tree: TreeShape | None = None
