@@ -16,10 +16,14 @@ Per (context, temperature, configuration), pooled over the prompts:
                    leaves only reduction-order differences, far below a trained model's logit gaps:
                    a difference fails the suite (exit 1, after the JSON is written). In bfloat16 a
                    near-tie may flip a token; it is reported, not failed.
---argmax-chains    at T > 0, chains also with argmax drafts and sample-and-match acceptance ("-argmax").
+--methods          at T > 0, how drafts are made and verified ("SHAPE/METHOD" rows): "block" (children
+                   drawn from the draft distribution, whole-path verification: the decoder's
+                   default), "token" (the same drafts, token-wise rejection sampling), "beam" (beam
+                   search drafts, sample-and-match).
 
     python -m bench acceptance --workload demo-8k --draft-vocab longspec_jax/demo/draft_vocab/top2048.npy
     python -m bench acceptance --workload demo --draft DIR --ablation first=DIR2
+    python -m bench acceptance --workload demo-8k --temperatures 1 0.7 --trees 1,1,1,1,1 2,2,2,2,2 --methods block token
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from longspec_jax import draft_vocab
 from longspec_jax.sampling import SamplingParams
 from longspec_jax.tree import TreeShape
 
+METHODS = ("block", "token", "beam")  # at T > 0: (sampled drafts?, verification) of each, see `decoder`
+
 
 def add_cli_args(parser) -> None:
     workloads.add_workload_arg(parser, "demo-8k")
@@ -50,7 +56,9 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--draft-vocab", nargs="*", default=[], metavar="FILE",
                         help="draft vocabularies (.npy / .json ids, scripts/draft_vocab.py), each with every tree")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the workload's")
-    parser.add_argument("--argmax-chains", action="store_true", help="at T > 0, chains with argmax drafts too")
+    parser.add_argument("--methods", nargs="+", default=["block"], choices=METHODS,
+                        help="at T > 0: block / token (sampled drafts, whole-path / token-wise verification), "
+                             "beam (beam-search drafts, sample-and-match); default block")
     parser.add_argument("--matmul-precision", default="auto", choices=("auto", "default", "high", "highest"),
                         help="auto: highest for float32 on a GPU, else JAX's default")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
@@ -115,8 +123,9 @@ def main(args) -> int:
     ar = Decoder(target)
 
     @functools.cache  # one decoder per configuration: its executables are compiled once
-    def decoder(name, shape, vocab, sample=True):
-        return Decoder(target, drafts[name], tree_shape=shape, sample_drafts=sample,
+    def decoder(name, shape, vocab, method="block"):
+        return Decoder(target, drafts[name], tree_shape=shape, sample_drafts=method != "beam",
+                       verification="token" if method == "token" else "block",
                        draft_vocab=None if vocab is None else vocabs[vocab])
 
     def generate(dec, ids, ctx, sampling):  # EOS ignored: every run emits `new` tokens
@@ -130,12 +139,11 @@ def main(args) -> int:
     for ctx in contexts:
         for temp in args.temperatures or wl.temperatures:
             sampling = SamplingParams(temperature=temp)
-            configs = [("draft", s, v, True) for v in (None, *vocabs) for s in trees]
-            if temp == 0:
-                configs += [(d, trees[0], None, True) for d in drafts if d != "draft"]
-            elif args.argmax_chains:
-                configs += [(d, s, v, False) for d, s, v, _ in configs if decoder(d, s, v).tree_shape_for(
-                    ctx, new, sampled=True).is_chain]
+            if temp == 0:  # greedy: every method is the beam's sample-and-match
+                configs = [("draft", s, v, None) for v in (None, *vocabs) for s in trees]
+                configs += [(d, trees[0], None, None) for d in drafts if d != "draft"]
+            else:
+                configs = [("draft", s, v, m) for v in (None, *vocabs) for s in trees for m in args.methods]
 
             for _ in range(args.warmup):  # each executable's first run, untimed
                 for dec in [ar] + [decoder(*c) for c in configs]:
@@ -148,9 +156,9 @@ def main(args) -> int:
             ar_row = pooled(ar_runs)
             record["rows"].append({"context": ctx, "temperature": temp, "method": "ar", "draft": None, **ar_row})
             common.log(f"ctx {ctx} T={temp:g}: AR {ar_row['decode_tok_s']:.1f} tokens/s")
-            for (name, shape, vocab, sample), rs in zip(configs, runs):
+            for (name, shape, vocab, how), rs in zip(configs, runs):
                 used = rs[0].spec.tree_shape
-                method = ("default" if shape is None else str(shape)) + ("" if sample else "-argmax")
+                method = ("default" if shape is None else str(shape)) + ("" if how is None else f"/{how}")
                 row = {"context": ctx, "temperature": temp, "method": method, "draft": name, "tree_shape": used,
                        "tree_nodes": TreeShape(tuple(used)).num_nodes, "draft_vocab": vocab,
                        "draft_vocab_size": rs[0].spec.draft_vocab_size, **pooled(rs, ar_row["decode_tok_s"])}

@@ -1,7 +1,7 @@
 """Where the milliseconds of decoding go, at a workload's model shapes with random weights.
 
 Per context C, on a state at C committed tokens whose cache a chunked prefill of random tokens filled:
-  prefill     that prefill (`infer.runtime.prefill`): tokens/s against its compute floor
+  prefill     that prefill (`longspec_jax.infer.runtime.prefill`): tokens/s against its compute floor
   ar          an AR step: `DecodeLoop(None)` run --steps steps in one `run_jit` while_loop
 and per tree of the workload (Nn nodes):
   verify      one target forward over the tree's Nn tokens at C, LM head included

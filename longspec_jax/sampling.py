@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["SamplingParams", "RowSampling", "process_logits", "sample", "greedy", "categorical", "uniform",
-           "fold_in", "split"]
+           "gumbel", "fold_in", "split", "is_greedy_row"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +230,19 @@ def uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     if not _batched(key):
         return jax.random.uniform(key, shape, jnp.float32)
     return jax.vmap(lambda k: jax.random.uniform(k, shape[1:], jnp.float32))(key)
+
+
+def gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 standard Gumbel noise of `shape` = (B, ...); with per-row keys, row b uses key[b] only.
+    The top k of `logp + gumbel` are k draws without replacement from exp(logp) (Gumbel-top-k)."""
+    if not _batched(key):
+        return jax.random.gumbel(key, shape, jnp.float32)
+    return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], jnp.float32))(key)
+
+
+def is_greedy_row(params: SamplingParams | RowSampling, batch: int) -> jax.Array:
+    """bool [B]: which rows decode greedily (temperature 0)."""
+    return jnp.broadcast_to(jnp.asarray(RowSampling.of(params).temperature) == 0, (batch,))
 
 
 def sample(key: jax.Array | None, logits: jax.Array, params: SamplingParams | RowSampling) -> jax.Array:

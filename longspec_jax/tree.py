@@ -169,7 +169,7 @@ def expand(tree: Tree, shape: TreeShape, level: int, logq: jax.Array, vocab_ids:
         (log_softmax of the draft logits, no temperature, as in the original). With `vocab_ids`
         the last axis is a draft vocabulary V' instead of the full one.
       vocab_ids: optional int32 [V'] full-vocabulary id of each column of `logq` (a draft
-        vocabulary cut, see `infer.speculative`): the chosen columns are mapped through it before
+        vocabulary cut, see `longspec_jax.draft_vocab`): the chosen columns are mapped through it before
         they enter the tree, so tree tokens are always full-vocabulary ids.
     Returns:
       the tree with the n_{level+1} best (parent, token) pairs appended, best first.

@@ -1,4 +1,5 @@
-"""Lossless acceptance of a draft tree against the target's logits ("sample, then match").
+"""Lossless acceptance of a draft tree against the target's logits: "sample, then match" for beam
+trees (`accept`), rejection sampling for trees drawn from the draft (`accept_sampled`).
 
 Given the target's logits Z[u] at every tree node u (its next-token distribution after the path
 root..u), we draw ONE target token x[u] per node from the target's processed distribution
@@ -33,17 +34,42 @@ Why this is exactly lossless (distribution of the output = plain sampling from t
 This is "sample from the target and match a child", the valid choice for a deterministic (beam)
 tree; the original's `verify_stochastic` applied SpecInfer-style min(1, p/q) rejection to
 deterministically chosen children (and indexed the vocabulary by child index), which is not
-distribution-preserving (spec 3.5). Recursive rejection over *sampled* children could accept more
-at T > 0 but needs the tree built by sampling from q; for trees it is not implemented.
+distribution-preserving (spec 3.5): rejection needs children drawn from q, as below.
 
-Chains at T > 0 (`accept_sampled_chain`): when the tree is a chain and its drafts were *sampled*
-from the draft distribution q (processed with the same temperature / top-k / top-p as the target),
-the standard speculative-sampling rule applies (Leviathan et al. 2023, Chen et al. 2023): accept
-draft x_d with probability min(1, p_{d-1}(x_d) / q_d(x_d)); at the first rejection emit a draw from
-the residual norm(max(p_{d-1} - q_d, 0)), after D acceptances a draw from p_D. Each emitted token is
-then an exact sample of the target conditional. Its acceptance probability per depth is
-sum_x min(p(x), q(x)) = 1 - TV(p, q), against p(argmax q) for a deterministic draft: much higher
-when both distributions are spread (T = 1 with a small model), similar when they are peaked.
+Sampled drafts at T > 0 (`accept_sampled`): trees (chains included) whose children were drawn
+from the draft distribution q without replacement (`sampled_tree`: q processed with the same
+temperature / top-k / top-p as p; a static topology) are verified by rejection sampling, which
+accepts a proposal x with probability ~ min(1, p(x) / q(x)) instead of only when the target's own
+draw equals it: per depth about 1 - TV(p, q) against p(argmax q). Two rules, both exact:
+
+* token-wise (`block=False`): recursive rejection sampling over each node's siblings (SpecInfer,
+  SpecTr), without replacement as in Jeon et al. 2024, walked down from the root. At a reached
+  node with target p_1 = p and children x_1..x_m: accept x_j with probability
+  min(1, p_j(x_j) / q_j(x_j)), where q_j is q with x_1..x_{j-1} removed and renormalised (the law
+  x_j was drawn from) and p_{j+1} = norm(max(p_j - q_j, 0)); if all are rejected emit a draw of
+  p_{m+1}. Exact: given x_1..x_{j-1} rejected, accepting x_j ~ q_j w.p. min(1, p_j/q_j) yields
+  min(p_j, q_j)(y), and a rejection (probability sum(max(p_j - q_j, 0))) leaves exactly
+  max(p_j - q_j, 0), whose normalisation p_{j+1} no longer depends on which x_j was rejected
+  (p_{j+1}(x_j) = 0), so by induction over the siblings the emitted token is a draw of p. On a
+  chain this is Leviathan et al.'s speculative sampling.
+* block (`block=True`, the default): the whole path's likelihood ratio decides, as block
+  verification does on chains (Sun et al. 2024, arXiv 2403.10444) and traversal verification on
+  trees (Weng et al. 2025). Node u carries a weight w_u (the root 1) and a demand D_1 = w_u p_u, a
+  sub-distribution over its next token; its children in draw order get w_j = min(1, D_j(x_j) /
+  q_j(x_j)) and hand on D_{j+1} = max(D_j - q_j, 0) / (1 - |D_j| + |max(D_j - q_j, 0)|), |.| the
+  total mass. Verification runs leaf to root: a node is *taken* if one of its children is, else
+  with probability |D_{m+1}| (a leaf: w_u); the path follows each node's first taken child and
+  ends with a draw of D_{m+1} / |D_{m+1}|. Exact: by induction from the leaves, a node of weight w
+  is taken with probability w, and then next emits y with probability w p_u(y). Child j takes
+  min(D_j, q_j)(y) of it; it is refused with probability 1 - |D_j| + |max(D_j - q_j, 0)|, after
+  which D_{j+1} (the same whichever x_j was refused) carries the rest max(D_j - q_j, 0)(y); the
+  terms telescope to D_1 = w_u p_u. At the root w = 1: every emitted token is a draw of the target
+  conditional given the tokens before it. On a chain this is Sun et al.'s rule, which they prove
+  optimal in expected accepted tokens (so never below token-wise); on trees the exact tests find
+  it never below token-wise either.
+
+Rows at temperature 0 are exact under both: their proposals are one-hot draws of the draft's top
+choices, p is one-hot, and both rules reduce to matching the target's argmax.
 """
 
 from __future__ import annotations
@@ -51,8 +77,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from longspec_jax import sampling as sampling_lib
+from longspec_jax.sampled_tree import topology
 from longspec_jax.tree import Tree, TreeShape
 
 
@@ -63,8 +91,8 @@ class Acceptance:
     num_accepted: int32 [B]      k: accepted draft tokens (0..D); k + 1 tokens are emitted
     path:         int32 [B, G]   node index at depth j of the accepted path, j = 0..D
                                  (path[:, 0] = root; entries j > k repeat the deepest node)
-    tokens:       int32 [B, G]   emitted tokens: tokens[:, j] = x[path[:, j]] for j <= k
-                                 (= accepted draft tokens then the bonus); entries j > k are junk
+    tokens:       int32 [B, G]   emitted tokens, j <= k: the k accepted draft tokens (those of
+                                 path[:, 1..k]) then the bonus; entries j > k are junk
     """
 
     num_accepted: jax.Array
@@ -89,65 +117,142 @@ def accept(tree: Tree, shape: TreeShape, choices: jax.Array) -> Acceptance:
       shape: its static shape.
       choices: int32 [B, Nn] the target's token at every node (`target_choices`).
     """
+    # ok[u]: the target chose u's token at u's parent (the root is always ok). Unfilled nodes
+    # never match: they are only read if expand() was skipped, which the decoder never does.
+    ok = jnp.take_along_axis(choices, tree.parents, axis=1) == tree.tokens  # [B, Nn]
+    k, path = _walk(tree, shape, ok)
+    return Acceptance(num_accepted=k, path=path, tokens=jnp.take_along_axis(choices, path, axis=1))
+
+
+def _walk(tree: Tree, shape: TreeShape, ok: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(k [B], path [B, G]) of the walk from the root through nodes whose `ok` holds (bool [B, Nn],
+    at most one ok child per node; the root's entry is ignored)."""
     depths = jnp.asarray(shape.node_depths)  # [Nn]
     G = shape.max_accept
-    # ok[u]: the target chose u's token at u's parent (the root is always ok).
-    ok = jnp.take_along_axis(choices, tree.parents, axis=1) == tree.tokens  # [B, Nn]
     ok = ok.at[:, 0].set(True)
-    # reached[u]: every node on the path root..u is ok. Unfilled nodes never match: they are
-    # only read if expand() was skipped, which the decoder never does.
+    # reached[u]: every node on the path root..u is ok.
     reached = jnp.all(ok[:, None, :] | ~tree.mask, axis=-1)  # [B, Nn]
-    # The reached nodes form one chain (siblings carry distinct tokens), so the deepest is unique.
+    # The reached nodes form one chain (at most one ok child per node), so the deepest is unique.
     deepest = jnp.argmax(jnp.where(reached, depths[None, :], -1), axis=-1).astype(jnp.int32)  # [B]
     k = depths[deepest]
     anc = jnp.take_along_axis(tree.mask, deepest[:, None, None], axis=1)[:, 0, :]  # [B, Nn]
     at_depth = anc[:, None, :] & (depths[None, None, :] == jnp.arange(G)[None, :, None])  # [B, G, Nn]
     node = jnp.argmax(at_depth, axis=-1).astype(jnp.int32)
     path = jnp.where(jnp.any(at_depth, axis=-1), node, deepest[:, None])  # [B, G]
-    tokens = jnp.take_along_axis(choices, path, axis=1)
-    return Acceptance(num_accepted=k.astype(jnp.int32), path=path, tokens=tokens)
+    return k.astype(jnp.int32), path
 
 
-def accept_sampled_chain(key: jax.Array, tree: Tree, shape: TreeShape, logits: jax.Array, q_probs: jax.Array,
-                         sampling) -> Acceptance:
-    """Speculative sampling over a chain whose drafts were drawn from q (module docstring).
-
-    Rows at temperature 0 are exact too: q and p are one-hot, so a draft is accepted iff it is the
-    target's argmax and the residual (or p_D) is the target's argmax: greedy acceptance.
+def sampled_weights(tree: Tree, shape: TreeShape, p: jax.Array, q_probs: jax.Array, greedy: jax.Array,
+                    block: bool) -> tuple[jax.Array, jax.Array]:
+    """Every node's acceptance weight and final demand under `accept_sampled`'s rule (module docstring).
 
     Args:
-      key: PRNG key, or [B] per-row keys, for the acceptance draws and the bonus token (fresh every
-        iteration).
-      tree: a chain (node d at depth d, parent d - 1); tree.tokens[:, d] = x_d ~ q_d for d >= 1.
-      shape: its static shape (`shape.is_chain`).
-      logits: float32 [B, D + 1, V] the target's logits at nodes 0..D.
-      q_probs: float32 [B, D, V] q_d, the draft distribution x_d was drawn from (probabilities over
-        the full vocabulary; zero outside a draft vocabulary).
-      sampling: SamplingParams or RowSampling (p = exp(process_logits(logits, sampling))).
+      tree: a sampled tree (`sampled_tree`: static topology, children in draw order, score -inf for
+        a child that could not be drawn).
+      shape: its static shape.
+      p: float32 [B, Nn, V] the target's processed probabilities at every node.
+      q_probs: float32 [B, Nn - n_D, V] the processed draft distribution each node of depth < D drew
+        its children from (zero outside a draft vocabulary).
+      greedy: bool [B] rows at temperature 0: their proposals count as one-hot draws.
+      block: the whole-path rule; else token-wise (every node's demand is its own p).
+    Returns:
+      w: float32 [B, Nn] per node (root 1): block, the chance that its subtree is taken once it is
+        considered; token-wise, the chance that its own coin accepts it once it is tried.
+      demand: float32 [B, Nn, V] what is left of each node's demand after all its children were
+        refused: its mass is the chance the node ends the path then (block; token-wise 1), and
+        normalised it is the law of the bonus token there.
     """
-    if not shape.is_chain:
-        raise ValueError(f"accept_sampled_chain needs a chain tree shape (one node per depth), got {shape}")
-    D, G = shape.depth, shape.max_accept
-    B = logits.shape[0]
-    p = jnp.exp(sampling_lib.process_logits(logits, sampling))  # [B, D + 1, V]
-    drafts = tree.tokens[:, 1:]  # [B, D] x_1 .. x_D
-    p_x = jnp.take_along_axis(p[:, :D], drafts[:, :, None], axis=-1)[..., 0]  # p_{d-1}(x_d)
-    q_x = jnp.take_along_axis(q_probs, drafts[:, :, None], axis=-1)[..., 0]  # q_d(x_d) > 0 (it was drawn)
-    k_u, k_bonus = sampling_lib.split(key)
-    u = sampling_lib.uniform(k_u, (B, D))
-    ok = u * q_x < p_x  # u < p / q without dividing by a possibly tiny q
-    k = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)  # leading accepts
-    p_k = jnp.take_along_axis(p, k[:, None, None], axis=1)[:, 0]  # [B, V] target at node k
-    q_next = jnp.take_along_axis(q_probs, jnp.minimum(k, D - 1)[:, None, None], axis=1)[:, 0]  # q_{k+1}
-    residual = jnp.maximum(p_k - q_next, 0.0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    # After D acceptances the bonus comes from p_D itself; a residual with no mass (p == q up to
-    # rounding) can only follow a rejection of probability ~0, and p_k is then the right law.
-    use_p = (k == D)[:, None] | (mass <= 0.0)
-    bonus_p = jnp.where(use_p, p_k, residual / jnp.where(mass > 0.0, mass, 1.0))
-    bonus = sampling_lib.categorical(k_bonus, jnp.log(bonus_p))  # [B]
+    topo = topology(shape)
+    B, _, V = p.shape
+    vocab = jnp.arange(V, dtype=jnp.int32)
+    drawn = tree.scores > -jnp.inf  # [B, Nn]
+    w = jnp.ones(tree.scores.shape, jnp.float32)
+    demands = []
+    for d in range(shape.depth + 1):  # static unroll, top-down: a level's weights fix its children's
+        o, n = shape.offsets[d], shape.level_sizes[d]
+        demand = p[:, o:o + n] * (w[:, o:o + n, None] if block else 1.0)  # [B, n, V]
+        table = topo.children[d] if d < shape.depth else np.zeros((n, 0), np.int32)
+        q = q_probs[:, o:o + n] if d < shape.depth else None
+        removed = jnp.zeros((B, n, V), bool)  # tokens of the children drawn so far
+        for j in range(table.shape[1]):  # children in draw order
+            has = table[:, j] >= 0  # [n] static: the parent has a j-th child
+            kid = np.where(has, table[:, j], 0)
+            x = tree.tokens[:, kid]  # [B, n]
+            is_x = vocab == x[:, :, None]  # [B, n, V]
+            left = jnp.where(removed, 0.0, q)
+            mass = jnp.sum(left, axis=-1, keepdims=True)
+            # q_j: the law x_j was drawn from (q without the earlier siblings), one-hot for greedy rows.
+            q_j = jnp.where(greedy[:, None, None], is_x.astype(jnp.float32), left / jnp.where(mass > 0, mass, 1.0))
+            live = has[None, :] & drawn[:, kid]  # [B, n]
+            q_x = jnp.sum(jnp.where(is_x, q_j, 0.0), axis=-1)
+            d_x = jnp.sum(jnp.where(is_x, demand, 0.0), axis=-1)
+            live = live & (q_x > 0)
+            w_j = jnp.where(live, jnp.minimum(d_x / jnp.where(live, q_x, 1.0), 1.0), 0.0)
+            rest = jnp.maximum(demand - q_j, 0.0)
+            rest_mass = jnp.sum(rest, axis=-1, keepdims=True)
+            # Chance that this child is refused, averaged over x_j: 1 - sum(min(demand, q_j)).
+            refused = jnp.maximum(1.0 - jnp.sum(demand, axis=-1, keepdims=True), 0.0) + rest_mass
+            handed_on = jnp.where(refused > 0, rest / jnp.where(refused > 0, refused, 1.0), 0.0)
+            demand = jnp.where(live[:, :, None], handed_on, demand)
+            removed = removed | (is_x & live[:, :, None])
+            cols = np.flatnonzero(has)
+            w = w.at[:, table[cols, j]].set(w_j[:, cols])
+        demands.append(demand)
+    return w, jnp.concatenate(demands, axis=1)
+
+
+def accept_sampled(key: jax.Array, tree: Tree, shape: TreeShape, logits: jax.Array, q_probs: jax.Array, sampling,
+                   *, block: bool = True) -> Acceptance:
+    """Rejection-sampling verification of a sampled tree: block (whole-path) or token-wise rule
+    (module docstring); exact for every row, greedy rows included.
+
+    Args:
+      key: PRNG key, or [B] per-row keys, fresh every iteration (coins and the bonus token).
+      tree: a sampled tree (`sampled_tree.init_tree` / `expand`); a chain is one too.
+      shape: its static shape.
+      logits: float32 [B, Nn, V] the target's logits at every node.
+      q_probs: float32 [B, Nn - n_D, V] the processed draft distribution each node of depth < D drew
+        its children from, over the full vocabulary (zero outside a draft vocabulary).
+      sampling: SamplingParams or RowSampling (p = exp(process_logits(logits, sampling))).
+      block: the whole-path rule (default); False: token-wise recursive rejection sampling.
+    """
+    B, Nn, _ = logits.shape
+    p = jnp.exp(sampling_lib.process_logits(logits, sampling))  # [B, Nn, V]
+    w, demand = sampled_weights(tree, shape, p, q_probs, sampling_lib.is_greedy_row(sampling, B), block)
+    k_coin, k_bonus = sampling_lib.split(key)
+    coin = sampling_lib.uniform(k_coin, (B, Nn))
+    topo = topology(shape)
+    if block:
+        # Leaf to root: a node is taken if a child is, else by its own coin against its demand's mass.
+        taken = coin < jnp.sum(demand, axis=-1)
+        for d in reversed(range(shape.depth)):
+            table = topo.children[d]
+            o, n = shape.offsets[d], shape.level_sizes[d]
+            kids = taken[:, np.where(table >= 0, table, 0)] & (table >= 0)[None]  # [B, n, m]
+            taken = taken.at[:, o:o + n].set(taken[:, o:o + n] | jnp.any(kids, axis=-1))
+    else:
+        taken = coin < w  # each child's own acceptance, tried only once its earlier siblings failed
+    # ok[c]: c is the first taken child of its parent (the walk moves there).
+    ok = jnp.zeros((B, Nn), bool)
+    for d in range(shape.depth):
+        table = topo.children[d]
+        before = jnp.zeros((B, table.shape[0]), bool)
+        for j in range(table.shape[1]):
+            has = table[:, j] >= 0
+            t = jnp.where(has[None], taken[:, np.where(has, table[:, j], 0)], False)  # [B, n]
+            cols = np.flatnonzero(has)
+            ok = ok.at[:, table[cols, j]].set((t & ~before)[:, cols])
+            before = before | t
+    k, path = _walk(tree, shape, ok)
+    end = jnp.take_along_axis(path, k[:, None], axis=1)  # [B, 1] the path's last node
+    left = jnp.take_along_axis(demand, end[:, :, None], axis=1)[:, 0]  # [B, V]
+    mass = jnp.sum(left, axis=-1, keepdims=True)
+    # The path ends at a node whose demand has mass (it was taken); p there guards rounding only.
+    law = jnp.where(mass > 0, left / jnp.where(mass > 0, mass, 1.0), jnp.take_along_axis(p, end[:, :, None], 1)[:, 0])
+    bonus = sampling_lib.categorical(k_bonus, jnp.log(law))  # [B]
+    G = shape.max_accept
     j = jnp.arange(G)[None, :]
-    padded = jnp.concatenate([drafts, jnp.zeros((B, 1), drafts.dtype)], axis=1)  # [B, G]
-    tokens = jnp.where(j < k[:, None], padded, bonus[:, None]).astype(jnp.int32)
-    path = jnp.minimum(j, k[:, None]).astype(jnp.int32)  # chain: the node at depth j is node j
+    following = jnp.concatenate([path[:, 1:], path[:, -1:]], axis=1)  # node at depth j + 1
+    drafted = jnp.take_along_axis(tree.tokens, following, axis=1)
+    tokens = jnp.where(j < k[:, None], drafted, bonus[:, None]).astype(jnp.int32)
     return Acceptance(num_accepted=k, path=path, tokens=tokens)

@@ -161,3 +161,13 @@ def test_acceptance_tiny(tmp_path):
     for r in rows:
         assert r["greedy_equal"] and 1.0 <= r["tau"] <= 3.0 and r["speedup"] > 0 and len(r["accept_by_depth"]) == 2
     assert rows[2]["draft_vocab_size"] == 128
+
+
+def test_acceptance_tiny_sampled_methods(tmp_path):
+    record = run_suite(tmp_path, "acceptance", "--dtype", "float32", "--temperatures", "1", "--trees", "2,2", "1,1",
+                       "--methods", "block", "token", "beam", "--num-prompts", "2", "--warmup", "0")
+    ar, *rows = record["rows"]
+    assert ar["method"] == "ar" and ar["temperature"] == 1.0
+    assert [r["method"] for r in rows] == ["2 2/block", "2 2/token", "2 2/beam", "1 1/block", "1 1/token", "1 1/beam"]
+    for r in rows:
+        assert "greedy_equal" not in r and 1.0 <= r["tau"] <= 3.0 and r["speedup"] > 0

@@ -157,14 +157,14 @@ def test_default_tree_for_context_table():
     # CPUs: verification is compute-bound, a short chain at every length
     assert f(100, "cpu").widths == f(10**6, "cpu").widths == defaults.CPU_TREE == (1, 1, 1, 1, 1)
     assert f(100, "gpu").widths == (4, 16, 16, 16, 16)
-    # T > 0: a sampled chain (speculative sampling accepts more than matching a beam tree)
-    assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == defaults.SAMPLED_CHAIN == (1,) * 5
-    assert f(100, "cpu", 0.7).widths == defaults.CPU_TREE
-    assert f(100, "gpu", 0.7, sampled_chains=False).widths == (4, 16, 16, 16, 16)  # argmax chains: no gain
+    # T > 0 with sampled drafts: rejection sampling accepts more than matching a beam tree
+    assert f(100, "gpu", 0.7).widths == f(10**6, "gpu", 1.0).widths == defaults.SAMPLED_TREE
+    assert f(100, "cpu", 0.7).widths == defaults.CPU_SAMPLED_TREE
+    assert f(100, "gpu", 0.7, sampled_drafts=False).widths == (4, 16, 16, 16, 16)  # beam drafts: the T = 0 table
     # Small (launch-bound) targets get the short chain on GPUs too; large or unknown sizes the table.
     small, big = defaults.LAUNCH_BOUND_BYTES - 1, defaults.LAUNCH_BOUND_BYTES
     assert f(8192, "gpu", target_bytes=small).widths == f(10**6, "gpu", target_bytes=small).widths == defaults.CPU_TREE
-    assert f(8192, "gpu", 1.0, target_bytes=small).widths == defaults.CPU_TREE
+    assert f(8192, "gpu", 1.0, target_bytes=small).widths == defaults.CPU_SAMPLED_TREE
     assert f(8192, "gpu", target_bytes=big).widths == f(8192, "gpu", target_bytes=None).widths == (4, 16, 16, 16, 16)
     assert f(10**6, "gpu", target_bytes=16 * 2**30).widths == (2, 4, 4, 4, 4)
 
@@ -182,7 +182,7 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     prompts = _prompts(1, (7,))
     seen = []
 
-    def fake_default(context_len, platform=None, temperature=0.0, sampled_chains=True, target_bytes=None):
+    def fake_default(context_len, platform=None, temperature=0.0, sampled_drafts=True, target_bytes=None):
         seen.append((context_len, target_bytes))
         return tree_lib.TreeShape((2, 2))
 
@@ -202,10 +202,14 @@ def test_generate_tree_picks_context_default_when_shape_is_none(monkeypatch):
     assert n_bytes < defaults.LAUNCH_BOUND_BYTES
     assert dec.shape is None and dec.tree_shape_for(7, 12).widths == defaults.CPU_TREE
     assert dec.tree_shape_for(100_000, 1000).widths == defaults.CPU_TREE
-    assert dec.tree_shape_for(7, 12, sampled=True).widths == defaults.CPU_TREE
+    assert dec.tree_shape_for(7, 12, sampled=True).widths == defaults.CPU_SAMPLED_TREE
     loop = dec.loop_for(7, 12, sampled=True)
-    assert loop.sample_drafts and loop.num_nodes == 1 + len(defaults.CPU_TREE)
-    assert not dec.loop_for(7, 12).sample_drafts  # greedy: argmax drafts
+    assert loop.sampled and loop.verification == "block" and loop.num_nodes == 1 + len(defaults.CPU_SAMPLED_TREE)
+    assert not dec.loop_for(7, 12).sampled  # greedy: beam drafts
+    assert not spec.Decoder(target, draft, sample_drafts=False).loop_for(7, 12, sampled=True).sampled
+    assert spec.Decoder(target, draft, verification="token").loop_for(7, 12, sampled=True).verification == "token"
+    with pytest.raises(ValueError, match="verification must be one of"):
+        spec.Decoder(target, draft, verification="tree")
 
 
 # ---------------------------------------------------------------------------------------------

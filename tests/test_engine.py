@@ -1,7 +1,7 @@
 """The serving engine without HTTP: slot bookkeeping, continuous batching, prefix reuse, per-row
 sampling, cancellation and failure isolation.
 
-Lossless is checked against the single-request decoder (`infer.decoder`), itself checked against
+Lossless is checked against the single-request decoder (`longspec_jax.infer.decoder`), itself checked against
 AR and naive references in test_speculative.py / test_ar_decode.py: at T = 0 every request's
 tokens equal its own greedy output whatever runs beside it (also while the tree shape changes with
 the load), and at T > 0 a request's tokens equal the single-request decoder's for the same seed

@@ -14,13 +14,14 @@ import pytest
 
 from longspec_jax.infer import decoder as spec
 from longspec_jax.infer.decoder import generate_ar
-from longspec_jax.infer.loop import start_jit
+from longspec_jax.infer.loop import DecodeLoop, start_jit
 from longspec_jax.infer.runtime import Compiler
 from longspec_jax import init
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import ring_capacity
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.sampling import RowSampling, SamplingParams, process_logits
+from longspec_jax.tree import TreeShape
 
 CAPACITY = 128  # one cache shape for every greedy test (prompts <= 16 tokens, max_new <= 40)
 WINDOW = 8  # small draft window so the ring wraps within a test
@@ -89,10 +90,10 @@ def _ar(target, prompts, n, eos=(), capacity=CAPACITY):
 
 
 def _spec(target, draft, shape, prompts, n, eos=(), capacity=CAPACITY, sampling=None, seed=0, sample_drafts=True,
-          compiler=None):
+          verification="block", compiler=None):
     return spec.generate_tree(target, draft, prompts, tree_shape=shape, max_new_tokens=n, eos_ids=eos,
                               cache_capacity=capacity, sampling=sampling, seed=seed, sample_drafts=sample_drafts,
-                              compiler=compiler)
+                              verification=verification, compiler=compiler)
 
 
 def _check_equal(target, draft, shape, seed, n=40, lengths=(5, 11, 16)):
@@ -182,6 +183,15 @@ def test_compiles_once_per_bucket_without_host_sync():
             assert marker not in hlo, marker
 
 
+def test_decode_loop_refuses_unknown_methods():
+    with pytest.raises(ValueError, match="draft_sampling must be one of"):
+        DecodeLoop(TreeShape(CHAIN), draft_sampling="nucleus")
+    with pytest.raises(ValueError, match="verification must be one of"):
+        DecodeLoop(TreeShape(CHAIN), verification="tree")
+    with pytest.raises(ValueError, match="needs a tree shape"):
+        DecodeLoop(None, draft_sampling="sampled")
+
+
 def test_draft_ring_shape_independent_of_context():
     target, draft = random_models(0)
     dec = spec.Decoder(target, draft, tree_shape=WIDE)
@@ -246,12 +256,12 @@ def _chi2_pvalue(counts, probs, min_expected=5.0):
     return stats.chi2.sf(chi2, len(obs_cells) - 1)
 
 
-def _check_distribution(params, models, n_samples, seed, shape=(3, 3), sample_drafts=True):
+def _check_distribution(params, models, n_samples, seed, shape=(3, 3), sample_drafts=True, verification="block"):
     V = 16
     target, draft = models
     prompt = _prompts(seed, (6,), vocab=V)[0]
     res = _spec(target, draft, shape, [prompt] * n_samples, 3, sampling=params, seed=seed, capacity=64,
-                sample_drafts=sample_drafts)
+                sample_drafts=sample_drafts, verification=verification)
     toks = np.array(res.tokens)
     assert toks.shape == (n_samples, 3)
     joint, p3 = _exact_first_tokens(target, prompt, params, V)
@@ -278,21 +288,54 @@ def test_sampling_is_lossless_top_k_top_p():
 @pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.3, top_k=4), SamplingParams(temperature=0.7, top_p=0.8)])
 def test_sampling_is_lossless_more(params):
-    _check_distribution(params, random_models(23, vocab=16, scale=0.1), 6000, seed=3)
+    _check_distribution(params, random_models(23, vocab=16, scale=0.1), 6000, seed=3, sample_drafts=False)
 
 
-def test_sampled_chain_is_lossless():
-    """Chains at T > 0 draw their drafts from q and accept by speculative sampling (min(1, p/q),
-    residual draw): the joint law of the first three tokens is still the target's."""
+@pytest.mark.parametrize("verification", ["token", "block"])
+def test_sampled_chain_is_lossless(verification):
+    """Chains at T > 0 draw their drafts from q and accept by rejection sampling (token-wise:
+    min(1, p/q) and residual draws; block: the whole path's ratio): the joint law of the first
+    three tokens is still the target's."""
     _check_distribution(SamplingParams(temperature=1.0), random_models(24, vocab=16, scale=0.1), 3000, seed=4,
-                        shape=(1, 1, 1))
+                        shape=(1, 1, 1), verification=verification)
 
 
 def test_sampled_chain_is_lossless_top_k_top_p():
     """With top-k / top-p the draft's q is filtered like the target's p (drafts never leave q's
     support; the residual then carries the target mass q lacks)."""
     _check_distribution(SamplingParams(temperature=0.8, top_k=6, top_p=0.9), random_models(25, vocab=16, scale=0.1),
-                        3000, seed=5, shape=(1, 1))
+                        3000, seed=5, shape=(1, 1), verification="token")
+
+
+def test_sampled_tree_is_lossless():
+    """Sampled trees (children drawn from q without replacement), block verification, top-k and
+    top-p on both distributions, a draft that partly agrees with the target."""
+    _check_distribution(SamplingParams(temperature=1.0, top_k=8, top_p=0.95), agreeing_models(27, vocab=16, scale=0.1),
+                        3000, seed=7, shape=(3, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3)], ids=["chain", "tree"])
+@pytest.mark.parametrize("verification", ["token", "block"])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.5, top_k=6), SamplingParams(temperature=1.0, top_p=0.8),
+                                    SamplingParams(temperature=1.0)], ids=["T0.5-topk", "T1-topp", "T1"])
+def test_sampled_drafts_are_lossless_more(shape, verification, params):
+    _check_distribution(params, agreeing_models(28, vocab=16, scale=0.1), 4000, seed=8, shape=shape,
+                        verification=verification)
+
+
+def test_sampled_tree_greedy_rows_of_a_mixed_batch_equal_ar():
+    """A batch mixing greedy and sampled rows runs the sampled loop; its greedy rows still emit
+    the target's greedy output token for token (their drafts are the draft's top children)."""
+    target, draft = agreeing_models(29)
+    prompts = _prompts(9, (5, 11, 8, 16))
+    rows = [SamplingParams(), SamplingParams(temperature=1.0, top_k=10)] * 2
+    dec = spec.Decoder(target, draft, tree_shape=(3, 2, 2))
+    assert dec.loop_for(16, 30, sampled=True).sampled
+    res = dec.generate(prompts, max_new_tokens=30, sampling=rows, eos_ids=(), cache_capacity=CAPACITY)
+    want = _ar(target, prompts, 30)
+    assert res.tokens[0] == want[0] and res.tokens[2] == want[2]
+    assert res.spec.accepted_by_depth[-1] > 0
 
 
 def test_sampled_chain_accepts_more_when_both_are_spread():

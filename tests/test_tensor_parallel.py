@@ -21,6 +21,7 @@ from longspec_jax import init, sharding
 from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import Draft
 from longspec_jax.kv_cache import KVCache
+from longspec_jax.sampling import SamplingParams
 from longspec_jax.transformer import Transformer
 
 VOCAB = 128
@@ -123,6 +124,20 @@ def test_tree_greedy_matches_single_device(models):
     assert res.stop_reason == ref.stop_reason
     assert res.spec.accept_hist == ref.spec.accept_hist
     assert sum(res.spec.accept_hist[1:]) > 0  # some drafts were accepted: the commit path ran sharded
+
+
+def test_sampled_tree_matches_single_device(models):
+    """T > 0 with sampled drafts and block verification: the same seeds give the same tokens sharded
+    (threefry keys are partitionable, the vocabulary-wide acceptance reductions run split)."""
+    target, draft, prompts = models
+    hot = SamplingParams(temperature=1.0, top_k=40)
+    ref = spec.generate_tree(target, draft, prompts, tree_shape=TREE, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK,
+                             sampling=hot, seed=3)
+    decoder = spec.Decoder(target, draft, tree_shape=TREE, prefill_chunk=CHUNK, mesh=sharding.tensor_parallel_mesh(2))
+    assert decoder.loop_for(40, MAX_NEW, sampled=True).sampled
+    res = decoder.generate(prompts, max_new_tokens=MAX_NEW, sampling=hot, seed=3)
+    assert res.tokens == ref.tokens
+    assert sum(res.spec.accept_hist[1:]) > 0
 
 
 def test_refusals():

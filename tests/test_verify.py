@@ -1,11 +1,15 @@
-"""Lossless acceptance ("sample from the target, then match a child") against a NumPy walker."""
+"""Lossless acceptance: sample-and-match against a NumPy walker; rejection sampling of sampled
+trees (token-wise and block) by the exact law of one verification step, every draft outcome
+enumerated, and by sampling."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longspec_jax import verify
+from longspec_jax import sampled_tree, verify
 from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape, expand, init_tree
 
@@ -78,7 +82,7 @@ def test_filtered_tokens_never_chosen():
 
 
 # ------------------------------------------------------------------------------------------------
-# Chains at T > 0 with sampled drafts: speculative sampling (min(1, p/q), residual draw)
+# Sampled drafts at T > 0: rejection sampling (token-wise: min(1, p/q) and residual draws; block)
 
 
 def _chain(tokens, V):
@@ -105,7 +109,8 @@ def _chi2(counts, probs):
     return stats.chi2.sf(np.sum((obs[ok] - exp[ok]) ** 2 / exp[ok]), ok.sum() - 1)
 
 
-def test_sampled_chain_two_tokens_follow_the_target():
+@pytest.mark.parametrize("block", [False, True], ids=["token", "block"])
+def test_sampled_chain_two_tokens_follow_the_target(block):
     """Exact joint law of the first two emitted tokens, residual draws and bonus tokens included:
     a one-draft chain at prefix (), then, for rows that emitted only one token, a second iteration
     at prefix (y1,). Target conditionals P0, P1[y1], P2[y1, y2] and draft q's are random."""
@@ -123,7 +128,7 @@ def test_sampled_chain_two_tokens_follow_the_target():
         x = jax.random.categorical(key_draft, jnp.log(q), axis=-1).astype(jnp.int32)  # [n]
         tree, shape = _chain(jnp.stack([jnp.zeros_like(x), x], axis=1), V)
         logits = jnp.log(jnp.stack([prefix_p, next_p(x)], axis=1))
-        acc = verify.accept_sampled_chain(key_acc, tree, shape, logits, q[:, None, :], params)
+        acc = verify.accept_sampled(key_acc, tree, shape, logits, q[:, None, :], params, block=block)
         return np.asarray(acc.num_accepted), np.asarray(acc.tokens)
 
     q1 = jnp.broadcast_to(jnp.asarray(Q1, jnp.float32), (n, V))
@@ -142,15 +147,8 @@ def test_sampled_chain_two_tokens_follow_the_target():
     assert counts[3].sum() > 0  # token 3 reached through the residual
 
 
-def test_sampled_chain_refuses_trees():
-    tree_shape = TreeShape((2, 2))
-    tree = init_tree(tree_shape, jnp.zeros((1,), jnp.int32))
-    logits, q = jnp.zeros((1, 5, 8)), jnp.full((1, 2, 8), 1 / 8)
-    with pytest.raises(ValueError, match="chain"):
-        verify.accept_sampled_chain(jax.random.key(0), tree, tree_shape, logits, q, SamplingParams(temperature=1.0))
-
-
-def test_sampled_chain_is_greedy_acceptance_for_greedy_rows():
+@pytest.mark.parametrize("block", [False, True], ids=["token", "block"])
+def test_sampled_chain_is_greedy_acceptance_for_greedy_rows(block):
     """Rows at temperature 0 in a sampled chain (a mixed serving batch): with one-hot q (the draft's
     argmax) the rule accepts exactly the drafts that equal the target's argmax and emits the
     target's argmax after them, like `accept` with greedy choices, whatever the keys."""
@@ -169,7 +167,7 @@ def test_sampled_chain_is_greedy_acceptance_for_greedy_rows():
     q = jax.nn.one_hot(tokens[:, 1:], V)  # [B, D, V]
     rows = RowSampling.rows([SamplingParams(), SamplingParams(temperature=1.0)] * (B // 2), B)
     keys = jax.random.split(jax.random.key(5), B)
-    acc = verify.accept_sampled_chain(keys, tree, shape, target_logits, q, rows)
+    acc = verify.accept_sampled(keys, tree, shape, target_logits, q, rows, block=block)
     want = verify.accept(tree, shape, verify.target_choices(None, target_logits, SamplingParams()))
     greedy_rows = np.arange(B) % 2 == 0
     k = np.asarray(acc.num_accepted)
@@ -177,3 +175,183 @@ def test_sampled_chain_is_greedy_acceptance_for_greedy_rows():
     np.testing.assert_array_equal(k[greedy_rows], np.minimum(cut, D)[greedy_rows])
     for b in np.flatnonzero(greedy_rows):
         np.testing.assert_array_equal(np.asarray(acc.tokens)[b, :k[b] + 1], np.asarray(want.tokens)[b, :k[b] + 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampled trees: the exact law of one verification step, every draft outcome enumerated
+
+
+def _laws(rng, V, depth, zero_frac):
+    """A random next-token law for every prefix of up to `depth` tokens ({prefix: float64 [V]});
+    with zero_frac, entries dropped at random (as top-k / top-p filtering does), one always kept."""
+    laws = {}
+    for n in range(depth + 1):
+        for prefix in itertools.product(range(V), repeat=n):
+            law = rng.dirichlet(np.full(V, 0.7))
+            drop = rng.random(V) < zero_frac
+            drop[rng.integers(V)] = False
+            laws[prefix] = np.where(drop, 0.0, law) / np.where(drop, 0.0, law).sum()
+    return laws
+
+
+def _drafts(shape, Q):
+    """Every way the sampled tree of `shape` can be drawn (children of each node without replacement
+    from Q[its path], in draw order; children past Q's support are not drawn):
+    yields (tokens [Nn], drawn bool [Nn], paths [Nn] of token tuples, probability)."""
+    topo = sampled_tree.topology(shape)
+    kids = [[] for _ in range(shape.num_nodes)]
+    for d, table in enumerate(topo.children):
+        for i, row in enumerate(table):
+            kids[shape.offsets[d] + i] = [int(c) for c in row if c >= 0]
+    Nn = shape.num_nodes
+
+    def rec(u, tokens, drawn, paths, prob):
+        if u == Nn:
+            yield list(tokens), list(drawn), list(paths), prob
+            return
+        q = Q[paths[u]] if drawn[u] else None
+        m = len(kids[u]) if drawn[u] else 0
+        n = min(m, int(np.count_nonzero(q))) if m else 0
+        for seq in itertools.permutations(np.flatnonzero(q) if m else [], n):
+            pr, used = prob, 0.0
+            t, dr, pa = list(tokens), list(drawn), list(paths)
+            for c, x in zip(kids[u], seq):
+                pr *= q[x] / (1.0 - used)
+                used += q[x]
+                t[c], pa[c] = int(x), paths[u] + (int(x),)
+            for c in kids[u][n:]:  # q's support is exhausted: these children are never drawn
+                dr[c] = False
+            yield from rec(u + 1, t, dr, pa, pr)
+
+    yield from rec(0, [0] * Nn, [True] * Nn, [()] + [None] * (Nn - 1), 1.0)
+
+
+def _step_law(shape, w, demand, block):
+    """{emitted tokens: probability} of one verification step of one drawn tree, from the node
+    weights and demands of `verify.sampled_weights` combined by `accept_sampled`'s decision rule
+    (token-wise: each child's own coin w; block: a subtree is taken with probability T(u) =
+    1 - prod(1 - T(children)) * (1 - |demand(u)|); the path follows first taken children)."""
+    topo = sampled_tree.topology(shape)
+    Nn = shape.num_nodes
+    kids = [[] for _ in range(Nn)]
+    for d, table in enumerate(topo.children):
+        for i, row in enumerate(table):
+            kids[shape.offsets[d] + i] = [int(c) for c in row if c >= 0]
+    mass = demand.sum(-1)
+    taken = np.zeros(Nn)
+    for u in reversed(range(Nn)):
+        taken[u] = 1 - np.prod([1 - taken[c] for c in kids[u]]) * (1 - mass[u])
+    refuse = (lambda c: 1 - taken[c]) if block else (lambda c: 1 - w[c])
+    out = {}
+
+    def walk(u, emitted, prob):
+        end = prob * np.prod([refuse(c) for c in kids[u]]) * (mass[u] if block and u else 1.0)
+        for y in np.flatnonzero(demand[u] > 0):
+            out[emitted + (int(y),)] = out.get(emitted + (int(y),), 0.0) + end * demand[u, y] / mass[u]
+        before = 1.0
+        for c in kids[u]:
+            walk(c, emitted + (c,), prob * before * (1.0 if block else w[c]))
+            before *= refuse(c)
+
+    walk(0, (), 1.0)
+    return out
+
+
+def _verification_law(shape, P, Q, V, block):
+    """The exact law of (one verification step, then the target) over V^(D+1), and the expected
+    number of accepted drafts, every draft outcome of the sampled tree enumerated."""
+    G = shape.max_accept
+    outcomes = list(_drafts(shape, Q))
+    B, inner = len(outcomes), shape.num_nodes - shape.widths[-1]
+    tokens = np.array([o[0] for o in outcomes], np.int32)
+    drawn = np.array([o[1] for o in outcomes])
+    p = np.array([[P[pa] if pa is not None else np.full(V, 1 / V) for pa in o[2]] for o in outcomes], np.float32)
+    q = np.array([[Q[pa] if pa is not None else np.full(V, 1 / V) for pa in o[2][:inner]] for o in outcomes], np.float32)
+    tree = sampled_tree.init_tree(shape, jnp.asarray(tokens[:, 0])).replace(
+        tokens=jnp.asarray(tokens), scores=jnp.where(jnp.asarray(drawn), 0.0, -jnp.inf))
+    w, demand = jax.device_get(verify.sampled_weights(tree, shape, jnp.asarray(p), jnp.asarray(q),
+                                                      jnp.zeros((B,), bool), block))
+    target = np.zeros((V,) * G)
+    for seq in itertools.product(range(V), repeat=G):
+        target[seq] = np.prod([P[seq[:i]][seq[i]] for i in range(G)])
+    law, accepted = np.zeros_like(target), 0.0
+    for b, (toks, _, paths, prob) in enumerate(outcomes):
+        for emitted, pr in _step_law(shape, w[b].astype(np.float64), demand[b].astype(np.float64), block).items():
+            seq = tuple(toks[u] for u in emitted[:-1]) + emitted[-1:]  # node ids -> tokens, then the bonus
+            accepted += prob * pr * (len(seq) - 1)
+            prefix = np.prod([P[seq[:i]][seq[i]] for i in range(len(seq))])
+            assert prefix > 0 or pr < 1e-6, f"emitted {seq}, impossible under the target"
+            if prefix > 0:  # then the target continues: target[seq, ...] / P(seq) is its law
+                law[seq] += prob * pr * target[seq] / prefix
+    return law, target, accepted
+
+
+@pytest.mark.parametrize("widths,V", [((1, 1, 1), 4), ((2, 2), 5), pytest.param((3, 2), 5, marks=pytest.mark.slow),
+                                      pytest.param((2, 2, 2), 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("block", [False, True], ids=["token", "block"])
+def test_sampled_verification_law_is_the_targets(widths, V, block):
+    """One verification step of a sampled tree, then the target: the law of the first D + 1
+    tokens equals the target's to 1e-6, with target and draft laws that drop tokens (top-k /
+    top-p), so children past the draft's support and residuals onto tokens q lacks occur."""
+    shape = TreeShape(widths)
+    rng = np.random.default_rng(len(widths) + V)
+    for zero_frac in (0.0, 0.4):
+        P, Q = _laws(rng, V, shape.depth, zero_frac), _laws(rng, V, shape.depth, zero_frac)
+        law, target, accepted = _verification_law(shape, P, Q, V, block)
+        np.testing.assert_allclose(law, target, atol=1e-6, rtol=0)
+        assert accepted > 0.2
+
+
+@pytest.mark.parametrize("widths,V", [((1, 1, 1), 4), pytest.param((1, 1, 1, 1), 3, marks=pytest.mark.slow),
+                                      pytest.param((2, 2), 5, marks=pytest.mark.slow)])
+def test_block_verification_accepts_at_least_token_wise(widths, V):
+    """Expected accepted drafts, exact over every draft outcome, on random (p, q) pairs: block >=
+    token-wise (a theorem on chains, Sun et al. 2024), strictly more on some."""
+    shape = TreeShape(widths)
+    rng = np.random.default_rng(7)
+    gains = []
+    for trial in range(4):
+        P, Q = _laws(rng, V, shape.depth, 0.3 * (trial % 2)), _laws(rng, V, shape.depth, 0.3 * (trial % 2))
+        token = _verification_law(shape, P, Q, V, block=False)[2]
+        block = _verification_law(shape, P, Q, V, block=True)[2]
+        gains.append(block - token)
+    assert min(gains) >= -1e-6 and max(gains) > 1e-3, gains
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["token", "block"])
+def test_sampled_tree_greedy_rows_match_the_targets_argmax(block):
+    """Rows at temperature 0 beside sampled rows on a sampled tree: whatever the keys, they emit
+    exactly what walking the tree along the target's argmax emits (sample-and-match, greedy)."""
+    V, B = 7, 64
+    shape = TreeShape((2, 3, 2))
+    topo = sampled_tree.topology(shape)
+    rng = np.random.default_rng(3)
+    tokens = np.zeros((B, shape.num_nodes), np.int64)
+    argmax_child = np.zeros((B, shape.num_nodes), np.int64)  # the target's argmax at every node
+    for b in range(B):
+        for d, table in enumerate(topo.children):
+            for i, row in enumerate(table):
+                kids = row[row >= 0]
+                tokens[b, kids] = rng.choice(V, len(kids), replace=False)
+                u = shape.offsets[d] + i
+                # follow some child most of the time, so that deep paths occur
+                argmax_child[b, u] = tokens[b, rng.choice(kids)] if len(kids) and rng.random() < 0.8 else rng.integers(V)
+        argmax_child[b, shape.offsets[-1]:] = rng.integers(V, size=shape.widths[-1])
+    logits = rng.normal(size=(B, shape.num_nodes, V))
+    np.put_along_axis(logits, argmax_child[:, :, None], 10.0, axis=-1)
+    tree = sampled_tree.init_tree(shape, jnp.asarray(tokens[:, 0], jnp.int32)).replace(
+        tokens=jnp.asarray(tokens, jnp.int32), scores=jnp.zeros((B, shape.num_nodes)))
+    q = jnp.asarray(rng.dirichlet(np.ones(V), (B, shape.num_nodes - shape.widths[-1])), jnp.float32)
+    rows = RowSampling.rows([SamplingParams(), SamplingParams(temperature=1.0)] * (B // 2), B)
+    logits = jnp.asarray(logits, jnp.float32)
+    want = verify.accept(tree, shape, verify.target_choices(None, logits, SamplingParams()))
+    greedy_rows = np.flatnonzero(np.arange(B) % 2 == 0)
+    for seed in range(3):
+        acc = verify.accept_sampled(jax.random.split(jax.random.key(seed), B), tree, shape, logits, q, rows,
+                                    block=block)
+        k = np.asarray(acc.num_accepted)
+        np.testing.assert_array_equal(k[greedy_rows], np.asarray(want.num_accepted)[greedy_rows])
+        for b in greedy_rows:
+            np.testing.assert_array_equal(np.asarray(acc.path)[b], np.asarray(want.path)[b])
+            np.testing.assert_array_equal(np.asarray(acc.tokens)[b, :k[b] + 1], np.asarray(want.tokens)[b, :k[b] + 1])
+    assert np.asarray(want.num_accepted)[greedy_rows].max() == shape.depth

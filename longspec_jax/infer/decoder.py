@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import pallas_kernels
 from longspec_jax.infer import defaults, runtime
-from longspec_jax.infer.loop import MAX_ITERS, DecodeLoop, run_jit, start_jit
+from longspec_jax.infer.loop import MAX_ITERS, VERIFICATION, DecodeLoop, run_jit, start_jit
 from longspec_jax.infer.state import STOP_NAMES, DecodeState, eos_array
 from longspec_jax import kv_cache as kvc
 from longspec_jax import draft_vocab as dv
@@ -48,9 +48,10 @@ class Decoder:
         target size). Needs a draft.
       draft_vocab: None, or int32 ids [V'] the draft scores (its LM head cost shrinks by V / V');
         lossless: verification uses the full vocabulary.
-      sample_drafts: a chain at temperature > 0 draws its drafts from the draft distribution and
-        accepts by speculative sampling; False takes the draft's argmax and accepts by
-        sample-and-match as trees do. Both are exact.
+      sample_drafts: at temperature > 0 every node's children are drawn from the draft distribution
+        (`DecodeLoop(draft_sampling="sampled")`) and verified by rejection sampling; False keeps
+        the beam search's drafts and sample-and-match acceptance. Both are exact.
+      verification: with sampled drafts, "block" (whole-path; accepts at least as much) or "token".
       cache_dtype: KV cache and draft ring dtype (default: the target's compute dtype).
       prefill_chunk: most prompt tokens per prefill forward (bounds attention memory).
       mesh: optional `jax.sharding.Mesh` (`sharding.tensor_parallel_mesh(n)`): copies of the models
@@ -60,7 +61,7 @@ class Decoder:
     """
 
     def __init__(self, target, draft: Draft | None = None, *, tree_shape: Sequence[int] | str | TreeShape | None = None,
-                 draft_vocab=None, sample_drafts: bool = True, cache_dtype=None,
+                 draft_vocab=None, sample_drafts: bool = True, verification: str = "block", cache_dtype=None,
                  prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, compiler: runtime.Compiler | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk (--prefill-chunk) must be >= 1, got {prefill_chunk}")
@@ -71,6 +72,9 @@ class Decoder:
         if draft is not None:
             draft.cfg.check_matches(tcfg)
         self.sample_drafts = bool(sample_drafts)
+        if verification not in VERIFICATION:
+            raise ValueError(f"verification must be one of {VERIFICATION}, got {verification!r}")
+        self.verification = verification
         self.draft_vocab = None if draft_vocab is None else dv.validate(draft_vocab, tcfg.vocab_size)
         self.draft_vocab_size = tcfg.vocab_size if self.draft_vocab is None else self.draft_vocab.size
         self.shape = None if tree_shape is None else TreeShape.parse(tree_shape)
@@ -126,8 +130,8 @@ class Decoder:
     def loop_for(self, prompt_len: int, max_new_tokens: int, sampled: bool = False) -> DecodeLoop:
         """The `DecodeLoop` a `generate` call with these sizes runs."""
         shape = self.tree_shape_for(prompt_len, max_new_tokens, sampled)
-        return DecodeLoop(shape, sample_drafts=bool(shape is not None and self.sample_drafts and shape.is_chain
-                                                    and sampled))
+        draft_sampling = "sampled" if shape is not None and self.sample_drafts and sampled else "beam"
+        return DecodeLoop(shape, draft_sampling=draft_sampling, verification=self.verification)
 
     def mesh_context(self):
         """The ambient mesh for compiling and running (`jax.set_mesh`): the kernels and the embedding
@@ -313,6 +317,6 @@ def generate_ar(model, prompt_ids, *, max_new_tokens: int, **kwargs) -> runtime.
 def generate_tree(target, draft: Draft, prompt_ids, *, max_new_tokens: int, **kwargs) -> runtime.GenerationResult:
     """One-shot speculative generation: `Decoder(target, draft, ...).generate(...)` (build a `Decoder`
     to reuse it). Keyword arguments: `Decoder`'s and `generate`'s."""
-    ctor = {k: kwargs.pop(k) for k in ("tree_shape", "draft_vocab", "sample_drafts", "cache_dtype", "prefill_chunk",
-                                       "mesh", "compiler") if k in kwargs}
+    ctor = {k: kwargs.pop(k) for k in ("tree_shape", "draft_vocab", "sample_drafts", "verification", "cache_dtype",
+                                       "prefill_chunk", "mesh", "compiler") if k in kwargs}
     return Decoder(target, draft, **ctor).generate(prompt_ids, max_new_tokens=max_new_tokens, **kwargs)

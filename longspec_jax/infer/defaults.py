@@ -29,8 +29,13 @@ CONTEXT_TREE_TABLE: tuple[tuple[int | None, tuple[int, ...]], ...] = (
 # CPUs and launch-bound (small) targets: a chain of five drafts.
 CPU_TREE = (1, 1, 1, 1, 1)
 
-# Temperature > 0 with sampled drafts: a chain of the default depth.
-SAMPLED_CHAIN = (1, 1, 1, 1, 1)
+# Temperature > 0 with sampled drafts (block verification), a large target on a GPU: 19 nodes, whose
+# verification costs about an AR step at every context, with the best modelled speedup there.
+SAMPLED_TREE = (2, 4, 4, 4, 4)
+
+# Temperature > 0 with sampled drafts on CPUs and launch-bound targets: a longer chain than at
+# T = 0, since block verification keeps accepting deep drafts.
+CPU_SAMPLED_TREE = (1, 1, 1, 1, 1, 1, 1)
 
 # Below this many bytes of target parameters a GPU decode step is launch-bound, not a weight read.
 LAUNCH_BOUND_BYTES = 512 * 2**20
@@ -61,20 +66,22 @@ def is_launch_bound(platform: str | None, target_bytes: int | None) -> bool:
 
 
 def tree_for_context(context_len: int, platform: str | None = None, temperature: float = 0.0,
-                     sampled_chains: bool = True, target_bytes: int | None = None) -> TreeShape:
+                     sampled_drafts: bool = True, target_bytes: int | None = None) -> TreeShape:
     """The tree shape for one request decoding up to `context_len` tokens (prompt + new tokens).
 
-    `CPU_TREE` on CPUs and for targets of fewer than `LAUNCH_BOUND_BYTES` parameter bytes
-    (`target_bytes`; None = unknown, treated as large); at `temperature > 0` with sampled chains a
-    chain (`SAMPLED_CHAIN`); otherwise `CONTEXT_TREE_TABLE` by context length.
+    On CPUs and for targets of fewer than `LAUNCH_BOUND_BYTES` parameter bytes (`target_bytes`;
+    None = unknown, treated as large) `CPU_TREE`, or `CPU_SAMPLED_TREE` at `temperature > 0` with
+    sampled drafts; otherwise `SAMPLED_TREE` at `temperature > 0` with sampled drafts, else
+    `CONTEXT_TREE_TABLE` by context length.
     """
     context_len = int(context_len)
     if context_len < 0:
         raise ValueError(f"context length must be >= 0, got {context_len}")
+    sampled = temperature > 0 and sampled_drafts
     if is_launch_bound(platform, target_bytes):
-        return TreeShape(CPU_TREE)
-    if temperature > 0 and sampled_chains:
-        return TreeShape(SAMPLED_CHAIN)
+        return TreeShape(CPU_SAMPLED_TREE if sampled else CPU_TREE)
+    if sampled:
+        return TreeShape(SAMPLED_TREE)
     for limit, widths in CONTEXT_TREE_TABLE:
         if limit is None or context_len <= limit:
             return TreeShape(widths)

@@ -87,8 +87,8 @@ class Engine:
             self.table = ((None, dec.shape.widths),)
         else:
             self.table = defaults.load_table(dec.platform, dec.target_bytes)
-        self.loops = {w: DecodeLoop(None if w is None else TreeShape(w), sample_drafts=w is not None and
-                                    TreeShape(w).is_chain) for _, w in self.table}
+        self.loops = {w: DecodeLoop(None if w is None else TreeShape(w), draft_sampling="sampled" if w is not None and
+                                    TreeShape(w).is_chain else "beam") for _, w in self.table}
         self.max_accept = max(loop.max_accept for loop in self.loops.values())
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context

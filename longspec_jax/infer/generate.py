@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt text")
     p.add_argument("--sample-drafts", action=argparse.BooleanOptionalAction, default=True,
-                   help="--method tree, chain shapes at --temperature > 0: draw drafts from the draft distribution and "
-                        "accept by speculative sampling (min(1, p/q), residual draw); --no-sample-drafts takes the "
-                        "draft's argmax and accepts by sample-and-match, as trees do. Both are exact")
+                   help="--method tree at --temperature > 0: draw every node's children from the draft distribution "
+                        "and verify by (block) rejection sampling; --no-sample-drafts keeps the beam search's drafts "
+                        "and sample-and-match acceptance. Both are exact")
     p.add_argument("--cache-capacity", type=int, default=None,
                    help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,

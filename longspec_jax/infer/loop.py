@@ -6,16 +6,18 @@
   AR (`tree=None`): one target forward on the root (the last emitted token), one draw, one token.
   Tree (`tree=TreeShape`), per row, all shapes static (Nn = 1 + sum(widths), G = depth + 1):
   1. Draft: D forwards of the one-block draft, level by level (root, depth 1 .. D-1), each
-     followed by a global beam-search step (`tree.expand`) that fixes the next level's nodes.
+     followed by a global beam-search step (`tree.expand`) that fixes the next level's nodes, or,
+     with `draft_sampling="sampled"`, by drawing every node's children from the draft's processed
+     distribution without replacement on a static topology (`sampled_tree.expand`).
      Self-attention reads the constant-size ring plus the tree's own K/V under the ancestor mask;
      cross-attention reads the target's last-layer cache [0, c). Optionally over a draft vocabulary
      (`vocab`: the LM head restricted to V' columns).
   2. Verify: one target forward over the Nn tree tokens at positions c + depth, written at cache
      slots c + [0, Nn): hybrid tree attention (committed prefix + ancestor mask).
-  3. Accept (`longspec_jax.verify`): one target draw per node, walk down the matching children;
-     k accepted drafts + 1 bonus token are emitted. A chain with `sample_drafts` draws its drafts
-     from the draft distribution and accepts by speculative sampling instead. Lossless at any
-     temperature, per row.
+  3. Accept (`longspec_jax.verify`): beam drafts take one target draw per node and walk down the
+     matching children; sampled drafts are verified by rejection sampling over each node's
+     siblings, whole-path (block) or token-wise. k accepted drafts + 1 bonus token are emitted.
+     Lossless at any temperature, per row.
   4. Commit: `kv_cache.compact` moves the k + 1 accepted rows to slots c .. c + k in EVERY target
      layer (a chain's accepted path is already in place); their draft K/V go into the ring. Then
      c <- c + k + 1 and the bonus token becomes the next root.
@@ -45,12 +47,14 @@ from flax import nnx
 
 from longspec_jax.infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
 from longspec_jax import kv_cache as kvc
+from longspec_jax import sampled_tree, verify
 from longspec_jax import sampling as smp
-from longspec_jax import verify
 from longspec_jax.draft_vocab import cut_logits
 from longspec_jax.tree import TreeShape, expand, init_tree
 
 MAX_ITERS = 2**31 - 1  # `run` without a step budget
+DRAFT_SAMPLING = ("beam", "sampled")
+VERIFICATION = ("block", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +63,33 @@ class DecodeLoop:
 
     Attributes:
       tree: the draft tree's nodes per depth, or None for autoregressive steps (no draft needed).
-      sample_drafts: a chain draws its drafts from the draft distribution q and accepts by
-        speculative sampling (`verify.accept_sampled_chain`); otherwise drafts are the beam
-        search's argmax choices and acceptance is sample-and-match. Both are exact for every row at
-        any temperature; sampling accepts more where distributions are spread.
+      draft_sampling: "beam": the global beam search picks the nodes and acceptance is
+        sample-and-match (`verify.accept`). "sampled": every node's children are drawn from the
+        draft's processed distribution q without replacement (`sampled_tree`) and verified by
+        rejection sampling (`verify.accept_sampled`). Both are exact for every row at any
+        temperature; sampling accepts more where the distributions are spread (T > 0), the beam
+        more at T = 0, where a sampled tree's greedy rows take the draft's top children per node.
+      verification: with sampled drafts, "block" (the whole path's likelihood ratio decides;
+        never accepts less in expectation) or "token" (token-wise recursive rejection sampling);
+        beam drafts have one rule and ignore it.
     """
 
     tree: TreeShape | None = None
-    sample_drafts: bool = False
+    draft_sampling: str = "beam"
+    verification: str = "block"
 
     def __post_init__(self):
-        if self.sample_drafts and (self.tree is None or not self.tree.is_chain):
-            raise ValueError(f"sample_drafts needs a chain tree shape (one node per depth), got {self.tree}")
+        if self.draft_sampling not in DRAFT_SAMPLING:
+            raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {self.draft_sampling!r}")
+        if self.verification not in VERIFICATION:
+            raise ValueError(f"verification must be one of {VERIFICATION}, got {self.verification!r}")
+        if self.draft_sampling == "sampled" and self.tree is None:
+            raise ValueError("draft_sampling='sampled' needs a tree shape (autoregressive steps draft nothing)")
+
+    @property
+    def sampled(self) -> bool:
+        """Drafts are drawn from the draft distribution (`draft_sampling == "sampled"`)."""
+        return self.draft_sampling == "sampled"
 
     @property
     def max_accept(self) -> int:
@@ -121,8 +140,9 @@ class DecodeLoop:
 
         vocab: None, or (ids int32 [V'], head [D, V']) of a draft vocabulary: logits, log_softmax and
         top-k run over the V' columns, mapped back to full-vocabulary ids in `expand`.
-        key: per-row keys for `sample_drafts` (each draft token drawn from q); then the q
-        distributions come back as float32 [B, D, V] (zero outside a draft vocabulary), else None.
+        key: per-row keys for sampled drafts; then the q distributions each node of depth < D drew
+        its children from come back as float32 [B, Nn - n_D, V] (zero outside a draft vocabulary),
+        else None.
         visible: [B] committed tokens the draft attends to (default: all; 0 for rows that are done).
         Returns (tree, positions [B, Nn], tree_k, tree_v [B, Nn, K, H], q).
         """
@@ -130,12 +150,13 @@ class DecodeLoop:
         B = state.root.shape[0]
         c = state.committed
         seen = c if visible is None else visible
-        tree = init_tree(shape, state.root)
+        tree = sampled_tree.init_tree(shape, state.root) if self.sampled else init_tree(shape, state.root)
         positions = tree.positions(shape, c)  # [B, Nn]
         K, H = draft.cfg.num_kv_heads, draft.cfg.head_dim
         tree_k = jnp.zeros((B, shape.num_nodes, K, H), state.ring.k.dtype)
         tree_v = jnp.zeros_like(tree_k)
         k_last, v_last = state.cache.k[-1], state.cache.v[-1]
+        vocab_ids = None if vocab is None else vocab[0]
         q_probs = []
         for level in range(shape.depth):  # static unroll: each level has its own static width
             o, n = shape.offsets[level], shape.level_sizes[level]
@@ -144,18 +165,16 @@ class DecodeLoop:
                 h, tree_k, tree_v = draft.tree_step(x, positions[:, o:o + n], state.ring, seen, tree_k, tree_v, o,
                                                     tree.mask[:, o:o + n], k_last, v_last, seen)
                 logits = target.logits(h) if vocab is None else cut_logits(target, h, vocab[1])
-                logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, n, V(')]
-                if self.sample_drafts:  # a chain (n == 1) drawing its next token from q
-                    logq_s = smp.process_logits(logits, state.sampling)  # [B, 1, V(')]
-                    col = smp.categorical(smp.fold_in(key, level), logq_s)  # [B, 1]
-                    cols = jnp.arange(logq.shape[-1])[None, None, :]
-                    logq = jnp.where(cols == col[..., None], logq, -jnp.inf)  # the beam step keeps that token
-                    q = jnp.exp(logq_s[:, 0])
+                if self.sampled:
+                    tree, q = sampled_tree.expand(tree, shape, level, logits, state.sampling, smp.fold_in(key, level),
+                                                  vocab_ids)
                     if vocab is not None:  # columns -> full vocabulary, zero elsewhere
-                        q = jnp.zeros((B, target.cfg.vocab_size), q.dtype).at[:, vocab[0]].set(q)
+                        q = jnp.zeros((B, n, target.cfg.vocab_size), q.dtype).at[:, :, vocab_ids].set(q)
                     q_probs.append(q)
-                tree = expand(tree, shape, level, logq, vocab_ids=None if vocab is None else vocab[0])
-        return tree, positions, tree_k, tree_v, (jnp.stack(q_probs, axis=1) if q_probs else None)
+                else:
+                    logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, n, V(')]
+                    tree = expand(tree, shape, level, logq, vocab_ids=vocab_ids)
+        return tree, positions, tree_k, tree_v, (jnp.concatenate(q_probs, axis=1) if q_probs else None)
 
     def step(self, target, draft, state: DecodeState, vocab=None) -> DecodeState:
         """One decode step for every row (module docstring); done rows are left unchanged."""
@@ -182,8 +201,9 @@ class DecodeLoop:
             hidden, cache = target(tree.tokens, positions, state.cache, c, tree.mask, visible=visible)
             logits = target.logits(hidden)  # [B, Nn, V] float32
         with jax.named_scope("accept"):
-            if self.sample_drafts:
-                acc = verify.accept_sampled_chain(k_verify, tree, shape, logits, q_probs, state.sampling)
+            if self.sampled:
+                acc = verify.accept_sampled(k_verify, tree, shape, logits, q_probs, state.sampling,
+                                            block=self.verification == "block")
             else:
                 acc = verify.accept(tree, shape, verify.target_choices(k_verify, logits, state.sampling))
             k = acc.num_accepted
