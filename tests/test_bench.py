@@ -117,6 +117,8 @@ def test_hf_torch_baseline_tiny(tmp_path):
                           "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "cpu" / "hf-torch_tiny.json").read_text())
     assert set(HEADER) <= set(record) and record["torch"] and record["rows"][0]["decode_ms_per_token"] > 0
+    import torch  # the baseline leaves process-wide torch settings alone (later parity tests build HF modules)
+    assert torch.get_default_dtype() == torch.float32
 
 
 def test_latency_tiny(tmp_path):

@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     cfg = hf_config(wl.configs()[0])
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(dev):
-        torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):  # from_config(dtype=...) sets the dtype; no process-wide default is changed
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
