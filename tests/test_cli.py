@@ -233,3 +233,16 @@ def test_stop_ids_accepts_a_single_generation_eos(tmp_path):
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
     assert prompts.stop_ids(tiny_random.config(), None, str(tmp_path)) == (1, 7)
+
+
+@pytest.mark.parametrize("verification", ["block", "token"])
+def test_verification_flag_selects_the_rule_at_temperature_above_zero(verification, capsys):
+    assert generate.main(["--model", "tiny-random", "--method", "tree", "--tree-shape", "2", "2", "--max-new-tokens", "8",
+                          "--temperature", "1", "--verification", verification, "--no-chat-template"]) == 0
+    assert f"sampled drafts, {verification} verification" in capsys.readouterr().out
+
+
+def test_verification_flag_refuses_an_unknown_rule(capsys):
+    assert generate.main(["--model", "tiny-random", "--verification", "typical"]) == 2
+    err = capsys.readouterr().err
+    assert "--verification: invalid choice: 'typical'" in err and "'block', 'token'" in err

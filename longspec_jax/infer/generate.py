@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--method tree at --temperature > 0: draw every node's children from the draft distribution "
                         "and verify by (block) rejection sampling; --no-sample-drafts keeps the beam search's drafts "
                         "and sample-and-match acceptance. Both are exact")
+    p.add_argument("--verification", choices=("block", "token"), default="block",
+                   help="how sampled drafts are verified at --temperature > 0: 'block' judges each path as a whole "
+                        "(accepts at least as much as 'token', token-wise rejection sampling). Both are exact")
     p.add_argument("--cache-capacity", type=int, default=None,
                    help="KV cache slots per sequence (default: prompt + max-new-tokens, rounded up)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=False,
@@ -146,8 +149,17 @@ def prefill_progress(n_tokens: int, chunk: int):
     return update
 
 
-def report(res, n_prompt: int) -> None:
-    """Stop reason, compile / prefill / decode timings and, for tree decoding, acceptance."""
+def acceptance_rule(args) -> str:
+    """How the tree method accepts drafts with these flags, in words (printed beside tau)."""
+    if args.temperature == 0:
+        return "greedy: drafts match the target's argmax"
+    if args.sample_drafts:
+        return f"sampled drafts, {args.verification} verification"
+    return "beam drafts, sample-and-match"
+
+
+def report(res, n_prompt: int, acceptance: str = "") -> None:
+    """Stop reason, compile / prefill / decode timings and, for tree decoding, acceptance (`acceptance`: how)."""
     t = res.timings
     print("-" * 72)
     print(f"stopped on: {res.stop_reason[0]} after {len(res.tokens[0])} tokens")
@@ -158,7 +170,7 @@ def report(res, n_prompt: int) -> None:
         s = res.spec
         by_depth = ", ".join(f"{a / max(t.decode_steps, 1):.2f}" for a in s.accepted_by_depth)
         print(f"tau (tokens per target forward, bonus included) {s.tau:.3f} | tree {s.tree_shape} | draft vocab "
-              f"{s.draft_vocab_size}")
+              f"{s.draft_vocab_size}" + (f" | {acceptance}" if acceptance else ""))
         print(f"accepted drafts by depth (share of {t.decode_steps} verifications): {by_depth}")
 
 
@@ -215,7 +227,7 @@ def main(argv=None) -> int:
         print("-" * 72, flush=True)
         draft = cli.load_draft_model(args, draft_path, cfg, dtype) if args.method == "tree" else None
         decoder = Decoder(model, draft, tree_shape=shape, draft_vocab=draft_vocab, sample_drafts=args.sample_drafts,
-                          prefill_chunk=args.prefill_chunk, mesh=mesh)
+                          verification=args.verification, prefill_chunk=args.prefill_chunk, mesh=mesh)
         run = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=args.seed,
                    cache_capacity=args.cache_capacity)
         streamer = prompts.TextStreamer(tokenizer) if args.stream else None
@@ -226,7 +238,7 @@ def main(argv=None) -> int:
             streamer.finish(res.tokens[0])
         else:
             print(tokenizer.decode(res.tokens[0], skip_special_tokens=True))
-        report(res, len(ids))
+        report(res, len(ids), acceptance_rule(args))
         peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
         if peak:
             print(f"peak device memory: {peak / 2**30:.2f} GiB")
