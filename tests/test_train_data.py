@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from longspec_jax.train.config import from_dict
-from longspec_jax.train.data import DataError, DataLoader, check_tokenizer, encode_record, load_documents, load_tokenizer
+from longspec_jax.train.data import DataError, check_tokenizer, encode_record, load_documents, load_tokenizer
+from longspec_jax.train.loader import DataLoader
 
 TOK = load_tokenizer("bytes", None)
 

@@ -29,6 +29,7 @@ from longspec_jax.train import build
 from longspec_jax.train import checkpoint as checkpoint_lib
 from longspec_jax.train import config as config_lib
 from longspec_jax.train import data as data_lib
+from longspec_jax.train.loader import DataLoader
 from longspec_jax.train import step as step_lib
 from longspec_jax.train.checkpoint import CheckpointError, Checkpointer
 from longspec_jax.train.metrics import MetricsWriter, RowsLog
@@ -39,7 +40,7 @@ def build_data(cfg, tcfg, target_path):
     tok = data_lib.load_tokenizer(cfg.model.tokenizer, target_path)
     data_lib.check_tokenizer(tok, tcfg.vocab_size)
     docs = data_lib.load_documents(cfg.data, tok)
-    loader = data_lib.DataLoader(docs, cfg.data, pad_id=tok.pad_token_id,
+    loader = DataLoader(docs, cfg.data, pad_id=tok.pad_token_id,
                                  rows_per_step=cfg.train.batch_size * cfg.train.grad_accum)
     return tok, loader
 
