@@ -283,14 +283,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_type(value, a, key)
-            except TrainConfigError as e:
-                errors.append(str(e))
+            if a is not type(None):
+                try:
+                    return _check_type(value, a, key)
+                except TrainConfigError:
+                    pass
         raise TrainConfigError(f"{key}={value!r} has the wrong type; expected {tp}")
     if tp is Any:
         return value
@@ -304,9 +302,9 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise TrainConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TrainConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise TrainConfigError(f"{key} must be {'true or false' if tp is bool else 'a string'}, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -322,10 +320,6 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except (TypeError, ValueError):
                 raise TrainConfigError(f"{key} must be a number, got {value!r}") from None
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TrainConfigError(f"{key} must be a string, got {value!r}")
-        return value
     return value
 
 
