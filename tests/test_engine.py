@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from longspec_jax.infer.decoder import Decoder, generate_ar
-from longspec_jax.infer.engine import Engine, Request
+from longspec_jax.infer.engine import Engine, Request, tail_bucket
 from longspec_jax.infer.slots import Slot, choose_slot, common_prefix
 from longspec_jax.sampling import SamplingParams
 from tests.test_speculative import _prompts, agreeing_models, random_models
@@ -85,9 +85,11 @@ def test_staggered_arrivals_and_mixed_sampling(models, engine):
     assert [done[i] for i in ids] == ["max_new_tokens"] * 4
 
 
-def test_prefix_reuse_across_turns(models):
+@pytest.mark.parametrize("chunk", [16, 128])  # 128: prompts end in a narrower last chunk (64 wide)
+def test_prefix_reuse_across_turns(models, chunk):
     target, draft = models
-    eng = Engine(target, draft, max_slots=2, max_context=200, tree_shape=CHAIN, prefill_chunk=16)
+    eng = Engine(target, draft, max_slots=2, max_context=200, tree_shape=CHAIN, prefill_chunk=chunk)
+    assert sorted(eng._chunk_exes) == ([16] if chunk == 16 else [64, 128])
     first = _prompts(3, (41,))[0]
     reply = eng.generate([first], max_new_tokens=20, stop_ids=())[0]
     assert reply == _greedy(target, [first], 20)[0]
@@ -99,8 +101,13 @@ def test_prefix_reuse_across_turns(models):
     assert cached == len(first) + len(reply) - 1  # everything but the last reply token was in the cache
     assert eng.stats["prefix_hits"] == 1 and eng.stats["reused_tokens"] == cached
     # a prompt that shares nothing prefills everything, and its output is right
-    other = _prompts(4, (30,))[0]
+    other = _prompts(4, (150,))[0]  # one full chunk and a narrower last one at chunk 128
     assert eng.generate([other], max_new_tokens=10, stop_ids=())[0] == _greedy(target, [other], 10)[0]
+
+
+def test_tail_bucket():
+    assert [tail_bucket(n, 512) for n in (1, 64, 65, 128, 129, 300, 512)] == [64, 64, 128, 128, 256, 512, 512]
+    assert [tail_bucket(n, 16) for n in (1, 16)] == [16, 16]
 
 
 def test_tree_shape_follows_the_load_and_stays_exact():

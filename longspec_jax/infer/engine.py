@@ -15,7 +15,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
 * Prefix reuse: a finished sequence stays resident in its slot (its KV valid for everything but
   its last token) until the slot is needed, least recently used first. A request whose token ids
   extend a resident sequence (the next turn of an agent, another question over the same document)
-  takes that slot and prefills only the new suffix. The draft needs nothing kept: its
+  takes that slot and prefills only the new suffix (its last chunk only as wide as it needs, a
+  power of two from 64: a short turn costs a short forward). The draft needs nothing kept: its
   cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
@@ -47,6 +48,7 @@ from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
 EOS_SLOTS = 8  # stop ids per request
+TAIL_MIN = 64  # the narrowest last prefill chunk
 
 
 class Engine:
@@ -147,9 +149,12 @@ class Engine:
         self._window = c.get("engine_new_tokens", new_tokens, (self.state,), dict(width=W))
         # Device copies of the run-time scalars a decode call takes, made once.
         self._scalars = {(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, self.steps_per_call} for b in (0, 1)}
-        self._chunk_exe = c.get("prefill", runtime.prefill_chunk_jit, (
-            dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, self.chunk), np.int32)), put(np.int32(0)),
+        # One prefill executable per chunk width: full chunks, and smaller last chunks, so that a
+        # reused turn's short suffix is not padded to a whole chunk.
+        self._chunk_exes = {w: c.get("prefill", runtime.prefill_chunk_jit, (
+            dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
             put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
+            for w in {tail_bucket(n, self.chunk) for n in range(1, self.chunk + 1)}}
 
     def _row_inputs(self, req: Request, prompt: np.ndarray, seed: int):
         put = self.dec.put
@@ -313,8 +318,8 @@ class Engine:
             self.staging = self._take_row(self.state.cache, self.staging, self.dec.put(np.int32(best.index)))
         best.request, best.tokens, best.valid, best.emitted, best.iters = req, list(map(int, prompt)), start, 0, 0
         best.session = req.session
-        padded = -(-(prompt.size - start) // self.chunk) * self.chunk
-        rows = np.zeros((1, padded), np.int32)
+        full, rest = divmod(prompt.size - start, self.chunk)
+        rows = np.zeros((1, full * self.chunk + (tail_bucket(rest, self.chunk) if rest else 0)), np.int32)
         rows[0, :prompt.size - start] = prompt[start:]
         self.prefill = Prefill(req, best, rows, start)
         self.stats["prompt_tokens"] += int(prompt.size)
@@ -325,8 +330,9 @@ class Engine:
         last = dec.put(np.array([n - 1], np.int32))
         for _ in range(self.prefill_chunks_per_step):
             c = job.next_chunk
-            self.staging, self._hidden = self._chunk_exe(
-                dec.t_state, self.staging, dec.put(job.rows[:, c * self.chunk:(c + 1) * self.chunk]),
+            tokens = job.rows[:, c * self.chunk:(c + 1) * self.chunk]
+            self.staging, self._hidden = self._chunk_exes[tokens.shape[1]](
+                dec.t_state, self.staging, dec.put(tokens),
                 dec.put(np.int32(job.start + c * self.chunk)), last,
                 self._hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
             job.next_chunk += 1
@@ -402,6 +408,12 @@ class Engine:
                 if ev.finish_reason is not None:
                     pending.discard(ev.request_id)
         return [out[i] for i in ids]
+
+
+def tail_bucket(n: int, chunk: int) -> int:
+    """Width of a prompt's last prefill chunk holding `n` (1..chunk) tokens: the smallest power of
+    two >= max(n, 64), at most `chunk` (a few executables; a short suffix costs a short forward)."""
+    return min(chunk, max(TAIL_MIN, 1 << (n - 1).bit_length()))
 
 
 # ------------------------------------------------------------------------------------------------
