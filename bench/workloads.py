@@ -98,6 +98,9 @@ WORKLOADS: dict[str, Workload] = {
     "serve-demo": Workload(
         model="demo", contexts=(2048,), dtype="float32", prompts="heldout", new_tokens=64,
         about="serving agents on the demo pair: 2k-token first turns of held-out code, 64 new tokens a turn"),
+    "serve-demo-8k": Workload(
+        model="demo", contexts=(8192,), dtype="float32", prompts="heldout", new_tokens=64,
+        about="serving agents on the demo pair at long context: 8k-token first turns, 64 new tokens a turn"),
     "serve-llama3-8b": Workload(
         model="llama3-8b", contexts=(8192,), new_tokens=128,
         about="serving agents at Llama-3-8B shapes (a random checkpoint on disk): 8k first turns, 128 new tokens"),
