@@ -13,7 +13,7 @@ import pytest
 
 from longspec_jax.infer.decoder import Decoder, generate_ar
 from longspec_jax.infer.engine import Engine, Request, tail_bucket
-from longspec_jax.infer.slots import Slot, choose_slot, common_prefix
+from longspec_jax.infer.slots import PROBE, Slot, choose_slot, common_prefix, next_request
 from longspec_jax.sampling import SamplingParams
 from tests.test_speculative import _prompts, agreeing_models, random_models
 
@@ -49,6 +49,35 @@ def test_common_prefix_and_slot_choice():
     assert choose_slot([a, b, c], prompt, "other") == (c, 5)
     assert choose_slot([c], prompt, None) == (c, 5)  # ... but taken when nothing else is free
     assert choose_slot([a], np.array([1, 2, 3, 4]), None) == (a, 3)  # the last prompt token is never reused
+
+
+def test_next_request_prefers_a_waiting_turn_that_reuses_a_free_slot():
+    ctx = list(range(100, 100 + 2 * PROBE))
+    other = list(range(500, 500 + 2 * PROBE))
+    free = [Slot(0, tokens=ctx, valid=len(ctx) - 1), Slot(1, tokens=other[:PROBE + 5], valid=PROBE + 4)]
+    cold = Request(prompt=[7] * 80, max_tokens=4)
+    turn = Request(prompt=ctx + [1, 2], max_tokens=4)
+    shorter = Request(prompt=other[:PROBE + 3], max_tokens=4)
+    assert next_request([cold, turn], free) == 1
+    assert next_request([cold, shorter, turn], free) == 2  # the longest reuse wins
+    assert next_request([cold, turn], free, window=1) == 0  # only the first `window` are looked at
+    assert next_request([cold, turn], [Slot(2)]) == 0  # nothing resident: first come, first served
+
+
+def test_a_cold_request_does_not_evict_the_context_of_a_waiting_turn(models):
+    """Both slots hold finished agents; a cold prompt queued before agent A's next turn waits, so A's
+    turn reuses its context."""
+    target, draft = models
+    eng = Engine(target, draft, max_slots=2, max_context=200, tree_shape=CHAIN, prefill_chunk=16)
+    a, b = _prompts(11, (50, 50))
+    replies = [eng.generate([p], max_new_tokens=6, stop_ids=())[0] for p in (a, b)]  # a's slot: least recently used
+    events = []
+    cold, turn = _prompts(12, (45,))[0], a + replies[0] + [3, 4]
+    got = eng.generate([cold, turn], max_new_tokens=6, stop_ids=(), on_event=events.append)
+    assert got == _greedy(target, [cold, turn], 6)
+    cached = {e.prompt_tokens: e.cached_tokens for e in events if e.prompt_tokens}
+    assert cached[len(turn)] == len(a) + len(replies[0]) - 1 and cached[len(cold)] == 0
+    assert eng.stats["prefix_hits"] == 1
 
 
 def test_more_requests_than_slots_each_equals_its_greedy_output(models, engine):

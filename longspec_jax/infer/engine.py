@@ -18,6 +18,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   takes that slot and prefills only the new suffix (its last chunk only as wide as it needs, a
   power of two from 64: a short turn costs a short forward). The draft needs nothing kept: its
   cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
+  A waiting request that extends a free slot's sequence is admitted before older cold ones
+  (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
 
@@ -43,7 +45,7 @@ from longspec_jax.infer.decoder import Decoder
 from longspec_jax.infer.loop import DecodeLoop, _merge, run_jit
 from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
-from longspec_jax.infer.slots import Event, Prefill, Request, Slot, choose_slot
+from longspec_jax.infer.slots import Event, Prefill, Request, Slot, choose_slot, next_request
 from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
@@ -108,6 +110,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
         self._admitting: Request | None = None  # popped from `waiting`, not yet running
+        self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
                           forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
         self._blocked = 0.0  # seconds this step waited for the device (the read of a call's tokens)
@@ -290,6 +293,7 @@ class Engine:
         for i, req in enumerate(self.waiting):
             if req.id == rid:
                 del self.waiting[i]
+                self._passed.pop(rid, None)
                 events.append(Event(rid, [], "cancelled", prompt_tokens=len(req.prompt)))
                 return
         if self.prefill is not None and self.prefill.request.id == rid:
@@ -305,11 +309,17 @@ class Engine:
                 return
 
     def _admit(self, events):
-        """Start the prefill of the first waiting request in the slot that reuses the most."""
+        """Start the prefill of the next waiting request (`slots.next_request`; one passed over
+        `max_slots` times goes first) in the slot that reuses the most."""
         free = [s for s in self.slots if s.request is None]
         if not free:
             return
-        req = self._admitting = self.waiting.pop(0)
+        head = self.waiting[0]
+        i = 0 if self._passed.get(head.id, 0) >= self.B else next_request(self.waiting, free)
+        if i:
+            self._passed[head.id] = self._passed.get(head.id, 0) + 1
+        req = self._admitting = self.waiting.pop(i)
+        self._passed.pop(req.id, None)
         prompt = np.asarray(req.prompt, np.int64)
         best, start = choose_slot(free, prompt, req.session)
         if start > 0:

@@ -1,6 +1,9 @@
 """Requests, events and the slot table of the serving engine (`longspec_jax/infer/engine.py`): host-side
 bookkeeping only. Which free slot a request takes: one pinned to another session last, then the
 longest reusable prefix of its resident sequence, the request's own session, the least recently used.
+Which waiting request goes first: one that extends a free slot's resident sequence (the longest
+reuse; SGLang's longest-prefix-match order), else the oldest, so that a cold request does not
+evict an agent's context while the agent's next turn waits behind it.
 """
 
 from __future__ import annotations
@@ -82,6 +85,23 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     x, y = np.asarray(a[:n]), np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
+
+
+PROBE = 32  # leading tokens compared first when matching waiting prompts against resident sequences
+
+
+def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, window: int = 16) -> int:
+    """Index in `waiting` of the request to admit next: among the first `window`, the one whose
+    prompt extends a free slot's resident sequence the furthest (ties: the oldest), else 0. Only
+    prompts whose first `PROBE` tokens equal a resident sequence's are compared in full."""
+    heads = {tuple(s.tokens[:PROBE]) for s in free if s.valid >= PROBE}
+    best, most = 0, 0
+    for i, req in enumerate(waiting[:window] if heads else ()):
+        if len(req.prompt) > PROBE and tuple(req.prompt[:PROBE]) in heads:
+            reuse = choose_slot(free, np.asarray(req.prompt), req.session)[1]
+            if reuse > most:
+                best, most = i, reuse
+    return best
 
 
 def choose_slot(free: Sequence[Slot], prompt: np.ndarray, session: str | None) -> tuple[Slot, int]:
