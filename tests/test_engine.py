@@ -62,6 +62,7 @@ def test_next_request_prefers_a_waiting_turn_that_reuses_a_free_slot():
     assert next_request([cold, shorter, turn], free) == 2  # the longest reuse wins
     assert next_request([cold, turn], free, window=1) == 0  # only the first `window` are looked at
     assert next_request([cold, turn], [Slot(2)]) == 0  # nothing resident: first come, first served
+    assert next_request([cold, turn], free, head_passes=3, patience=3) == 0  # the oldest waited long enough
 
 
 def test_a_cold_request_does_not_evict_the_context_of_a_waiting_turn(models):

@@ -315,7 +315,7 @@ class Engine:
         if not free:
             return
         head = self.waiting[0]
-        i = 0 if self._passed.get(head.id, 0) >= self.B else next_request(self.waiting, free)
+        i = next_request(self.waiting, free, head_passes=self._passed.get(head.id, 0), patience=self.B)
         if i:
             self._passed[head.id] = self._passed.get(head.id, 0) + 1
         req = self._admitting = self.waiting.pop(i)

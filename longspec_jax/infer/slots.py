@@ -90,10 +90,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 PROBE = 32  # leading tokens compared first when matching waiting prompts against resident sequences
 
 
-def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, window: int = 16) -> int:
+def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, head_passes: int = 0, patience: int = 8,
+                 window: int = 16) -> int:
     """Index in `waiting` of the request to admit next: among the first `window`, the one whose
-    prompt extends a free slot's resident sequence the furthest (ties: the oldest), else 0. Only
-    prompts whose first `PROBE` tokens equal a resident sequence's are compared in full."""
+    prompt extends a free slot's resident sequence the furthest (ties: the oldest), else 0; always
+    0 once the oldest has been passed over `patience` times (`head_passes`). Only prompts whose
+    first `PROBE` tokens equal a resident sequence's are compared in full."""
+    if head_passes >= patience:
+        return 0
     heads = {tuple(s.tokens[:PROBE]) for s in free if s.valid >= PROBE}
     best, most = 0, 0
     for i, req in enumerate(waiting[:window] if heads else ()):
