@@ -72,7 +72,7 @@ print(tok.decode(hot.tokens[0])[:400])"""),
                       "decoding, admits requests between steps, and keeps finished sequences resident so a "
                       "follow-up that extends one prefills only its new tokens. Each output is still exactly "
                       "the target's greedy output."),
-    new_code_cell("""from infer.engine import Engine
+    new_code_cell("""from longspec_jax.infer.engine import Engine
 
 engine = Engine(target, draft, max_slots=2, max_context=4096)
 first, second = engine.generate([prompt[:1024], prompt[:1536]], max_new_tokens=32, stop_ids=())
