@@ -3,6 +3,7 @@ top-level folder's `_private` names, the packages import one another one way onl
 circles, and no source file outgrows one idea."""
 
 import ast
+import json
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -10,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # units of their own. Which units a unit may import (STYLE: kernels <- models <- infer / train <-
 # bench, scripts; the top-level infer/ and train/ folders only hold the command-line shims).
 UNITS = ("longspec_jax/infer", "longspec_jax/train", "longspec_jax", "pallas_kernels", "bench", "scripts",
-         "infer", "train")
+         "examples", "infer", "train")
 ALLOWED = {
     "pallas_kernels": set(),
     "longspec_jax": {"pallas_kernels"},
@@ -18,6 +19,7 @@ ALLOWED = {
     "longspec_jax/train": {"longspec_jax", "pallas_kernels"},
     "bench": {"longspec_jax", "pallas_kernels", "longspec_jax/infer", "longspec_jax/train"},
     "scripts": {"longspec_jax", "pallas_kernels", "longspec_jax/infer", "longspec_jax/train"},
+    "examples": {"longspec_jax", "pallas_kernels", "longspec_jax/infer", "longspec_jax/train"},
     "infer": {"longspec_jax/infer"},
     "train": {"longspec_jax/train"},
 }
@@ -30,11 +32,15 @@ def _unit_of_module(module: str) -> str | None:
 
 
 def _modules():
-    for top in ("longspec_jax", "pallas_kernels", "bench", "scripts", "infer", "train"):
-        for path in sorted((ROOT / top).rglob("*.py")):
+    """(unit, path, syntax tree) of every source file; a notebook's code cells count as one module."""
+    for top in ("longspec_jax", "pallas_kernels", "bench", "scripts", "examples", "infer", "train"):
+        for path in sorted([*(ROOT / top).rglob("*.py"), *(ROOT / top).rglob("*.ipynb")]):
             rel = path.relative_to(ROOT).as_posix()
             unit = next(u for u in UNITS if rel.startswith(u + "/"))
-            yield unit, path, ast.parse(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".ipynb":
+                text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "code")
+            yield unit, path, ast.parse(text)
 
 
 def _imports(tree):
@@ -113,5 +119,5 @@ def test_no_import_circles():
 
 def test_files_stay_small():
     long = [f"{p.relative_to(ROOT)}: {n} lines" for _, p, _ in _modules()
-            if (n := p.read_text(encoding="utf-8").count("\n")) > MAX_LINES]
+            if p.suffix == ".py" and (n := p.read_text(encoding="utf-8").count("\n")) > MAX_LINES]
     assert not long, "\n".join(long)
