@@ -90,8 +90,10 @@ class Decoder:
                 draft = self.draft = shd.place_for_inference(draft, mesh, what="draft")
             self._rep = NamedSharding(mesh, PartitionSpec())
         self.platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self.t_graph, self.t_state = nnx.split(target)
-        self.d_graph, self.d_state = nnx.split(draft) if draft is not None else (None, None)
+        # Weights as plain nested dicts of arrays, which jitted calls flatten in C++; an nnx.State's
+        # Variables flatten through Python (0.18 ms a call for an 8B target's 291 leaves on a CPU host).
+        self.t_graph, self.t_state = _split(target)
+        self.d_graph, self.d_state = _split(draft) if draft is not None else (None, None)
         self.target_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(target, nnx.Param)))
         # The Pallas prefix kernel reads the ring in 128-slot blocks; the XLA path takes any size, and
         # the smallest ring (window + G rounded to 8) keeps CPU runs and tests wrapping often.
@@ -286,6 +288,12 @@ class Decoder:
                 accepted_by_depth=[int(totals[d:].sum()) for d in range(1, loop.tree.depth + 1)],
                 tree_shape=list(loop.tree.widths), ring_capacity=ring_slots, draft_vocab_size=self.draft_vocab_size)
         return runtime.GenerationResult(tokens=tokens, stop_reason=reasons, timings=timings, spec=spec, shapes=shapes)
+
+
+def _split(module):
+    """(graphdef, weights as a nested dict of arrays); `nnx.merge` takes the dict back."""
+    graphdef, state = nnx.split(module)
+    return graphdef, state.to_pure_dict()
 
 
 def _snapshot(state: DecodeState):
