@@ -251,7 +251,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON friendly), e.g. to store beside a checkpoint."""
-
         def conv(x):
             if dataclasses.is_dataclass(x):
                 return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
@@ -376,10 +375,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 def _merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "tiny":
-            out[k] = _merge(dict(out[k]), v)
-        elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = {**out[k], **v}
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):  # `tiny` overrides merge one level
+            out[k] = {**out[k], **v} if k == "tiny" else _merge(dict(out[k]), v)
         else:
             out[k] = v
     return out
