@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from longspec_jax.infer.decoder import Decoder, generate_ar
-from longspec_jax.infer.engine import Engine, Request, tail_bucket
+from longspec_jax.infer.engine import Engine, Request
+from longspec_jax.infer.runtime import tail_bucket
 from longspec_jax.infer.slots import PROBE, Slot, choose_slot, common_prefix, next_request
 from longspec_jax.sampling import SamplingParams
 from tests.test_speculative import _prompts, agreeing_models, random_models

@@ -50,7 +50,6 @@ from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
 EOS_SLOTS = 8  # stop ids per request
-TAIL_MIN = 64  # the narrowest last prefill chunk
 
 
 class Engine:
@@ -157,7 +156,7 @@ class Engine:
         self._chunk_exes = {w: c.get("prefill", runtime.prefill_chunk_jit, (
             dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
             put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
-            for w in {tail_bucket(n, self.chunk) for n in range(1, self.chunk + 1)}}
+            for w in {runtime.tail_bucket(n, self.chunk) for n in range(1, self.chunk + 1)}}
 
     def _row_inputs(self, req: Request, prompt: np.ndarray, seed: int):
         put = self.dec.put
@@ -329,7 +328,7 @@ class Engine:
         best.request, best.tokens, best.valid, best.emitted, best.iters = req, list(map(int, prompt)), start, 0, 0
         best.session = req.session
         full, rest = divmod(prompt.size - start, self.chunk)
-        rows = np.zeros((1, full * self.chunk + (tail_bucket(rest, self.chunk) if rest else 0)), np.int32)
+        rows = np.zeros((1, full * self.chunk + (runtime.tail_bucket(rest, self.chunk) if rest else 0)), np.int32)
         rows[0, :prompt.size - start] = prompt[start:]
         self.prefill = Prefill(req, best, rows, start)
         self.stats["prompt_tokens"] += int(prompt.size)
@@ -418,12 +417,6 @@ class Engine:
                 if ev.finish_reason is not None:
                     pending.discard(ev.request_id)
         return [out[i] for i in ids]
-
-
-def tail_bucket(n: int, chunk: int) -> int:
-    """Width of a prompt's last prefill chunk holding `n` (1..chunk) tokens: the smallest power of
-    two >= max(n, 64), at most `chunk` (a few executables; a short suffix costs a short forward)."""
-    return min(chunk, max(TAIL_MIN, 1 << (n - 1).bit_length()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from flax import nnx
 
 DEFAULT_PREFILL_CHUNK = 512
 MIN_BUCKET = 16
+TAIL_MIN = 64  # the narrowest last chunk of a serving prefill (`tail_bucket`)
 COMPILE_CACHE_ENV = "LONGSPEC_COMPILE_CACHE"
 
 
@@ -53,6 +54,13 @@ def prompt_bucket(length: int, chunk: int) -> tuple[int, int]:
         padded = min(max(_next_pow2(length), min(MIN_BUCKET, chunk)), chunk)
         return padded, padded
     return -(-length // chunk) * chunk, chunk
+
+
+def tail_bucket(n: int, chunk: int) -> int:
+    """Width of the last prefill chunk of a suffix whose last chunk holds `n` (1..chunk) tokens: the
+    next power of two, at least `TAIL_MIN`, at most `chunk` (few executables; a short suffix, such
+    as a reused turn's new tokens, costs a short forward)."""
+    return min(chunk, max(TAIL_MIN, _next_pow2(n)))
 
 
 def output_bucket(max_new_tokens: int) -> int:
