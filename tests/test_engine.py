@@ -146,7 +146,7 @@ def test_tree_shape_follows_the_load_and_stays_exact():
     stays exact (AR steps keep the draft ring current for the tree steps after them)."""
     target, draft = random_models(6)
     eng = Engine(target, draft, max_slots=5, max_context=120, prefill_chunk=16)
-    assert len(eng.loops) > 1 and None in eng.loops  # several shapes and plain AR
+    assert len(eng.loops) > 1 and (None, False) in eng.loops  # several shapes and plain AR
     prompts = _prompts(6, (9, 20, 14, 5, 27, 8, 16))
     lengths = [12, 30, 6, 25, 18, 9, 22]
     want = [_greedy(target, [p], n)[0] for p, n in zip(prompts, lengths)]
@@ -156,6 +156,28 @@ def test_tree_shape_follows_the_load_and_stays_exact():
         for ev in eng.step():
             out[ev.request_id].extend(ev.tokens)
     assert [out[i] for i in ids] == want
+
+
+def test_a_tree_samples_its_drafts_when_every_row_samples(models):
+    """A tree engine runs sampled drafts while every running request samples (each request then
+    gives the single-request decoder's tokens for its seed, whose distribution test_sampled_tree.py
+    checks), and beam drafts while a greedy one runs beside them (which stays exact)."""
+    target, draft = models
+    tree = (2, 2)
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=tree, prefill_chunk=16)
+    assert sorted(eng.loops) == [(tree, False), (tree, True)]
+    calls = {k: 0 for k in eng._run}
+    for k, exe in list(eng._run.items()):
+        eng._run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    prompts = _prompts(8, (13, 29))
+    dec = Decoder(target, draft, tree_shape=tree)
+    want = [dec.generate([p], max_new_tokens=20, sampling=HOT, seed=5 + b, eos_ids=()).tokens[0]
+            for b, p in enumerate(prompts)]
+    assert eng.generate(prompts, max_new_tokens=20, sampling=HOT, seed=5, stop_ids=()) == want
+    assert calls[tree, True] > 0 and calls[tree, False] == 0
+    got = eng.generate(prompts, max_new_tokens=20, sampling=[SamplingParams(), HOT], seed=5, stop_ids=())
+    assert got[0] == _greedy(target, prompts[:1], 20)[0]
+    assert calls[tree, False] > 0
 
 
 def test_cancel_running_and_waiting(models):
@@ -199,6 +221,30 @@ def test_a_failing_request_fails_alone(models, engine, monkeypatch):
     assert list(errors) == [ids[1]] and "injected failure" in errors[ids[1]]
     want = _greedy(target, prompts, 16)
     assert out[ids[0]] == want[0] and out[ids[2]] == want[2]
+
+
+def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, engine, monkeypatch):
+    """A decode call that raises loses the batch's donated state: every running request and the one
+    being prefilled end with an error event (none waits forever), and the next request is exact."""
+    target, _ = models
+    prompts = _prompts(9, (8, 70, 11))
+    a = engine.submit(Request(prompts[0], 40, stop_ids=()))
+    while engine.running == 0:
+        engine.step()
+    b = engine.submit(Request(prompts[1], 10, stop_ids=()))  # 70 tokens: 5 chunks of 16
+    engine.step()
+    assert engine.prefill is not None and engine.prefill.request.id == b
+    key = next(k for k in engine._run if k[0] == CHAIN)
+
+    def broken(*args):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setitem(engine._run, key, broken)
+    errors = {e.request_id: e.error for e in engine.step() if e.error}
+    assert set(errors) == {a, b} and all("injected device failure" in m for m in errors.values())
+    assert not engine.has_work() and engine.running == 0 and engine.resident == 0
+    monkeypatch.undo()
+    assert engine.generate([prompts[2]], max_new_tokens=12, stop_ids=())[0] == _greedy(target, prompts[2:], 12)[0]
 
 
 def test_refusals(engine):

@@ -22,6 +22,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
+  A tree's drafts are drawn from the draft distribution when every running request samples
+  (`loops_for`), and come from the beam search otherwise.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -90,8 +92,7 @@ class Engine:
             self.table = ((None, dec.shape.widths),)
         else:
             self.table = defaults.load_table(dec.platform, dec.target_bytes)
-        self.loops = {w: DecodeLoop(None if w is None else TreeShape(w), draft_sampling="sampled" if w is not None and
-                                    TreeShape(w).is_chain else "beam") for _, w in self.table}
+        self.loops = loops_for(w for _, w in self.table)
         self.max_accept = max(loop.max_accept for loop in self.loops.values())
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context
@@ -232,19 +233,20 @@ class Engine:
             self._fail_admission(e, events)
         running = [s for s in self.slots if s.request is not None and (self.prefill is None or s is not self.prefill.slot)]
         if running:
-            width = defaults.tree_for_load(len(running), self.table)
-            widths = None if width is None else width.widths
-            busy = bool(self.waiting or self.prefill)
+            shape = defaults.tree_for_load(len(running), self.table)
+            widths = None if shape is None else shape.widths
+            # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
+            sampled = all(s.request.sampling.temperature > 0 for s in running) and (widths, True) in self._run
+            busy, dec = bool(self.waiting or self.prefill), self.dec
             steps = 1 if self.prefill is not None else self.steps_per_call
-            dec = self.dec
             t_dev = time.perf_counter()
             try:
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted,
                 # then the next call, and only then wait for the read, so the host's work on the
                 # previous call's tokens overlaps the device's work on the next call.
                 window = self._window(self.state)
-                self.state = self._run[widths](dec.t_state, dec.d_state, self.state, dec.vocab,
-                                               *self._scalars[(steps, busy)])
+                self.state = self._run[widths, sampled](dec.t_state, dec.d_state, self.state, dec.vocab,
+                                                        *self._scalars[(steps, busy)])
                 self._collect(running, events, window)
             except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
                 self._fail_running(e, events)
@@ -259,21 +261,17 @@ class Engine:
     def _fail_admission(self, error: Exception, events):
         req, self._admitting = self._admitting, None
         if self.prefill is not None:
-            slot = self.prefill.slot
-            slot.request, slot.tokens, slot.valid, slot.session = None, [], 0, None
+            self.prefill.slot.clear()
             self.prefill = None
         if req is not None:
             events.append(Event(req.id, [], "error", error=f"{type(error).__name__}: {error}"))
 
     def _fail_running(self, error: Exception, events):
-        for slot in self.slots:
-            if slot.request is not None and (self.prefill is None or slot is not self.prefill.slot):
+        for slot in self.slots:  # the donated state is gone: every sequence in it, the admission's too
+            if slot.request is not None:
                 events.append(Event(slot.request.id, [], "error", error=f"{type(error).__name__}: {error}"))
-                slot.request, slot.tokens, slot.valid, slot.session = None, [], 0, None
-        for slot in self.slots:  # the donated state is gone: every resident sequence with it
-            if slot.request is None:
-                slot.tokens, slot.valid = [], 0
-        self.prefill = None
+            slot.clear()
+        self.prefill = self._admitting = None
         self._build_state()
 
     def _drain(self, events):
@@ -296,8 +294,7 @@ class Engine:
                 events.append(Event(rid, [], "cancelled", prompt_tokens=len(req.prompt)))
                 return
         if self.prefill is not None and self.prefill.request.id == rid:
-            slot = self.prefill.slot
-            slot.request, slot.valid, slot.tokens = None, 0, []
+            self.prefill.slot.clear()
             self.prefill = None
             events.append(Event(rid, [], "cancelled"))
             return
@@ -417,6 +414,19 @@ class Engine:
                 if ev.finish_reason is not None:
                     pending.discard(ev.request_id)
         return [out[i] for i in ids]
+
+
+def loops_for(widths_list) -> dict:
+    """Decode loops keyed (widths, or None for AR; sampled drafts) for a load table's shapes. Chains
+    always sample their drafts (at T = 0: the argmax chain); a tree gets a beam loop (best for greedy
+    rows, exact at any T) and a sampled one, which accepts more once every row samples."""
+    loops = {}
+    for w in widths_list:
+        shape = None if w is None else TreeShape(w)
+        loops[w, False] = DecodeLoop(shape, draft_sampling="sampled" if shape and shape.is_chain else "beam")
+        if shape and not shape.is_chain:
+            loops[w, True] = DecodeLoop(shape, draft_sampling="sampled")
+    return loops
 
 
 # ------------------------------------------------------------------------------------------------

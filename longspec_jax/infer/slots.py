@@ -67,6 +67,10 @@ class Slot:
     last_used: float = 0.0
     session: str | None = None
 
+    def clear(self) -> None:
+        """Free the slot and forget its sequence (its KV is no longer valid)."""
+        self.request, self.tokens, self.valid, self.session = None, [], 0, None
+
 
 @dataclasses.dataclass
 class Prefill:
