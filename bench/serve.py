@@ -7,9 +7,10 @@ through the OpenAI-compatible server (`python -m infer.serve`, its own process) 
 
 Agent a's first prompt is `context` tokens (the demo's held-out code, or random ids); each turn
 appends the reply (its token ids, `return_token_ids`) and `turn_tokens` new tokens, then asks for
-`new_tokens` more, streamed, greedy, ignoring EOS. Per mode and concurrency: output tokens/s (every
-agent's completion tokens over the wall time), TTFT and inter-token latency p50 / p99 (a stream
-chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused prefix) TTFT, tau and
+`new_tokens` more, streamed, greedy or at --temperature, ignoring EOS. Per mode and concurrency:
+output tokens/s (every agent's completion tokens over the wall time), TTFT and inter-token latency
+p50 / p99 (a stream chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused
+prefix) TTFT, tau and
 the prefix-reuse hit rate (from /metrics), and the engine's host work per decode step. A cold
 prefill of a later turn's length, timed alone, is the reference for the reused turns' TTFT.
 """
@@ -35,6 +36,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--turn-tokens", type=int, default=128, help="new user tokens per later turn")
     parser.add_argument("--modes", nargs="+", default=["tree", "ar"], choices=["tree", "ar"])
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the agents' sampling temperature (0: greedy; > 0: each turn seeded, results in *-t<T>.json)")
     parser.add_argument("--checkpoint", help="target checkpoint (default: the workload's model)")
     parser.add_argument("--draft", help="draft checkpoint (default: the model's)")
     parser.add_argument("--max-slots", type=int, default=8)
@@ -104,12 +107,13 @@ def contexts(wl, n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 async def agent(client, model: str, first: list[int], turns: int, turn_tokens: int, new_tokens: int, rng,
-                vocab: int, records: list):
+                vocab: int, records: list, temperature: float = 0.0):
     ctx = list(first)
     for turn in range(turns):
         t0 = time.perf_counter()
         stream = await client.completions.create(
-            model=model, prompt=ctx, max_tokens=new_tokens, temperature=0, stream=True,
+            model=model, prompt=ctx, max_tokens=new_tokens, temperature=temperature, stream=True,
+            seed=int(rng.integers(2**31)) if temperature > 0 else None,
             extra_body={"ignore_eos": True, "return_token_ids": True})
         arrivals, reply = [], []
         async for chunk in stream:
@@ -131,7 +135,8 @@ def run_level(url: str, model: str, firsts, args, wl, vocab: int) -> dict:
         records: list = []
         try:
             await asyncio.gather(*(agent(client, model, f, args.turns, args.turn_tokens, wl.new_tokens,
-                                         np.random.default_rng(i), vocab, records) for i, f in enumerate(firsts)))
+                                         np.random.default_rng(i), vocab, records, args.temperature)
+                                   for i, f in enumerate(firsts)))
         finally:
             await client.close()
         return records
@@ -183,8 +188,8 @@ def main(args) -> int:
     model = server_model(wl)
     record = common.header("serve", args.workload, args.argv)
     record.update(context=length, turns=args.turns, turn_tokens=args.turn_tokens, new_tokens=wl.new_tokens,
-                  max_slots=args.max_slots, modes={})
-    path = common.result_path(args.out, "serve", args.workload)
+                  temperature=args.temperature, max_slots=args.max_slots, modes={})
+    path = common.result_path(args.out, "serve", args.workload + (f"-t{args.temperature:g}" if args.temperature else ""))
     for mode in args.modes:
         proc, url, startup = launch(args, wl, mode, max_context)
         rows = []
