@@ -10,9 +10,9 @@ appends the reply (its token ids, `return_token_ids`) and `turn_tokens` new toke
 `new_tokens` more, streamed, greedy or at --temperature, ignoring EOS. Per mode and concurrency:
 output tokens/s (every agent's completion tokens over the wall time), TTFT and inter-token latency
 p50 / p99 (a stream chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused
-prefix) TTFT, tau and
-the prefix-reuse hit rate (from /metrics), and the engine's host work per decode step. A cold
-prefill of a later turn's length, timed alone, is the reference for the reused turns' TTFT.
+prefix) TTFT, tau and the prefix-reuse hit rate (from /metrics), and the engine's host work per
+decode step. A cold prefill of a later turn's length, timed alone, is the reference for the reused
+turns' TTFT.
 """
 
 from __future__ import annotations
