@@ -180,6 +180,25 @@ def test_a_tree_samples_its_drafts_when_every_row_samples(models):
     assert calls[tree, False] > 0
 
 
+def test_steps_whose_every_row_samples_take_the_sampled_table(models, monkeypatch):
+    """With the load tables of a large target on a GPU (here small stand-ins), a lone sampled
+    request decodes with the sampled table's shape and gives the single-request decoder's tokens for
+    its seed with that shape; a greedy request takes the greedy table's tree and stays exact."""
+    from longspec_jax.infer import defaults
+
+    target, draft = models
+    tables = {False: ((1, (2, 2)), (None, None)), True: ((1, (1, 1, 1)), (None, None))}
+    monkeypatch.setattr(defaults, "load_table", lambda platform, nbytes, sampled=False: tables[sampled])
+    eng = Engine(target, draft, max_slots=2, max_context=160, prefill_chunk=16)
+    assert sorted(eng.loops, key=str) == sorted([((2, 2), False), ((1, 1, 1), True), (None, False), (None, True)],
+                                                key=str)
+    p = _prompts(10, (17,))
+    want = Decoder(target, draft, tree_shape=(1, 1, 1)).generate(p, max_new_tokens=20, sampling=HOT, seed=3,
+                                                                  eos_ids=()).tokens[0]
+    assert eng.generate(p, max_new_tokens=20, sampling=HOT, seed=3, stop_ids=())[0] == want
+    assert eng.generate(p, max_new_tokens=20, stop_ids=())[0] == _greedy(target, p, 20)[0]
+
+
 def test_cancel_running_and_waiting(models):
     target, draft = models
     eng = Engine(target, draft, max_slots=1, max_context=120, tree_shape=CHAIN, prefill_chunk=16)

@@ -13,6 +13,7 @@ and "Speculation under load"):
 * `tree_for_load`: the serving engine, per step. Each active row adds its tree's nodes to one
   verification forward; past the point where the forward stops being memory-bound the tree only
   costs, so the shape shrinks as rows grow and speculation stops (plain AR) where it cannot win.
+  Steps whose every row samples take their own table, led by the single-request T > 0 shape.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ LAUNCH_BOUND_BYTES = 512 * 2**20
 GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (2, (4, 16, 16, 16, 16)),
     (4, (2, 4, 4, 4, 4)),
+    (16, (1, 1, 1, 1, 1)),
+    (None, None),
+)
+
+# Serving while every running request samples (sampled drafts, block verification): the
+# single-request T > 0 shape while rows are few, then the chain, then AR (not measured under load).
+GPU_SAMPLED_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
+    (4, SAMPLED_TREE),
     (16, (1, 1, 1, 1, 1)),
     (None, None),
 )
@@ -88,9 +97,13 @@ def tree_for_context(context_len: int, platform: str | None = None, temperature:
     raise AssertionError("CONTEXT_TREE_TABLE must end with a catch-all row")
 
 
-def load_table(platform: str | None, target_bytes: int | None):
-    """The serving table (`GPU_LOAD_TABLE` or `CPU_LOAD_TABLE`) for this device and target."""
-    return CPU_LOAD_TABLE if is_launch_bound(platform, target_bytes) else GPU_LOAD_TABLE
+def load_table(platform: str | None, target_bytes: int | None, sampled: bool = False):
+    """The serving table for this device and target: `CPU_LOAD_TABLE` for launch-bound ones (chains
+    and AR, at any temperature), else `GPU_SAMPLED_LOAD_TABLE` for steps whose every row samples
+    (`sampled`) and `GPU_LOAD_TABLE` for the others."""
+    if is_launch_bound(platform, target_bytes):
+        return CPU_LOAD_TABLE
+    return GPU_SAMPLED_LOAD_TABLE if sampled else GPU_LOAD_TABLE
 
 
 def tree_for_load(active_rows: int, table) -> TreeShape | None:

@@ -87,12 +87,13 @@ class Engine:
         dec = self.dec
         self.cfg = target.cfg
         if draft is None:
-            self.table = ((None, None),)
+            self.tables = {False: ((None, None),)}
         elif dec.shape is not None:
-            self.table = ((None, dec.shape.widths),)
+            self.tables = {False: ((None, dec.shape.widths),)}
         else:
-            self.table = defaults.load_table(dec.platform, dec.target_bytes)
-        self.loops = loops_for(w for _, w in self.table)
+            self.tables = {s: defaults.load_table(dec.platform, dec.target_bytes, s) for s in (False, True)}
+        self.tables.setdefault(True, self.tables[False])
+        self.loops = loops_for(self.tables)
         self.max_accept = max(loop.max_accept for loop in self.loops.values())
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context
@@ -233,10 +234,10 @@ class Engine:
             self._fail_admission(e, events)
         running = [s for s in self.slots if s.request is not None and (self.prefill is None or s is not self.prefill.slot)]
         if running:
-            shape = defaults.tree_for_load(len(running), self.table)
-            widths = None if shape is None else shape.widths
             # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
-            sampled = all(s.request.sampling.temperature > 0 for s in running) and (widths, True) in self._run
+            sampled = all(s.request.sampling.temperature > 0 for s in running)
+            shape = defaults.tree_for_load(len(running), self.tables[sampled])
+            widths = None if shape is None else shape.widths
             busy, dec = bool(self.waiting or self.prefill), self.dec
             steps = 1 if self.prefill is not None else self.steps_per_call
             t_dev = time.perf_counter()
@@ -416,16 +417,17 @@ class Engine:
         return [out[i] for i in ids]
 
 
-def loops_for(widths_list) -> dict:
-    """Decode loops keyed (widths, or None for AR; sampled drafts) for a load table's shapes. Chains
-    always sample their drafts (at T = 0: the argmax chain); a tree gets a beam loop (best for greedy
-    rows, exact at any T) and a sampled one, which accepts more once every row samples."""
+def loops_for(tables) -> dict:
+    """Decode loops keyed (widths or None for AR, sampled) for the load tables {sampled: table}.
+    Chains always sample their drafts (at T = 0: the argmax chain); a tree of the greedy table
+    drafts by beam search (the best for greedy rows, exact at any T), one of the sampled table
+    draws its drafts, which accepts more once every row samples."""
     loops = {}
-    for w in widths_list:
-        shape = None if w is None else TreeShape(w)
-        loops[w, False] = DecodeLoop(shape, draft_sampling="sampled" if shape and shape.is_chain else "beam")
-        if shape and not shape.is_chain:
-            loops[w, True] = DecodeLoop(shape, draft_sampling="sampled")
+    for sampled, table in tables.items():
+        for _, w in table:
+            shape = None if w is None else TreeShape(w)
+            rule = "sampled" if shape and (sampled or shape.is_chain) else "beam"
+            loops[w, sampled] = DecodeLoop(shape, draft_sampling=rule)
     return loops
 
 
