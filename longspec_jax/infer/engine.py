@@ -22,8 +22,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
-  A tree's drafts are drawn from the draft distribution when every running request samples
-  (`loops_for`), and come from the beam search otherwise.
+  A step whose every running request samples takes the sampled table (drafts drawn from the
+  draft distribution); a step with a greedy row the greedy one (beam drafts): `loops_for`.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
