@@ -61,8 +61,8 @@ class Engine:
       target, draft: the models (draft None: autoregressive only).
       max_slots: B, requests decoded at once.
       max_context: most tokens (prompt + generated) per request; sets each slot's cache capacity.
-      tree_shape: a fixed tree for every step, "ar" for none, or None (default) for the load table
-        of `longspec_jax/infer/defaults.py` (by device and target size).
+      tree_shape: a fixed tree for every step, "ar" for none, or None (default) for the load tables
+        of `longspec_jax/infer/defaults.py` (by device, target size and whether every row samples).
       draft_vocab, cache_dtype, prefill_chunk, mesh: as `Decoder`.
       steps_per_call: decode steps per device call while nothing waits (more amortise host work;
         fewer stream more smoothly). A call returns early when a request finishes and another waits.
