@@ -174,10 +174,11 @@ def test_a_tree_samples_its_drafts_when_every_row_samples(models):
     want = [dec.generate([p], max_new_tokens=20, sampling=HOT, seed=5 + b, eos_ids=()).tokens[0]
             for b, p in enumerate(prompts)]
     assert eng.generate(prompts, max_new_tokens=20, sampling=HOT, seed=5, stop_ids=()) == want
-    assert calls[tree, True] > 0 and calls[tree, False] == 0
+    used = lambda sampled: sum(n for k, n in calls.items() if k[:2] == (tree, sampled))  # noqa: E731
+    assert used(True) > 0 and used(False) == 0
     got = eng.generate(prompts, max_new_tokens=20, sampling=[SamplingParams(), HOT], seed=5, stop_ids=())
     assert got[0] == _greedy(target, prompts[:1], 20)[0]
-    assert calls[tree, False] > 0
+    assert used(False) > 0
 
 
 def test_steps_whose_every_row_samples_take_the_sampled_table(models, monkeypatch):
@@ -253,12 +254,11 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
     b = engine.submit(Request(prompts[1], 10, stop_ids=()))  # 70 tokens: 5 chunks of 16
     engine.step()
     assert engine.prefill is not None and engine.prefill.request.id == b
-    key = next(k for k in engine._run if k[0] == CHAIN)
-
     def broken(*args):
         raise RuntimeError("injected device failure")
 
-    monkeypatch.setitem(engine._run, key, broken)
+    for key in engine._run:
+        monkeypatch.setitem(engine._run, key, broken)
     errors = {e.request_id: e.error for e in engine.step() if e.error}
     assert set(errors) == {a, b} and all("injected device failure" in m for m in errors.values())
     assert not engine.has_work() and engine.running == 0 and engine.resident == 0

@@ -32,7 +32,6 @@ beside it, and at T > 0 its distribution is the target's.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import time
@@ -44,7 +43,7 @@ import numpy as np
 
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
-from longspec_jax.infer.loop import DecodeLoop, _merge, run_jit
+from longspec_jax.infer.loop import DecodeLoop, insert_row_jit, run_jit, run_rows_jit
 from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
 from longspec_jax.infer.slots import Event, Prefill, Request, Slot, choose_slot, next_request
@@ -97,6 +96,7 @@ class Engine:
         self.max_accept = max(loop.max_accept for loop in self.loops.values())
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context
+        self.row_buckets = defaults.row_buckets(max_slots, dec.platform, dec.target_bytes)
         self.chunk = prefill_chunk
         # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
@@ -136,12 +136,16 @@ class Engine:
         self._build_state()
         graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
         c, put = dec.compiler, dec.put
-        self._run = {w: c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, dec.vocab, put(np.int32(1)),
-                                                      put(np.bool_(False))), dict(graphs, loop=loop))
-                     for w, loop in self.loops.items()}
+        # One executable per (loop, row bucket): the whole batch, or a bucket of running rows alone.
+        budget = (dec.vocab, put(np.int32(1)), put(np.bool_(False)))
+        self._run = {(*k, b): c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, *budget),
+                                    dict(graphs, loop=loop)) if b == self.B else
+                     c.get("engine_run_rows", run_rows_jit, (dec.t_state, dec.d_state, self.state,
+                                                             put(np.zeros(b, np.int32)), *budget), dict(graphs, loop=loop))
+                     for k, loop in self.loops.items() for b in self.row_buckets}
         widest = max(self.loops.values(), key=lambda lp: lp.num_nodes)
         row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
-        self._insert = c.get("engine_insert", _insert_jit, (dec.t_state, dec.d_state, self.state, self.staging,
+        self._insert = c.get("engine_insert", insert_row_jit, (dec.t_state, dec.d_state, self.state, self.staging,
                                                             put(np.zeros((1, cfg.hidden_size), np.float32)), *row,
                                                             put(np.int32(0))),
                              dict(graphs, loop=widest, out_size=self.out_size, max_accept=self.max_accept,
@@ -246,8 +250,10 @@ class Engine:
                 # then the next call, and only then wait for the read, so the host's work on the
                 # previous call's tokens overlaps the device's work on the next call.
                 window = self._window(self.state)
-                self.state = self._run[widths, sampled](dec.t_state, dec.d_state, self.state, dec.vocab,
-                                                        *self._scalars[(steps, busy)])
+                b = next(n for n in self.row_buckets if n >= len(running))
+                rows = () if b == self.B else (dec.put(self._bucket_rows(running, b)),)
+                self.state = self._run[widths, sampled, b](dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
+                                                           *self._scalars[(steps, busy)])
                 self._collect(running, events, window)
             except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
                 self._fail_running(e, events)
@@ -258,6 +264,13 @@ class Engine:
                 self.stats["host_busy_steps"] += 1
         self.stats["host_s"] += time.perf_counter() - t0
         return events
+
+    def _bucket_rows(self, running, b: int) -> np.ndarray:
+        """The running slots' rows, padded to `b` distinct rows with idle ones (which a step leaves
+        as they are)."""
+        rows = [s.index for s in running]
+        rows += [i for i in range(self.B) if i not in rows][:b - len(rows)]
+        return np.array(rows, np.int32)
 
     def _fail_admission(self, error: Exception, events):
         req, self._admitting = self._admitting, None
@@ -429,25 +442,6 @@ def loops_for(tables) -> dict:
             rule = "sampled" if shape and (sampled or shape.is_chain) else "beam"
             loops[w, sampled] = DecodeLoop(shape, draft_sampling=rule)
     return loops
-
-
-# ------------------------------------------------------------------------------------------------
-# jitted pieces (state donated: XLA updates the slot rows in place)
-
-
-@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "out_size", "max_accept", "ring_slots"),
-                   donate_argnames=("state",))
-def _insert_jit(t_state, d_state, state, staging, hidden, tail, length, key, max_new, eos_ids, sampling, slot, *,
-                loop, t_graph, d_graph, out_size, max_accept, ring_slots):
-    """Draw the admitted request's first token, build its ring and write its row into slot `slot`.
-    Returns (state, (first token, done, stop reason))."""
-    target, draft = _merge(t_graph, t_state, d_graph, d_state)
-    S = state.cache.capacity
-    cache = kvc.KVCache(k=tuple(k[:, :S] for k in staging.k), v=tuple(v[:, :S] for v in staging.v))
-    row = loop.first_state(target, draft, cache, hidden, tail, length, key, max_new, eos_ids, sampling,
-                           out_size=out_size, max_accept=max_accept, ring_slots=ring_slots)
-    state = jax.tree.map(lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0), state, row)
-    return state, (row.root[0], row.done[0], row.stop_reason[0])
 
 
 __all__ = ["Engine", "Event", "Request"]

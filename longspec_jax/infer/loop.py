@@ -299,6 +299,34 @@ def run_jit(t_state, d_state, state: DecodeState, vocab, max_iters, stop_on_fini
     return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
 
 
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph"), donate_argnames=("state",))
+def run_rows_jit(t_state, d_state, state: DecodeState, rows, vocab, max_iters, stop_on_finish, *, loop: DecodeLoop,
+                 t_graph, d_graph) -> DecodeState:
+    """`run_jit` on the distinct rows `rows` (int32 [b]) of `state` alone: a batch of b rows whose
+    matmuls and attention cost b rows, not B. The engine runs it where every row computes whether
+    it is busy or not (CPUs); the price is a copy of the b rows in and out."""
+    take = lambda x: x[rows] if x.ndim else x  # noqa: E731
+    sub = run_jit(t_state, d_state, jax.tree.map(take, state), vocab, max_iters, stop_on_finish, loop=loop,
+                  t_graph=t_graph, d_graph=d_graph)
+    return jax.tree.map(lambda full, part: full.at[rows].set(part) if full.ndim else part, state, sub)
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "out_size", "max_accept", "ring_slots"),
+                   donate_argnames=("state",))
+def insert_row_jit(t_state, d_state, state, staging, hidden, tail, length, key, max_new, eos_ids, sampling, slot, *,
+                loop, t_graph, d_graph, out_size, max_accept, ring_slots):
+    """The serving engine's admission: draw a request's first token from its prefilled batch-1
+    `staging` cache, build its ring and write its row into slot `slot` of `state` (donated).
+    Returns (state, (first token, done, stop reason))."""
+    target, draft = _merge(t_graph, t_state, d_graph, d_state)
+    S = state.cache.capacity
+    cache = kvc.KVCache(k=tuple(k[:, :S] for k in staging.k), v=tuple(v[:, :S] for v in staging.v))
+    row = loop.first_state(target, draft, cache, hidden, tail, length, key, max_new, eos_ids, sampling,
+                           out_size=out_size, max_accept=max_accept, ring_slots=ring_slots)
+    state = jax.tree.map(lambda full, one: jax.lax.dynamic_update_slice_in_dim(full, one, slot, 0), state, row)
+    return state, (row.root[0], row.done[0], row.stop_reason[0])
+
+
 def _merge(t_graph, t_state, d_graph, d_state):
     target = nnx.merge(t_graph, t_state)
     draft = None if d_graph is None else nnx.merge(d_graph, d_state)
