@@ -24,6 +24,9 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
   A step whose every running request samples takes the sampled table (drafts drawn from the
   draft distribution); a step with a greedy row the greedy one (beam drafts): `loops_for`.
+* Row buckets: where idle rows cost as much as busy ones (CPUs, launch-bound targets), a decode
+  call runs only the smallest compiled bucket of rows that holds the running slots
+  (`defaults.row_buckets`), so one agent on an 8-slot engine pays for one row, not eight.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
