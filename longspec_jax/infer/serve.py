@@ -194,8 +194,9 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
     engine = Engine(model, draft, max_slots=args.max_slots, max_context=args.max_context,
                     tree_shape=None if shape is None else shape.widths, draft_vocab=draft_vocab,
                     prefill_chunk=args.prefill_chunk, mesh=mesh, steps_per_call=args.steps_per_call)
+    trees = {("sampled" if s else "greedy"): [w for _, w in t] for s, t in engine.tables.items()}
     print(f"engine: {args.max_slots} slots x {engine.capacity} KV slots, method {args.method}, trees by load "
-          f"{[w for _, w in engine.table]}, compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+          f"{trees}, row buckets {list(engine.row_buckets)}, compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     return engine, tokenizer, prompts.stop_ids(cfg, tokenizer, ckpt)
 
 
