@@ -1,8 +1,8 @@
 """Which tree shape to run when the user fixes none: measured policy, kept apart from the tree
 topology (`longspec_jax/tree.py`), which is pure.
 
-Two questions, both answered from measured costs (`docs/perf_notes.md`, "Tree shape by context"
-and "Speculation under load"):
+Two questions, both answered from measured costs (`docs/perf_notes.md`, "Tree sizes by context"
+and "Serving under load"):
 
 * `tree_for_context`: one request. A wide tree pays off where verifying many rows costs little
   more than one (a large target on a GPU, memory-bound up to ~300 rows per forward); its width
