@@ -116,6 +116,24 @@ def test_staggered_arrivals_and_mixed_sampling(models, engine):
     assert [done[i] for i in ids] == ["max_new_tokens"] * 4
 
 
+def test_row_buckets_run_only_the_running_rows(models):
+    """On a CPU a decode call runs the smallest bucket holding the running slots: one request on four
+    slots runs in the 1-row bucket, three in the 4-row one (the whole batch); outputs stay greedy."""
+    target, draft = models
+    eng = Engine(target, draft, max_slots=4, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
+    assert eng.row_buckets == (1, 2, 4)
+    calls = {k: 0 for k in eng._run}
+    for k, exe in list(eng._run.items()):
+        eng._run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    by_bucket = lambda b: sum(n for k, n in calls.items() if k[2] == b)  # noqa: E731
+    one = _prompts(13, (21,))
+    assert eng.generate(one, max_new_tokens=16, stop_ids=()) == _greedy(target, one, 16)
+    assert by_bucket(1) > 0 and by_bucket(2) == by_bucket(4) == 0
+    three = _prompts(14, (9, 30, 17))
+    assert eng.generate(three, max_new_tokens=80, stop_ids=()) == _greedy(target, three, 80)
+    assert by_bucket(4) > 0
+
+
 @pytest.mark.parametrize("chunk", [16, 128])  # 128: prompts end in a narrower last chunk (64 wide)
 def test_prefix_reuse_across_turns(models, chunk):
     target, draft = models
@@ -254,6 +272,7 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
     b = engine.submit(Request(prompts[1], 10, stop_ids=()))  # 70 tokens: 5 chunks of 16
     engine.step()
     assert engine.prefill is not None and engine.prefill.request.id == b
+
     def broken(*args):
         raise RuntimeError("injected device failure")
 

@@ -100,6 +100,7 @@ class Engine:
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context
         self.row_buckets = defaults.row_buckets(max_slots, dec.platform, dec.target_bytes)
+        self._rows_on_device: dict[tuple[int, ...], jax.Array] = {}  # running slots -> bucket rows
         self.chunk = prefill_chunk
         # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
@@ -254,7 +255,7 @@ class Engine:
                 # previous call's tokens overlaps the device's work on the next call.
                 window = self._window(self.state)
                 b = next(n for n in self.row_buckets if n >= len(running))
-                rows = () if b == self.B else (dec.put(self._bucket_rows(running, b)),)
+                rows = () if b == self.B else (self._bucket_rows(running, b),)
                 self.state = self._run[widths, sampled, b](dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
                                                            *self._scalars[(steps, busy)])
                 self._collect(running, events, window)
@@ -268,12 +269,14 @@ class Engine:
         self.stats["host_s"] += time.perf_counter() - t0
         return events
 
-    def _bucket_rows(self, running, b: int) -> np.ndarray:
-        """The running slots' rows, padded to `b` distinct rows with idle ones (which a step leaves
-        as they are)."""
-        rows = [s.index for s in running]
-        rows += [i for i in range(self.B) if i not in rows][:b - len(rows)]
-        return np.array(rows, np.int32)
+    def _bucket_rows(self, running, b: int):
+        """The running slots' rows on the device, padded to `b` distinct rows with idle ones (which a
+        step leaves as they are); one copy per set of rows, not one per call."""
+        key = tuple(s.index for s in running)
+        if key not in self._rows_on_device:
+            pad = [i for i in range(self.B) if i not in key][:b - len(key)]
+            self._rows_on_device[key] = self.dec.put(np.array(key + tuple(pad), np.int32))
+        return self._rows_on_device[key]
 
     def _fail_admission(self, error: Exception, events):
         req, self._admitting = self._admitting, None
