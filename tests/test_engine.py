@@ -66,6 +66,46 @@ def test_next_request_prefers_a_waiting_turn_that_reuses_a_free_slot():
     assert next_request([cold, turn], free, head_passes=3, patience=3) == 0  # the oldest waited long enough
 
 
+def test_a_fast_lane_takes_only_a_short_request():
+    ctx = list(range(100, 100 + 2 * PROBE))
+    free = [Slot(0, tokens=ctx, valid=len(ctx) - 1), Slot(1)]
+    cold = Request(prompt=[7] * 80, max_tokens=4)
+    turn = Request(prompt=ctx + [1, 2, 3], max_tokens=4)   # 4 tokens left to prefill
+    short = Request(prompt=[5] * 10, max_tokens=4)
+    assert next_request([cold, turn, short], free, max_suffix=16) == 1    # the longest reuse among the short
+    assert next_request([cold, short], free, max_suffix=16) == 1
+    assert next_request([cold], free, max_suffix=16) is None              # nothing fits: the lane stays idle
+    assert next_request([cold, turn], free, max_suffix=16, head_passes=8, patience=8) is None  # the head's turn
+    assert next_request([short, turn], free, max_suffix=16, head_passes=8, patience=8) == 0
+
+
+def test_a_short_turn_overtakes_a_long_prefill(models):
+    """An agent's next turn that arrives while a cold prompt loads prefills in the fast lane and
+    streams at once; both stay exact. Without the lane it waits for the cold prompt's prefill."""
+    target, draft = models
+    first, cold = _prompts(13, (40, 120))
+    for lane_tokens, overtakes in ((None, True), (0, False)):
+        eng = Engine(target, draft, max_slots=3, max_context=160, tree_shape=CHAIN, prefill_chunk=16,
+                     fast_lane_tokens=lane_tokens)
+        turn1 = eng.generate([first], max_new_tokens=12, stop_ids=())[0]
+        turn2 = np.concatenate([first, turn1, [3, 4, 5]])
+        c = eng.submit(Request(cold, 8, stop_ids=()))
+        eng.step()
+        t = eng.submit(Request(turn2.tolist(), 12, stop_ids=()))
+        firsts, out = [], {c: [], t: []}
+        while eng.has_work():
+            for ev in eng.step():
+                assert ev.error is None
+                if not out[ev.request_id] and ev.tokens:
+                    firsts.append(ev.request_id)
+                    assert ev.request_id != t or ev.cached_tokens == len(turn2) - 4
+                out[ev.request_id].extend(ev.tokens)
+        assert firsts == ([t, c] if overtakes else [c, t])
+        assert eng.stats["fast_lane"] == int(overtakes) and len(eng.lanes) == (2 if overtakes else 1)
+        assert out[t] == _greedy(target, [turn2], 12)[0]
+        assert out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
+
+
 def test_a_cold_request_does_not_evict_the_context_of_a_waiting_turn(models):
     """Both slots hold finished agents; a cold prompt queued before agent A's next turn waits, so A's
     turn reuses its context."""
@@ -271,7 +311,7 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
         engine.step()
     b = engine.submit(Request(prompts[1], 10, stop_ids=()))  # 70 tokens: 5 chunks of 16
     engine.step()
-    assert engine.prefill is not None and engine.prefill.request.id == b
+    assert engine.lanes[0].job is not None and engine.lanes[0].job.request.id == b
 
     def broken(*args):
         raise RuntimeError("injected device failure")

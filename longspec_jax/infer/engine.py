@@ -20,6 +20,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
   A waiting request that extends a free slot's sequence is admitted before older cold ones
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
+* Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
+  (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`).
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
   A step whose every running request samples takes the sampled table (drafts drawn from the
@@ -49,7 +51,7 @@ from longspec_jax.infer.decoder import Decoder
 from longspec_jax.infer.loop import DecodeLoop, insert_row_jit, run_jit, run_rows_jit
 from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
-from longspec_jax.infer.slots import Event, Prefill, Request, Slot, choose_slot, next_request
+from longspec_jax.infer.slots import Event, Lane, Prefill, Request, Slot, check_request, choose_slot, next_request
 from longspec_jax.sampling import RowSampling, SamplingParams
 from longspec_jax.tree import TreeShape
 
@@ -69,12 +71,16 @@ class Engine:
       steps_per_call: decode steps per device call while nothing waits (more amortise host work;
         fewer stream more smoothly). A call returns early when a request finishes and another waits.
       prefill_chunks_per_step: prompt chunks prefilled between two decode calls.
+      fast_lane_tokens: a request with at most this many prompt tokens left to prefill after reuse
+        may prefill in a second staging cache while a longer prompt loads (default: one chunk;
+        0: no fast lane, which saves one slot's KV memory).
     """
 
     def __init__(self, target, draft=None, *, max_slots: int = 8, max_context: int = 32768,
                  tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
                  prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, steps_per_call: int = 4,
-                 prefill_chunks_per_step: int = 1, compiler: runtime.Compiler | None = None):
+                 prefill_chunks_per_step: int = 1, fast_lane_tokens: int | None = None,
+                 compiler: runtime.Compiler | None = None):
         if max_slots < 1 or max_context < 2 or steps_per_call < 1 or prefill_chunks_per_step < 1:
             raise ValueError("max_slots, steps_per_call and prefill_chunks_per_step must be >= 1 and max_context "
                              f">= 2; got {max_slots}, {steps_per_call}, {prefill_chunks_per_step}, {max_context}")
@@ -102,6 +108,7 @@ class Engine:
         self.row_buckets = defaults.row_buckets(max_slots, dec.platform, dec.target_bytes)
         self._rows_on_device: dict[tuple[int, ...], jax.Array] = {}  # running slots -> bucket rows
         self.chunk = prefill_chunk
+        self.fast_lane_tokens = prefill_chunk if fast_lane_tokens is None else max(0, fast_lane_tokens)
         # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
         self.out_size = max_context
@@ -110,14 +117,12 @@ class Engine:
         self.prefill_chunks_per_step = prefill_chunks_per_step
         self.slots = [Slot(i) for i in range(max_slots)]
         self.waiting: list[Request] = []
-        self.prefill: Prefill | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
-        self._admitting: Request | None = None  # popped from `waiting`, not yet running
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
+                          fast_lane=0, forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
         self._blocked = 0.0  # seconds this step waited for the device (the read of a call's tokens)
         with dec.mesh_context():
             self._build()
@@ -132,8 +137,10 @@ class Engine:
             ring_slots=self.ring_slots, draft_cfg=None if dec.draft is None else dec.draft.cfg, eos_slots=EOS_SLOTS,
             dtype=dec.cache_dtype)
         self.state = jax.device_put(state.replace(done=jnp.ones((self.B,), bool)), dec._rep)  # every slot free
-        # The staging cache has `chunk` spare slots: the last chunk's padding is written past the prompt.
-        self.staging = kvc.KVCache.init(cfg, 1, self.capacity + self.chunk, dec.cache_dtype)
+        # A staging cache has `chunk` spare slots: the last chunk's padding is written past the prompt.
+        limits = (None, self.fast_lane_tokens) if self.fast_lane_tokens else (None,)
+        self.lanes = [Lane(kvc.KVCache.init(cfg, 1, self.capacity + self.chunk, dec.cache_dtype), limit)
+                      for limit in limits]
 
     def _build(self):
         dec, cfg = self.dec, self.cfg
@@ -149,12 +156,13 @@ class Engine:
                      for k, loop in self.loops.items() for b in self.row_buckets}
         widest = max(self.loops.values(), key=lambda lp: lp.num_nodes)
         row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
-        self._insert = c.get("engine_insert", insert_row_jit, (dec.t_state, dec.d_state, self.state, self.staging,
+        staging = self.lanes[0].staging
+        self._insert = c.get("engine_insert", insert_row_jit, (dec.t_state, dec.d_state, self.state, staging,
                                                             put(np.zeros((1, cfg.hidden_size), np.float32)), *row,
                                                             put(np.int32(0))),
                              dict(graphs, loop=widest, out_size=self.out_size, max_accept=self.max_accept,
                                   ring_slots=self.ring_slots))
-        self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, self.staging, put(np.int32(0))), {})
+        self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, staging, put(np.int32(0))), {})
         self._cancel = c.get("engine_stop_row", stop_row, (self.state, put(np.int32(0))), {})
         W = self.steps_per_call * self.max_accept
         self._width = W
@@ -164,7 +172,7 @@ class Engine:
         # One prefill executable per chunk width: full chunks, and smaller last chunks, so that a
         # reused turn's short suffix is not padded to a whole chunk.
         self._chunk_exes = {w: c.get("prefill", runtime.prefill_chunk_jit, (
-            dec.t_graph, dec.t_state, self.staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
+            dec.t_graph, dec.t_state, staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
             put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
             for w in {runtime.tail_bucket(n, self.chunk) for n in range(1, self.chunk + 1)}}
 
@@ -192,21 +200,8 @@ class Engine:
 
     def check(self, req: Request) -> None:
         """Refuse a request the engine cannot run, with a message naming the limit."""
-        n = len(req.prompt)
-        if n == 0:
-            raise ValueError("the prompt is empty; send at least one token")
-        if req.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
-        if n + req.max_tokens > self.max_context:
-            raise ValueError(f"this server's maximum context length is {self.max_context} tokens; the request has "
-                             f"{n} prompt tokens and asks for {req.max_tokens} more ({n + req.max_tokens} in all): "
-                             "shorten the prompt or lower max_tokens")
-        ids = np.asarray(req.prompt)
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        stop = self.cfg.eos_token_ids if req.stop_ids is None else req.stop_ids
-        if len(stop) > EOS_SLOTS:
-            raise ValueError(f"at most {EOS_SLOTS} stop token ids per request, got {len(stop)}")
+        check_request(req, max_context=self.max_context, vocab_size=self.cfg.vocab_size,
+                      eos_ids=self.cfg.eos_token_ids, eos_slots=EOS_SLOTS)
 
     @property
     def running(self) -> int:
@@ -217,7 +212,11 @@ class Engine:
         return sum(s.request is None and s.valid > 0 for s in self.slots)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefill or self.running or not self._inbox.empty())
+        return bool(self.waiting or self._loading() or self.running or not self._inbox.empty())
+
+    def _loading(self) -> list[Slot]:
+        """Slots whose prompt is being prefilled."""
+        return [lane.job.slot for lane in self.lanes if lane.job is not None]
 
     # ---------------------------------------------------------------------------------------
     # one engine step
@@ -231,23 +230,25 @@ class Engine:
         t0 = time.perf_counter()
         self._blocked = 0.0
         events: list[Event] = []
-        admitting = bool(self.waiting or self.prefill)
+        admitting = bool(self.waiting or self._loading())
         self._drain(events)
-        try:  # a failure while admitting one request fails that request only
-            if self.prefill is None and self.waiting:
-                self._admit(events)
-            if self.prefill is not None:
-                self._prefill_chunks(events)
-        except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
-            self._fail_admission(e, events)
-        running = [s for s in self.slots if s.request is not None and (self.prefill is None or s is not self.prefill.slot)]
+        for lane in self.lanes:  # the main lane first: it takes the best waiting request
+            try:  # a failure while admitting one request fails that request only
+                if lane.job is None and self.waiting:
+                    self._admit(lane)
+                if lane.job is not None:
+                    self._prefill_chunks(lane, events)
+            except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
+                self._fail_admission(lane, e, events)
+        loading = self._loading()
+        running = [s for s in self.slots if s.request is not None and s not in loading]
         if running:
             # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
             sampled = all(s.request.sampling.temperature > 0 for s in running)
             shape = defaults.tree_for_load(len(running), self.tables[sampled])
             widths = None if shape is None else shape.widths
-            busy, dec = bool(self.waiting or self.prefill), self.dec
-            steps = 1 if self.prefill is not None else self.steps_per_call
+            busy, dec = bool(self.waiting or loading), self.dec
+            steps = 1 if loading else self.steps_per_call
             t_dev = time.perf_counter()
             try:
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted,
@@ -278,11 +279,9 @@ class Engine:
             self._rows_on_device[key] = self.dec.put(np.array(key + tuple(pad), np.int32))
         return self._rows_on_device[key]
 
-    def _fail_admission(self, error: Exception, events):
-        req, self._admitting = self._admitting, None
-        if self.prefill is not None:
-            self.prefill.slot.clear()
-            self.prefill = None
+    def _fail_admission(self, lane: Lane, error: Exception, events):
+        req = lane.admitting
+        lane.clear()
         if req is not None:
             events.append(Event(req.id, [], "error", error=f"{type(error).__name__}: {error}"))
 
@@ -291,8 +290,7 @@ class Engine:
             if slot.request is not None:
                 events.append(Event(slot.request.id, [], "error", error=f"{type(error).__name__}: {error}"))
             slot.clear()
-        self.prefill = self._admitting = None
-        self._build_state()
+        self._build_state()  # fresh lanes too
 
     def _drain(self, events):
         while True:
@@ -313,54 +311,59 @@ class Engine:
                 self._passed.pop(rid, None)
                 events.append(Event(rid, [], "cancelled", prompt_tokens=len(req.prompt)))
                 return
-        if self.prefill is not None and self.prefill.request.id == rid:
-            self.prefill.slot.clear()
-            self.prefill = None
-            events.append(Event(rid, [], "cancelled"))
-            return
+        for lane in self.lanes:
+            if lane.job is not None and lane.job.request.id == rid:
+                lane.clear()
+                events.append(Event(rid, [], "cancelled"))
+                return
         for slot in self.slots:
             if slot.request is not None and slot.request.id == rid:
                 self.state = self._cancel(self.state, self.dec.put(np.int32(slot.index)))
                 self._finish(slot, "cancelled", events)
                 return
 
-    def _admit(self, events):
+    def _admit(self, lane: Lane):
         """Start the prefill of the next waiting request (`slots.next_request`; one passed over
-        `max_slots` times goes first) in the slot that reuses the most."""
+        `max_slots` times goes first) in the slot that reuses the most; a fast lane takes only a
+        request short enough for it, if any waits."""
         free = [s for s in self.slots if s.request is None]
         if not free:
             return
         head = self.waiting[0]
-        i = next_request(self.waiting, free, head_passes=self._passed.get(head.id, 0), patience=self.B)
+        i = next_request(self.waiting, free, head_passes=self._passed.get(head.id, 0), patience=self.B,
+                         max_suffix=lane.max_suffix)
+        if i is None:
+            return
         if i:
             self._passed[head.id] = self._passed.get(head.id, 0) + 1
-        req = self._admitting = self.waiting.pop(i)
+        req = lane.admitting = self.waiting.pop(i)
         self._passed.pop(req.id, None)
         prompt = np.asarray(req.prompt, np.int64)
         best, start = choose_slot(free, prompt, req.session)
         if start > 0:
             self.stats["prefix_hits"] += 1
             self.stats["reused_tokens"] += start
-            self.staging = self._take_row(self.state.cache, self.staging, self.dec.put(np.int32(best.index)))
+            lane.staging = self._take_row(self.state.cache, lane.staging, self.dec.put(np.int32(best.index)))
         best.request, best.tokens, best.valid, best.emitted, best.iters = req, list(map(int, prompt)), start, 0, 0
         best.session = req.session
         full, rest = divmod(prompt.size - start, self.chunk)
         rows = np.zeros((1, full * self.chunk + (runtime.tail_bucket(rest, self.chunk) if rest else 0)), np.int32)
         rows[0, :prompt.size - start] = prompt[start:]
-        self.prefill = Prefill(req, best, rows, start)
+        lane.job = Prefill(req, best, rows, start)
         self.stats["prompt_tokens"] += int(prompt.size)
+        self.stats["fast_lane"] += lane.max_suffix is not None
 
-    def _prefill_chunks(self, events):
-        job, dec = self.prefill, self.dec
+    def _prefill_chunks(self, lane: Lane, events):
+        job, dec = lane.job, self.dec
         n = len(job.request.prompt)
         last = dec.put(np.array([n - 1], np.int32))
         for _ in range(self.prefill_chunks_per_step):
             c = job.next_chunk
             tokens = job.rows[:, c * self.chunk:(c + 1) * self.chunk]
-            self.staging, self._hidden = self._chunk_exes[tokens.shape[1]](
-                dec.t_state, self.staging, dec.put(tokens),
+            lane.staging, lane.hidden = self._chunk_exes[tokens.shape[1]](
+                dec.t_state, lane.staging, dec.put(tokens),
                 dec.put(np.int32(job.start + c * self.chunk)), last,
-                self._hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
+                lane.hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
             job.next_chunk += 1
             if job.next_chunk * self.chunk >= job.rows.shape[1]:
                 break
@@ -369,10 +372,10 @@ class Engine:
         req, slot = job.request, job.slot
         seed = req.seed if req.seed is not None else int(self._rng.integers(2**31))
         prompt = np.asarray(req.prompt, np.int64)
-        self.state, first = self._insert(dec.t_state, dec.d_state, self.state, self.staging, self._hidden,
+        self.state, first = self._insert(dec.t_state, dec.d_state, self.state, lane.staging, lane.hidden,
                                          *self._row_inputs(req, prompt, seed), dec.put(np.int32(slot.index)))
         first, done, reason = jax.device_get(first)
-        self.prefill = self._admitting = None
+        lane.job = lane.admitting = None
         slot.emitted = 1
         slot.tokens.append(int(first))
         self.stats["generated_tokens"] += 1

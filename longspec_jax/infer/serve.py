@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's limit, at most 32768)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots; more get 503")
     p.add_argument("--steps-per-call", type=int, default=4, help="decode steps per device call while nothing waits")
+    p.add_argument("--fast-lane-tokens", type=int, default=None,
+                   help="a request with at most this many prompt tokens left to prefill after prefix reuse (an "
+                        "agent's next turn) prefills in a second staging cache while a long prompt loads, instead "
+                        "of waiting for it (default: one prefill chunk; 0: off, saving one slot's KV memory)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template for /v1/chat/completions (default: the tokenizer's; without one, "
                         "message contents are joined by newlines)")
@@ -193,10 +197,12 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
     t0 = time.perf_counter()
     engine = Engine(model, draft, max_slots=args.max_slots, max_context=args.max_context,
                     tree_shape=None if shape is None else shape.widths, draft_vocab=draft_vocab,
-                    prefill_chunk=args.prefill_chunk, mesh=mesh, steps_per_call=args.steps_per_call)
+                    prefill_chunk=args.prefill_chunk, mesh=mesh, steps_per_call=args.steps_per_call,
+                    fast_lane_tokens=args.fast_lane_tokens)
     trees = {("sampled" if s else "greedy"): [w for _, w in t] for s, t in engine.tables.items()}
     print(f"engine: {args.max_slots} slots x {engine.capacity} KV slots, method {args.method}, trees by load "
-          f"{trees}, row buckets {list(engine.row_buckets)}, compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+          f"{trees}, row buckets {list(engine.row_buckets)}, fast lane {engine.fast_lane_tokens} tokens, "
+          f"compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     return engine, tokenizer, prompts.stop_ids(cfg, tokenizer, ckpt)
 
 

@@ -3,13 +3,15 @@ bookkeeping only. Which free slot a request takes: one pinned to another session
 longest reusable prefix of its resident sequence, the request's own session, the least recently used.
 Which waiting request goes first: one that extends a free slot's resident sequence (the longest
 reuse; SGLang's longest-prefix-match order), else the oldest, so that a cold request does not
-evict an agent's context while the agent's next turn waits behind it.
+evict an agent's context while the agent's next turn waits behind it. Which lane prefills it: the
+main lane takes any request; the fast lane, while the main lane loads a long prompt, only one with
+little left to prefill (`Lane`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -81,6 +83,45 @@ class Prefill:
     next_chunk: int = 0
 
 
+@dataclasses.dataclass
+class Lane:
+    """A batch-1 staging cache and the prompt prefilling into it, a chunk per engine step. The
+    engine's main lane takes any request; its fast lane (a second staging cache) only one whose
+    prompt left to prefill after reuse is at most `max_suffix` tokens, so that an agent's short
+    next turn starts while a long cold prompt is still loading instead of waiting behind it."""
+
+    staging: Any                     # KVCache [1, capacity + chunk]
+    max_suffix: int | None = None    # None: the main lane
+    job: Prefill | None = None
+    admitting: Request | None = None  # popped from the waiting list, not yet running
+    hidden: Any = None               # the last prompt position's hidden state, once prefilled
+
+    def clear(self) -> None:
+        """Drop the prompt in progress and free its slot."""
+        if self.job is not None:
+            self.job.slot.clear()
+        self.job = self.admitting = None
+
+
+def check_request(req: Request, *, max_context: int, vocab_size: int, eos_ids: Sequence[int], eos_slots: int):
+    """Refuse a request an engine cannot run (ValueError naming the limit and the fix)."""
+    n = len(req.prompt)
+    if n == 0:
+        raise ValueError("the prompt is empty; send at least one token")
+    if req.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+    if n + req.max_tokens > max_context:
+        raise ValueError(f"this server's maximum context length is {max_context} tokens; the request has "
+                         f"{n} prompt tokens and asks for {req.max_tokens} more ({n + req.max_tokens} in all): "
+                         "shorten the prompt or lower max_tokens")
+    ids = np.asarray(req.prompt)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    stop = eos_ids if req.stop_ids is None else req.stop_ids
+    if len(stop) > eos_slots:
+        raise ValueError(f"at most {eos_slots} stop token ids per request, got {len(stop)}")
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
@@ -95,20 +136,30 @@ PROBE = 32  # leading tokens compared first when matching waiting prompts agains
 
 
 def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, head_passes: int = 0, patience: int = 8,
-                 window: int = 16) -> int:
+                 window: int = 16, max_suffix: int | None = None) -> int | None:
     """Index in `waiting` of the request to admit next: among the first `window`, the one whose
     prompt extends a free slot's resident sequence the furthest (ties: the oldest), else 0; always
     0 once the oldest has been passed over `patience` times (`head_passes`). Only prompts whose
-    first `PROBE` tokens equal a resident sequence's are compared in full."""
+    first `PROBE` tokens equal a resident sequence's are compared in full.
+
+    With `max_suffix` (a fast lane) only requests with at most that many prompt tokens left to
+    prefill after reuse are candidates, and None is returned when none is; once the oldest has been
+    passed over `patience` times, only the oldest is."""
+    fast = max_suffix is not None
     if head_passes >= patience:
-        return 0
+        if not fast:
+            return 0
+        waiting = waiting[:1]
     heads = {tuple(s.tokens[:PROBE]) for s in free if s.valid >= PROBE}
-    best, most = 0, 0
-    for i, req in enumerate(waiting[:window] if heads else ()):
+    best, most = (None, -1) if fast else (0, 0)
+    for i, req in enumerate(waiting[:window] if heads or fast else ()):
+        reuse = 0
         if len(req.prompt) > PROBE and tuple(req.prompt[:PROBE]) in heads:
             reuse = choose_slot(free, np.asarray(req.prompt), req.session)[1]
-            if reuse > most:
-                best, most = i, reuse
+        if fast and len(req.prompt) - reuse > max_suffix:
+            continue
+        if reuse > most:
+            best, most = i, reuse
     return best
 
 
