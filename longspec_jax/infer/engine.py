@@ -25,7 +25,7 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
   A step whose every running request samples takes the sampled table (drafts drawn from the
-  draft distribution); a step with a greedy row the greedy one (beam drafts): `loops_for`.
+  draft distribution); a step with a greedy row the greedy one (beam drafts): `loop.loops_for`.
 * Row buckets: where idle rows cost as much as busy ones (CPUs, launch-bound targets), a decode
   call runs only the smallest compiled bucket of rows that holds the running slots
   (`defaults.row_buckets`), so one agent on an 8-slot engine pays for one row, not eight.
@@ -48,12 +48,11 @@ import numpy as np
 
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
-from longspec_jax.infer.loop import DecodeLoop, insert_row_jit, run_jit, run_rows_jit
+from longspec_jax.infer.loop import insert_row_jit, loops_for, run_jit, run_rows_jit
 from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
 from longspec_jax import kv_cache as kvc
 from longspec_jax.infer.slots import Event, Lane, Prefill, Request, Slot, check_request, choose_slot, next_request
 from longspec_jax.sampling import RowSampling, SamplingParams
-from longspec_jax.tree import TreeShape
 
 EOS_SLOTS = 8  # stop ids per request
 
@@ -437,20 +436,6 @@ class Engine:
                 if ev.finish_reason is not None:
                     pending.discard(ev.request_id)
         return [out[i] for i in ids]
-
-
-def loops_for(tables) -> dict:
-    """Decode loops keyed (widths or None for AR, sampled) for the load tables {sampled: table}.
-    Chains always sample their drafts (at T = 0: the argmax chain); a tree of the greedy table
-    drafts by beam search (the best for greedy rows, exact at any T), one of the sampled table
-    draws its drafts, which accepts more once every row samples."""
-    loops = {}
-    for sampled, table in tables.items():
-        for _, w in table:
-            shape = None if w is None else TreeShape(w)
-            rule = "sampled" if shape and (sampled or shape.is_chain) else "beam"
-            loops[w, sampled] = DecodeLoop(shape, draft_sampling=rule)
-    return loops
 
 
 __all__ = ["Engine", "Event", "Request"]

@@ -327,6 +327,20 @@ def insert_row_jit(t_state, d_state, state, staging, hidden, tail, length, key, 
     return state, (row.root[0], row.done[0], row.stop_reason[0])
 
 
+def loops_for(tables) -> dict:
+    """Decode loops keyed (widths or None for AR, sampled) for the load tables {sampled: table}.
+    Chains always sample their drafts (at T = 0: the argmax chain); a tree of the greedy table
+    drafts by beam search (the best for greedy rows, exact at any T), one of the sampled table
+    draws its drafts, which accepts more once every row samples."""
+    loops = {}
+    for sampled, table in tables.items():
+        for _, w in table:
+            shape = None if w is None else TreeShape(w)
+            rule = "sampled" if shape and (sampled or shape.is_chain) else "beam"
+            loops[w, sampled] = DecodeLoop(shape, draft_sampling=rule)
+    return loops
+
+
 def _merge(t_graph, t_state, d_graph, d_state):
     target = nnx.merge(t_graph, t_state)
     draft = None if d_graph is None else nnx.merge(d_graph, d_state)
