@@ -93,6 +93,10 @@ def test_a_short_turn_overtakes_a_long_prefill(models):
         eng.step()
         t = eng.submit(Request(turn2.tolist(), 12, stop_ids=()))
         firsts, out = [], {c: [], t: []}
+        if overtakes:  # the turn starts in the next step, while the cold prompt's next chunk waits for it
+            events = eng.step()
+            assert [e.request_id for e in events] == [t] and eng.lanes[0].job.next_chunk == 1
+            firsts, out[t] = [t], events[0].tokens
         while eng.has_work():
             for ev in eng.step():
                 assert ev.error is None

@@ -21,7 +21,8 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
   A waiting request that extends a free slot's sequence is admitted before older cold ones
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
-  (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`).
+  (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`); the
+  long prompt's next chunk waits for it one step.
 * Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
   number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
   A step whose every running request samples takes the sampled table (drafts drawn from the
@@ -120,6 +121,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
+        self._main_waited = False  # the main lane's chunk waited for the fast lane last step
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
                           fast_lane=0, forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
         self._blocked = 0.0  # seconds this step waited for the device (the read of a call's tokens)
@@ -235,9 +237,19 @@ class Engine:
             try:  # a failure while admitting one request fails that request only
                 if lane.job is None and self.waiting:
                     self._admit(lane)
+            except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
+                self._fail_admission(lane, e, events)
+        # While the fast lane holds a prompt the main lane's chunk of a longer one waits a step (never
+        # two running), so that a short turn's first token is not held behind a long prompt's chunk.
+        main = self.lanes[0].job
+        fast = (len(self.lanes) > 1 and self.lanes[1].job is not None and not self._main_waited
+                and main is not None and main.chunks_left(self.chunk) > self.prefill_chunks_per_step)
+        self._main_waited = fast
+        for lane in self.lanes[fast:]:
+            try:
                 if lane.job is not None:
                     self._prefill_chunks(lane, events)
-            except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
+            except Exception as e:  # noqa: BLE001
                 self._fail_admission(lane, e, events)
         loading = self._loading()
         running = [s for s in self.slots if s.request is not None and s not in loading]

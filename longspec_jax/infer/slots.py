@@ -82,6 +82,9 @@ class Prefill:
     start: int                       # first position to prefill (= reused tokens)
     next_chunk: int = 0
 
+    def chunks_left(self, chunk: int) -> int:
+        return -(-self.rows.shape[1] // chunk) - self.next_chunk
+
 
 @dataclasses.dataclass
 class Lane:
