@@ -164,7 +164,7 @@ def test_default_tree_for_context_table():
     # Small (launch-bound) targets get the short chain on GPUs too; large or unknown sizes the table.
     small, big = defaults.LAUNCH_BOUND_BYTES - 1, defaults.LAUNCH_BOUND_BYTES
     assert f(8192, "gpu", target_bytes=small).widths == f(10**6, "gpu", target_bytes=small).widths == defaults.CPU_TREE
-    assert f(8192, "gpu", 1.0, target_bytes=small).widths == defaults.CPU_SAMPLED_TREE
+    assert f(8192, "gpu", 1.0, target_bytes=small).widths == defaults.CPU_TREE  # measured: the chain of 5 there
     assert f(8192, "gpu", target_bytes=big).widths == f(8192, "gpu", target_bytes=None).widths == (4, 16, 16, 16, 16)
     assert f(10**6, "gpu", target_bytes=16 * 2**30).widths == (2, 4, 4, 4, 4)
 

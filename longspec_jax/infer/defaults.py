@@ -34,8 +34,9 @@ CPU_TREE = (1, 1, 1, 1, 1)
 # verification costs about an AR step at every context, with the best modelled speedup there.
 SAMPLED_TREE = (2, 4, 4, 4, 4)
 
-# Temperature > 0 with sampled drafts on CPUs and launch-bound targets: a longer chain than at
-# T = 0, since block verification keeps accepting deep drafts.
+# Temperature > 0 with sampled drafts on CPUs: a longer chain than at T = 0, since block verification
+# keeps accepting deep drafts. A launch-bound target on a GPU keeps `CPU_TREE` (block-verified there,
+# the chain of 5 matched or beat the chain of 7: docs/results.md, "Sampled drafts").
 CPU_SAMPLED_TREE = (1, 1, 1, 1, 1, 1, 1)
 
 # Below this many bytes of target parameters a GPU decode step is launch-bound, not a weight read.
@@ -79,8 +80,8 @@ def tree_for_context(context_len: int, platform: str | None = None, temperature:
     """The tree shape for one request decoding up to `context_len` tokens (prompt + new tokens).
 
     On CPUs and for targets of fewer than `LAUNCH_BOUND_BYTES` parameter bytes (`target_bytes`;
-    None = unknown, treated as large) `CPU_TREE`, or `CPU_SAMPLED_TREE` at `temperature > 0` with
-    sampled drafts; otherwise `SAMPLED_TREE` at `temperature > 0` with sampled drafts, else
+    None = unknown, treated as large) `CPU_TREE`, or on CPUs `CPU_SAMPLED_TREE` at `temperature > 0`
+    with sampled drafts; otherwise `SAMPLED_TREE` at `temperature > 0` with sampled drafts, else
     `CONTEXT_TREE_TABLE` by context length.
     """
     context_len = int(context_len)
@@ -88,7 +89,7 @@ def tree_for_context(context_len: int, platform: str | None = None, temperature:
         raise ValueError(f"context length must be >= 0, got {context_len}")
     sampled = temperature > 0 and sampled_drafts
     if is_launch_bound(platform, target_bytes):
-        return TreeShape(CPU_SAMPLED_TREE if sampled else CPU_TREE)
+        return TreeShape(CPU_SAMPLED_TREE if sampled and platform == "cpu" else CPU_TREE)
     if sampled:
         return TreeShape(SAMPLED_TREE)
     for limit, widths in CONTEXT_TREE_TABLE:
