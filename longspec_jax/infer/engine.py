@@ -215,8 +215,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self._loading() or self.running or not self._inbox.empty())
 
-    def _loading(self) -> list[Slot]:
-        """Slots whose prompt is being prefilled."""
+    def _loading(self) -> list[Slot]:  # slots whose prompt is being prefilled
         return [lane.job.slot for lane in self.lanes if lane.job is not None]
 
     # ---------------------------------------------------------------------------------------
@@ -245,10 +244,9 @@ class Engine:
         fast = (len(self.lanes) > 1 and self.lanes[1].job is not None and not self._main_waited
                 and main is not None and main.chunks_left(self.chunk) > self.prefill_chunks_per_step)
         self._main_waited = fast
-        for lane in self.lanes[fast:]:
+        for lane in [ln for ln in self.lanes[fast:] if ln.job is not None]:
             try:
-                if lane.job is not None:
-                    self._prefill_chunks(lane, events)
+                self._prefill_chunks(lane, events)
             except Exception as e:  # noqa: BLE001
                 self._fail_admission(lane, e, events)
         loading = self._loading()
