@@ -173,3 +173,10 @@ def test_acceptance_tiny_sampled_methods(tmp_path):
     assert [r["method"] for r in rows] == ["2 2/block", "2 2/token", "2 2/beam", "1 1/block", "1 1/token", "1 1/beam"]
     for r in rows:
         assert "greedy_equal" not in r and 1.0 <= r["tau"] <= 3.0 and r["speedup"] > 0
+
+
+def test_host_tiny(tmp_path):
+    record = run_suite(tmp_path, "host", "--prompt-tokens", "40", "--new-tokens", "24", "--reps", "2")
+    assert len(record["alone_ms"]) == len(record["worker_ms"]) == 2
+    assert all(0 < ms < 1e4 for ms in record["alone_ms"] + record["worker_ms"])
+    assert record["alone_ms_median"] > 0 and record["worker_ms_median"] > 0

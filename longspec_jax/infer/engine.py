@@ -366,7 +366,7 @@ class Engine:
         job, dec = lane.job, self.dec
         n = len(job.request.prompt)
         last = dec.put(np.array([n - 1], np.int32))
-        for _ in range(self.prefill_chunks_per_step):
+        for _ in range(min(self.prefill_chunks_per_step, job.chunks_left(self.chunk))):
             c = job.next_chunk
             tokens = job.rows[:, c * self.chunk:(c + 1) * self.chunk]
             lane.staging, lane.hidden = self._chunk_exes[tokens.shape[1]](
@@ -374,9 +374,7 @@ class Engine:
                 dec.put(np.int32(job.start + c * self.chunk)), last,
                 lane.hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
             job.next_chunk += 1
-            if job.next_chunk * self.chunk >= job.rows.shape[1]:
-                break
-        if job.next_chunk * self.chunk < job.rows.shape[1]:
+        if job.chunks_left(self.chunk):
             return
         req, slot = job.request, job.slot
         seed = req.seed if req.seed is not None else int(self._rng.integers(2**31))

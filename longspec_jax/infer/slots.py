@@ -83,6 +83,7 @@ class Prefill:
     next_chunk: int = 0
 
     def chunks_left(self, chunk: int) -> int:
+        """Prefill forwards still to run (`rows` is padded to whole chunks but its last)."""
         return -(-self.rows.shape[1] // chunk) - self.next_chunk
 
 
