@@ -329,6 +329,11 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
     assert engine.generate([prompts[2]], max_new_tokens=12, stop_ids=())[0] == _greedy(target, prompts[2:], 12)[0]
 
 
+def test_a_negative_fast_lane_is_refused(models):
+    with pytest.raises(ValueError, match=r"fast_lane_tokens \(--fast-lane-tokens\) must be >= 0.*got -1"):
+        Engine(*models, max_slots=2, max_context=64, fast_lane_tokens=-1)
+
+
 def test_refusals(engine):
     with pytest.raises(ValueError, match="maximum context length is 160 tokens"):
         engine.submit(Request([1] * 150, 20))

@@ -307,3 +307,10 @@ def test_cli_server_runs_offline_and_stops_on_sigterm():
             proc.kill()
         out = proc.stdout.read()
     assert "serving tiny-random on" in out and "server stopped" in out
+
+
+def test_bad_server_flags_exit_with_a_message(capsys):
+    from longspec_jax.infer import serve
+
+    assert serve.main(["--model", "tiny-random", "--fast-lane-tokens", "-1"]) == 2
+    assert "--fast-lane-tokens must be >= 0 (0 turns the fast lane off), got -1" in capsys.readouterr().err

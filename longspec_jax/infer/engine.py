@@ -84,6 +84,8 @@ class Engine:
         if max_slots < 1 or max_context < 2 or steps_per_call < 1 or prefill_chunks_per_step < 1:
             raise ValueError("max_slots, steps_per_call and prefill_chunks_per_step must be >= 1 and max_context "
                              f">= 2; got {max_slots}, {steps_per_call}, {prefill_chunks_per_step}, {max_context}")
+        if (fast_lane_tokens or 0) < 0:
+            raise ValueError(f"fast_lane_tokens (--fast-lane-tokens) must be >= 0 (0: off), got {fast_lane_tokens}")
         limit = target.cfg.max_position_embeddings
         if limit and max_context > limit:
             raise ValueError(f"max_context (--max-context) {max_context} exceeds the model's limit "
@@ -108,7 +110,7 @@ class Engine:
         self.row_buckets = defaults.row_buckets(max_slots, dec.platform, dec.target_bytes)
         self._rows_on_device: dict[tuple[int, ...], jax.Array] = {}  # running slots -> bucket rows
         self.chunk = prefill_chunk
-        self.fast_lane_tokens = prefill_chunk if fast_lane_tokens is None else max(0, fast_lane_tokens)
+        self.fast_lane_tokens = prefill_chunk if fast_lane_tokens is None else fast_lane_tokens
         # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
         self.out_size = max_context
@@ -165,8 +167,7 @@ class Engine:
                                   ring_slots=self.ring_slots))
         self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, staging, put(np.int32(0))), {})
         self._cancel = c.get("engine_stop_row", stop_row, (self.state, put(np.int32(0))), {})
-        W = self.steps_per_call * self.max_accept
-        self._width = W
+        self._width = W = self.steps_per_call * self.max_accept
         self._window = c.get("engine_new_tokens", new_tokens, (self.state,), dict(width=W))
         # Device copies of the run-time scalars a decode call takes, made once.
         self._scalars = {(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, self.steps_per_call} for b in (0, 1)}

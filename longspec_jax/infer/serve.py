@@ -167,6 +167,8 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
         ("--steps-per-call", args.steps_per_call, ""), ("--port", args.port, "")))
     if args.max_queue < 0:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.fast_lane_tokens is not None and args.fast_lane_tokens < 0:
+        raise UsageError(f"--fast-lane-tokens must be >= 0 (0 turns the fast lane off), got {args.fast_lane_tokens}")
     args.dtype = cli.resolve_dtype(args.dtype)
     dtype = cli.DTYPES[args.dtype]
     if args.model == tiny_random.NAME:
