@@ -42,9 +42,13 @@ CPU_SAMPLED_TREE = (1, 1, 1, 1, 1, 1, 1)
 # Below this many bytes of target parameters a GPU decode step is launch-bound, not a weight read.
 LAUNCH_BOUND_BYTES = 512 * 2**20
 
-# Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. Rows x nodes
-# stays under ~300 verification rows, where weight matmuls are still memory-bound (the roofline
-# estimate of docs/perf_notes.md; the breakpoints are not measured yet).
+# Verification rows (batch rows x tree nodes) up to which a large target's step on a GPU is a weight
+# read: an H100's bf16 ridge is ~295 FLOP per byte, 2 FLOP per 2-byte weight and row.
+MEMORY_BOUND_ROWS = 256
+
+# Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. The rows a call
+# runs (`decode_calls`) x nodes stay under `MEMORY_BOUND_ROWS` (the roofline estimate of
+# docs/perf_notes.md; the breakpoints are not measured yet).
 GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (2, (4, 16, 16, 16, 16)),
     (4, (2, 4, 4, 4, 4)),
@@ -107,15 +111,31 @@ def load_table(platform: str | None, target_bytes: int | None, sampled: bool = F
     return GPU_SAMPLED_LOAD_TABLE if sampled else GPU_LOAD_TABLE
 
 
-def row_buckets(max_slots: int, platform: str | None, target_bytes: int | None) -> tuple[int, ...]:
-    """Batch sizes the serving engine compiles its decode calls for: a call runs the smallest that
-    holds the running rows. Where a step is compute- or launch-bound (`is_launch_bound`), an idle
-    slot's rows cost as much as a busy one's, so powers of two below `max_slots` run the busy rows
-    alone; on a GPU running a large target idle rows cost no weight reads and skip their KV, and
-    the whole batch is one call (no copy of rows in and out)."""
-    if not is_launch_bound(platform, target_bytes):
-        return (max_slots,)
+def row_buckets(max_slots: int) -> tuple[int, ...]:
+    """Batch sizes a serving engine's decode call may run: powers of two below `max_slots`, then
+    `max_slots` (`decode_calls` picks one per load)."""
     return tuple(sorted({1 << i for i in range(max_slots.bit_length()) if 1 << i < max_slots} | {max_slots}))
+
+
+def decode_calls(tables, max_slots: int, every_row_costs: bool) -> dict[tuple[bool, int], tuple]:
+    """{(sampled, running rows): (widths or None, rows the call runs)} for an engine of `max_slots`
+    slots with the load tables {sampled: table}; only these (widths, sampled, rows) are compiled.
+
+    An idle row in a call costs a full row of every matmul where `every_row_costs` (CPUs,
+    launch-bound targets), and on a GPU running a large target once the batch's rows x nodes pass
+    `MEMORY_BOUND_ROWS` (8 slots x a 69-node tree is 552 verification rows). There the call runs the
+    smallest bucket of `row_buckets` holding the running rows, at the price of copying their state
+    in and out (`loop.run_rows_jit`); elsewhere idle rows cost no weight reads and skip their KV, and
+    the call runs the whole batch."""
+    buckets, plan = row_buckets(max_slots), {}
+    for sampled, table in tables.items():
+        for rows in range(1, max_slots + 1):
+            shape = tree_for_load(rows, table)
+            nodes = 1 if shape is None else shape.num_nodes
+            whole = not every_row_costs and max_slots * nodes <= MEMORY_BOUND_ROWS
+            plan[sampled, rows] = (None if shape is None else shape.widths,
+                                   max_slots if whole else next(b for b in buckets if b >= rows))
+    return plan
 
 
 def tree_for_load(active_rows: int, table) -> TreeShape | None:

@@ -8,10 +8,9 @@ cache of static capacity and a constant-size draft ring. Between decode calls th
 requests into free slots and collects tokens; one jitted `DecodeLoop.run` advances every running
 slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked.
 
-* Admission: a request's prompt is prefilled at batch 1 into a staging cache, a chunk per engine
-  step, interleaved with decode calls so running requests keep streaming while a long prompt loads;
-  then its first token is drawn, the draft ring rebuilt from the prompt's tail, and the row written
-  into its slot (`insert`).
+* Admission: a prompt is prefilled at batch 1 into a staging cache, a chunk per engine step between
+  decode calls (running requests keep streaming while it loads); then its first token is drawn, the
+  draft ring rebuilt from the prompt's tail, and the row written into its slot (`insert`).
 * Prefix reuse: a finished sequence stays resident in its slot (its KV valid for everything but
   its last token) until the slot is needed, least recently used first. A request whose token ids
   extend a resident sequence (the next turn of an agent, another question over the same document)
@@ -23,13 +22,14 @@ slot at once (the same step `Decoder.generate` runs), and finished or free slots
 * Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
   (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`); the
   long prompt's next chunk waits for it one step.
-* Speculation only where it wins: the tree shape (or plain AR) of each decode call comes from the
-  number of running slots (`longspec_jax/infer/defaults.py`); every shape runs on the same state.
-  A step whose every running request samples takes the sampled table (drafts drawn from the
-  draft distribution); a step with a greedy row the greedy one (beam drafts): `loop.loops_for`.
-* Row buckets: where idle rows cost as much as busy ones (CPUs, launch-bound targets), a decode
-  call runs only the smallest compiled bucket of rows that holds the running slots
-  (`defaults.row_buckets`), so one agent on an 8-slot engine pays for one row, not eight.
+* Speculation only where it wins: each decode call's tree shape (or plain AR) comes from the number
+  of running slots (`longspec_jax/infer/defaults.py`), every shape on the same state; a step whose
+  every running request samples takes the sampled table (`loop.loops_for`). Where idle rows would
+  cost compute the call runs only a bucket of rows holding the running slots (`decode_calls`).
+* One call in flight: a decode call runs on a helper thread while this one hands out the previous
+  call's tokens and returns its events. On a GPU a call returns only when its loop ends (XLA copies
+  a data-dependent loop condition to the host every iteration), so dispatching it from the engine's
+  own thread would leave the device idle during all of the engine's host work.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -38,6 +38,7 @@ beside it, and at T > 0 its distribution is the target's.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import queue
 import time
@@ -107,7 +108,9 @@ class Engine:
         self.max_accept = max(loop.max_accept for loop in self.loops.values())
         self.max_nodes = max(loop.num_nodes for loop in self.loops.values())
         self.B, self.max_context = max_slots, max_context
-        self.row_buckets = defaults.row_buckets(max_slots, dec.platform, dec.target_bytes)
+        bound = defaults.is_launch_bound(dec.platform, dec.target_bytes)
+        self.plan = defaults.decode_calls(self.tables, max_slots, bound)  # (sampled, rows) -> (widths, rows run)
+        self.row_buckets = tuple(sorted({b for _, b in self.plan.values()}))
         self._rows_on_device: dict[tuple[int, ...], jax.Array] = {}  # running slots -> bucket rows
         self.chunk = prefill_chunk
         self.fast_lane_tokens = prefill_chunk if fast_lane_tokens is None else fast_lane_tokens
@@ -125,8 +128,10 @@ class Engine:
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
         self._main_waited = False  # the main lane's chunk waited for the fast lane last step
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          fast_lane=0, forwards=0, steps=0, decode_s=0.0, host_s=0.0, host_busy_s=0.0, host_busy_steps=0)
-        self._blocked = 0.0  # seconds this step waited for the device (the read of a call's tokens)
+                          fast_lane=0, forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0)
+        self._blocked = 0.0  # seconds this step waited for the device (the call in flight, a read of tokens)
+        self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
+        self._inflight: concurrent.futures.Future | None = None  # the decode call running: its next state
         with dec.mesh_context():
             self._build()
 
@@ -150,13 +155,14 @@ class Engine:
         self._build_state()
         graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
         c, put = dec.compiler, dec.put
-        # One executable per (loop, row bucket): the whole batch, or a bucket of running rows alone.
+        # One executable per decode call the plan makes: the whole batch, or a bucket of rows alone.
         budget = (dec.vocab, put(np.int32(1)), put(np.bool_(False)))
-        self._run = {(*k, b): c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, *budget),
-                                    dict(graphs, loop=loop)) if b == self.B else
+        self._run = {(w, s, b): c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, *budget),
+                                      dict(graphs, loop=self.loops[w, s])) if b == self.B else
                      c.get("engine_run_rows", run_rows_jit, (dec.t_state, dec.d_state, self.state,
-                                                             put(np.zeros(b, np.int32)), *budget), dict(graphs, loop=loop))
-                     for k, loop in self.loops.items() for b in self.row_buckets}
+                                                             put(np.zeros(b, np.int32)), *budget),
+                           dict(graphs, loop=self.loops[w, s]))
+                     for w, s, b in sorted({(w, s, b) for (s, _), (w, b) in self.plan.items()}, key=str)}
         widest = max(self.loops.values(), key=lambda lp: lp.num_nodes)
         row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
         staging = self.lanes[0].staging
@@ -214,7 +220,7 @@ class Engine:
         return sum(s.request is None and s.valid > 0 for s in self.slots)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self._loading() or self.running or not self._inbox.empty())
+        return bool(self.waiting or self._loading() or self.running or not self._inbox.empty() or self._inflight)
 
     def _loading(self) -> list[Slot]:  # slots whose prompt is being prefilled
         return [lane.job.slot for lane in self.lanes if lane.job is not None]
@@ -225,60 +231,59 @@ class Engine:
     def step(self) -> list[Event]:
         """Admit, prefill a chunk, run one decode call, collect tokens. Returns this step's events."""
         with self.dec.mesh_context():
-            return self._step()
-
-    def _step(self) -> list[Event]:
-        t0 = time.perf_counter()
-        self._blocked = 0.0
-        events: list[Event] = []
-        admitting = bool(self.waiting or self._loading())
-        self._drain(events)
-        for lane in self.lanes:  # the main lane first: it takes the best waiting request
-            try:  # a failure while admitting one request fails that request only
-                if lane.job is None and self.waiting:
-                    self._admit(lane)
-            except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
-                self._fail_admission(lane, e, events)
-        # While the fast lane holds a prompt the main lane's chunk of a longer one waits a step (never
-        # two running), so that a short turn's first token is not held behind a long prompt's chunk.
-        main = self.lanes[0].job
-        fast = (len(self.lanes) > 1 and self.lanes[1].job is not None and not self._main_waited
-                and main is not None and main.chunks_left(self.chunk) > self.prefill_chunks_per_step)
-        self._main_waited = fast
-        for lane in [ln for ln in self.lanes[fast:] if ln.job is not None]:
-            try:
-                self._prefill_chunks(lane, events)
-            except Exception as e:  # noqa: BLE001
-                self._fail_admission(lane, e, events)
-        loading = self._loading()
-        running = [s for s in self.slots if s.request is not None and s not in loading]
-        if running:
-            # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
-            sampled = all(s.request.sampling.temperature > 0 for s in running)
-            shape = defaults.tree_for_load(len(running), self.tables[sampled])
-            widths = None if shape is None else shape.widths
-            busy, dec = bool(self.waiting or loading), self.dec
-            steps = 1 if loading else self.steps_per_call
-            t_dev = time.perf_counter()
-            try:
-                # One call of lag (JetStream's): enqueue the read of what the previous call emitted,
-                # then the next call, and only then wait for the read, so the host's work on the
-                # previous call's tokens overlaps the device's work on the next call.
+            t0 = time.perf_counter()
+            self._blocked = 0.0
+            events: list[Event] = []
+            self._settle(events)
+            admitting = bool(self.waiting or self._loading())
+            self._drain(events)
+            for lane in self.lanes:  # the main lane first: it takes the best waiting request
+                try:  # a failure while admitting one request fails that request only
+                    if lane.job is None and self.waiting:
+                        self._admit(lane)
+                except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
+                    self._fail_admission(lane, e, events)
+            # While the fast lane holds a prompt the main lane's chunk of a longer one waits a step (never
+            # two running), so that a short turn's first token is not held behind a long prompt's chunk.
+            main = self.lanes[0].job
+            fast = (len(self.lanes) > 1 and self.lanes[1].job is not None and not self._main_waited
+                    and main is not None and main.chunks_left(self.chunk) > self.prefill_chunks_per_step)
+            self._main_waited = fast
+            for lane in [ln for ln in self.lanes[fast:] if ln.job is not None]:
+                try:
+                    self._prefill_chunks(lane, events)
+                except Exception as e:  # noqa: BLE001
+                    self._fail_admission(lane, e, events)
+            loading = self._loading()
+            running = [s for s in self.slots if s.request is not None and s not in loading]
+            if running:
+                # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
+                sampled = all(s.request.sampling.temperature > 0 for s in running)
+                widths, b = self.plan[sampled, len(running)]
+                busy, dec = bool(self.waiting or loading), self.dec
+                steps = 1 if loading else self.steps_per_call
+                # One call of lag (JetStream's): enqueue the read of what the previous call emitted, start the
+                # next call, then wait for the read: host work on those tokens overlaps the next call.
                 window = self._window(self.state)
-                b = next(n for n in self.row_buckets if n >= len(running))
                 rows = () if b == self.B else (self._bucket_rows(running, b),)
-                self.state = self._run[widths, sampled, b](dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
-                                                           *self._scalars[(steps, busy)])
+                self._inflight = self._calls.submit(self._run[widths, sampled, b], dec.t_state, dec.d_state,
+                                                    self.state, *rows, dec.vocab, *self._scalars[(steps, busy)])
+                self.state = None  # donated to the call in flight; `_settle` sets the next one
                 self._collect(running, events, window)
-            except Exception as e:  # noqa: BLE001: the batch's device state is lost; start a fresh one
-                self._fail_running(e, events)
-            self.stats["decode_s"] += time.perf_counter() - t_dev
-            self.stats["steps"] += 1
-            if not admitting:  # host work of a plain decode step: its wall time minus the waits for the device
-                self.stats["host_busy_s"] += time.perf_counter() - t0 - self._blocked
-                self.stats["host_busy_steps"] += 1
-        self.stats["host_s"] += time.perf_counter() - t0
-        return events
+                self.stats["steps"] += 1
+                if not admitting:  # host work of a plain decode step: its wall time minus the waits for the device
+                    self.stats["host_busy_s"] += time.perf_counter() - t0 - self._blocked
+                    self.stats["host_busy_steps"] += 1
+            return events
+
+    def _settle(self, events):
+        """Take the state of the decode call in flight; one that raised lost the batch's (donated) state."""
+        call, self._inflight, t = self._inflight, None, time.perf_counter()
+        try:
+            self.state = self.state if call is None else call.result()
+        except Exception as e:  # noqa: BLE001 (every running request fails; a fresh state is built)
+            self._fail_running(e, events)
+        self._blocked += time.perf_counter() - t
 
     def _bucket_rows(self, running, b: int):
         """The running slots' rows on the device, padded to `b` distinct rows with idle ones (which a
@@ -290,8 +295,7 @@ class Engine:
         return self._rows_on_device[key]
 
     def _fail_admission(self, lane: Lane, error: Exception, events):
-        req = lane.admitting
-        lane.clear()
+        req, _ = lane.admitting, lane.clear()
         if req is not None:
             events.append(Event(req.id, [], "error", error=f"{type(error).__name__}: {error}"))
 
@@ -354,8 +358,8 @@ class Engine:
             self.stats["prefix_hits"] += 1
             self.stats["reused_tokens"] += start
             lane.staging = self._take_row(self.state.cache, lane.staging, self.dec.put(np.int32(best.index)))
-        best.request, best.tokens, best.valid, best.emitted, best.iters = req, list(map(int, prompt)), start, 0, 0
-        best.session = req.session
+        best.request, best.tokens, best.valid, best.emitted, best.iters, best.session = (
+            req, list(map(int, prompt)), start, 0, 0, req.session)
         full, rest = divmod(prompt.size - start, self.chunk)
         rows = np.zeros((1, full * self.chunk + (runtime.tail_bucket(rest, self.chunk) if rest else 0)), np.int32)
         rows[0, :prompt.size - start] = prompt[start:]
