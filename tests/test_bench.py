@@ -180,3 +180,16 @@ def test_host_tiny(tmp_path):
     assert len(record["alone_ms"]) == len(record["worker_ms"]) == 2
     assert all(0 < ms < 1e4 for ms in record["alone_ms"] + record["worker_ms"])
     assert record["alone_ms_median"] > 0 and record["worker_ms_median"] > 0
+
+
+def test_serve_tiny(tmp_path):
+    """Both servers started for real, two agents of two turns each through the openai client."""
+    record = run_suite(tmp_path, "serve", "--concurrency", "1", "2", "--turns", "2")
+    assert set(record["modes"]) == {"tree", "ar"} and set(record["speedup"]) == {"1", "2"}
+    for mode in record["modes"].values():
+        assert [lv["agents"] for lv in mode["levels"]] == [1, 2]
+        for lv in mode["levels"]:
+            assert lv["output_tokens"] == lv["agents"] * 2 * record["new_tokens"]  # EOS ignored: every token
+            assert lv["ttft_later_turns_s"] > 0 and lv["prefix_hit_rate"] >= 0.5  # later turns reuse their context
+        assert mode["cold_ttft_s"] > 0
+    assert record["modes"]["ar"]["levels"][0]["tau"] == 1.0

@@ -170,11 +170,15 @@ def test_default_tree_for_context_table():
 
 
 def test_load_tables_shrink_speculation_as_rows_grow():
-    for table in (defaults.GPU_LOAD_TABLE, defaults.GPU_SAMPLED_LOAD_TABLE, defaults.CPU_LOAD_TABLE):
+    for table in (defaults.GPU_LOAD_TABLE, defaults.GPU_SAMPLED_LOAD_TABLE, defaults.CPU_LOAD_TABLE,
+                  defaults.LAUNCH_BOUND_GPU_LOAD_TABLE):
         nodes = [0 if s is None else s.num_nodes for s in (defaults.tree_for_load(n, table) for n in range(1, 65))]
         assert nodes == sorted(nodes, reverse=True) and nodes[-1] == 0  # plain AR under heavy load
     assert defaults.load_table("cpu", None) is defaults.CPU_LOAD_TABLE
     assert defaults.load_table("cpu", None, sampled=True) is defaults.CPU_LOAD_TABLE
+    small = defaults.LAUNCH_BOUND_BYTES - 1
+    assert defaults.load_table("gpu", small) is defaults.load_table("gpu", small, True) is \
+        defaults.LAUNCH_BOUND_GPU_LOAD_TABLE
     assert defaults.load_table("gpu", 16 * 2**30) is defaults.GPU_LOAD_TABLE
     assert defaults.load_table("gpu", 16 * 2**30, sampled=True) is defaults.GPU_SAMPLED_LOAD_TABLE
     # one request alone gets the single-request T > 0 shape

@@ -64,12 +64,21 @@ GPU_SAMPLED_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = 
     (None, None),
 )
 
-# Serving on a CPU (or a launch-bound target): a decode call computes only its bucket of rows
-# (`row_buckets`), so a chain costs each running row what it costs one request alone; measured with
+# Serving on a CPU: a decode call computes only its bucket of rows (`decode_calls`), so a chain
+# costs each running row what it costs one request alone; measured with
 # the demo pair on a 2-core CPU (docs/results.md "Serving"), the chain of 5 beat AR up to four
 # running requests.
 CPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (4, (1, 1, 1, 1, 1)),
+    (None, None),
+)
+
+
+# Serving a launch-bound target on a GPU: the demo pair on an H100 with the CPU table made 1.04x AR
+# at one agent and 0.71x at four (docs/results.md, "Serving"), so the chain runs for one row only
+# (two and three rows are not measured).
+LAUNCH_BOUND_GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
+    (1, CPU_TREE),
     (None, None),
 )
 
@@ -103,11 +112,14 @@ def tree_for_context(context_len: int, platform: str | None = None, temperature:
 
 
 def load_table(platform: str | None, target_bytes: int | None, sampled: bool = False):
-    """The serving table for this device and target: `CPU_LOAD_TABLE` for launch-bound ones (chains
-    and AR, at any temperature), else `GPU_SAMPLED_LOAD_TABLE` for steps whose every row samples
-    (`sampled`) and `GPU_LOAD_TABLE` for the others."""
-    if is_launch_bound(platform, target_bytes):
+    """The serving table for this device and target: `CPU_LOAD_TABLE` on CPUs and
+    `LAUNCH_BOUND_GPU_LOAD_TABLE` for a launch-bound target on a GPU (chains and AR, at any
+    temperature), else `GPU_SAMPLED_LOAD_TABLE` for steps whose every row samples (`sampled`) and
+    `GPU_LOAD_TABLE` for the others."""
+    if platform == "cpu":
         return CPU_LOAD_TABLE
+    if is_launch_bound(platform, target_bytes):
+        return LAUNCH_BOUND_GPU_LOAD_TABLE
     return GPU_SAMPLED_LOAD_TABLE if sampled else GPU_LOAD_TABLE
 
 
