@@ -160,6 +160,28 @@ def test_staggered_arrivals_and_mixed_sampling(models, engine):
     assert [done[i] for i in ids] == ["max_new_tokens"] * 4
 
 
+def test_decode_calls_run_on_the_helper_thread_a_step_ahead(models):
+    """Each decode call runs on the engine's helper thread and is still in flight when its step
+    returns (the next step takes its state); the tokens stay the target's greedy ones."""
+    import threading
+
+    target, draft = models
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
+    threads = set()
+    for k, exe in list(eng._run.items()):
+        eng._run[k] = lambda *a, _exe=exe: (threads.add(threading.current_thread().name), _exe(*a))[1]
+    p = _prompts(15, (19,))
+    rid = eng.submit(Request(p[0], 24, stop_ids=()))
+    out, in_flight = [], 0
+    while eng.has_work():
+        out += [t for ev in eng.step() if ev.request_id == rid for t in ev.tokens]
+        assert (eng.state is None) == (eng._inflight is not None)  # the state is the call's while it runs
+        in_flight += eng._inflight is not None
+    assert out == _greedy(target, p, 24)[0]
+    assert in_flight >= 2
+    assert threads and all(name.startswith("engine-decode-call") for name in threads)
+
+
 def test_row_buckets_run_only_the_running_rows(models):
     """On a CPU a decode call runs the smallest bucket holding the running slots: one request on four
     slots runs in the 1-row bucket, three in the 4-row one (the whole batch); outputs stay greedy."""
