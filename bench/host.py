@@ -2,7 +2,9 @@
 thread (`infer.serve.EngineWorker`) with an asyncio consumer that decodes each event's tokens, the
 least the HTTP side does per event. The host work of a step is its wall time minus its waits for
 the device (`Engine.stats`: host_busy_s / host_busy_steps); the difference between the two settings
-is what sharing the GIL with the server's event-loop thread costs the engine.
+is what sharing the GIL with the server's event-loop thread costs the engine. `call_ms`: how long a
+decode call holds the engine's helper thread (on a GPU its whole device time: the loop's dispatch
+returns only when the loop ends), against the step's host work.
 
     python -m bench host --workload serve-demo
     python -m bench host --workload serve-llama3-8b --checkpoint DIR --draft DIR       # GPU
@@ -14,6 +16,7 @@ tokens, repeated --reps times per setting, the settings interleaved.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -30,6 +33,18 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
+
+
+def _time_calls(engine, held: list) -> None:
+    """Record the seconds each decode call holds the thread it runs on."""
+    def timed(exe):
+        def call(*args):
+            t = time.perf_counter()
+            out = exe(*args)
+            held.append(time.perf_counter() - t)
+            return out
+        return call
+    engine.calls.run = {k: timed(exe) for k, exe in engine.calls.run.items()}
 
 
 def _host_ms(engine, run) -> float:
@@ -74,6 +89,8 @@ def main(args) -> int:
     worker = None
     alone()  # warm up both paths
     behind_worker()
+    held: list[float] = []
+    _time_calls(engine, held)
     record = common.header("host", args.workload, args.argv)
     record.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, max_slots=args.max_slots,
                   alone_ms=[], worker_ms=[])
@@ -83,9 +100,10 @@ def main(args) -> int:
         record["worker_ms"].append(_host_ms(engine, behind_worker))
         common.write_json(path, record)
     record.update(alone_ms_median=float(np.median(record["alone_ms"])),
-                  worker_ms_median=float(np.median(record["worker_ms"])))
+                  worker_ms_median=float(np.median(record["worker_ms"])), call_ms_median=1e3 * float(np.median(held)))
     common.log(f"host work per decode step: alone {record['alone_ms_median']:.2f} ms, behind the engine thread "
-               f"{record['worker_ms_median']:.2f} ms (medians of {args.reps})")
+               f"{record['worker_ms_median']:.2f} ms (medians of {args.reps}); a decode call holds its thread "
+               f"{record['call_ms_median']:.2f} ms")
     common.write_json(path, record)
     common.log(f"wrote {path}")
     return 0

@@ -180,6 +180,7 @@ def test_host_tiny(tmp_path):
     assert len(record["alone_ms"]) == len(record["worker_ms"]) == 2
     assert all(0 < ms < 1e4 for ms in record["alone_ms"] + record["worker_ms"])
     assert record["alone_ms_median"] > 0 and record["worker_ms_median"] > 0
+    assert 0 < record["call_ms_median"] < 1e4
 
 
 def test_serve_tiny(tmp_path):

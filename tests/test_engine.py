@@ -168,8 +168,8 @@ def test_decode_calls_run_on_the_helper_thread_a_step_ahead(models):
     target, draft = models
     eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
     threads = set()
-    for k, exe in list(eng._run.items()):
-        eng._run[k] = lambda *a, _exe=exe: (threads.add(threading.current_thread().name), _exe(*a))[1]
+    for k, exe in list(eng.calls.run.items()):
+        eng.calls.run[k] = lambda *a, _exe=exe: (threads.add(threading.current_thread().name), _exe(*a))[1]
     p = _prompts(15, (19,))
     rid = eng.submit(Request(p[0], 24, stop_ids=()))
     out, in_flight = [], 0
@@ -188,9 +188,9 @@ def test_row_buckets_run_only_the_running_rows(models):
     target, draft = models
     eng = Engine(target, draft, max_slots=4, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
     assert eng.row_buckets == (1, 2, 4)
-    calls = {k: 0 for k in eng._run}
-    for k, exe in list(eng._run.items()):
-        eng._run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    calls = {k: 0 for k in eng.calls.run}
+    for k, exe in list(eng.calls.run.items()):
+        eng.calls.run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
     by_bucket = lambda b: sum(n for k, n in calls.items() if k[2] == b)  # noqa: E731
     one = _prompts(13, (21,))
     assert eng.generate(one, max_new_tokens=16, stop_ids=()) == _greedy(target, one, 16)
@@ -204,7 +204,7 @@ def test_row_buckets_run_only_the_running_rows(models):
 def test_prefix_reuse_across_turns(models, chunk):
     target, draft = models
     eng = Engine(target, draft, max_slots=2, max_context=200, tree_shape=CHAIN, prefill_chunk=chunk)
-    assert sorted(eng._chunk_exes) == ([16] if chunk == 16 else [64, 128])
+    assert sorted(eng.calls.prefill) == ([16] if chunk == 16 else [64, 128])
     first = _prompts(3, (41,))[0]
     reply = eng.generate([first], max_new_tokens=20, stop_ids=())[0]
     assert reply == _greedy(target, [first], 20)[0]
@@ -250,9 +250,9 @@ def test_a_tree_samples_its_drafts_when_every_row_samples(models):
     tree = (2, 2)
     eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=tree, prefill_chunk=16)
     assert sorted(eng.loops) == [(tree, False), (tree, True)]
-    calls = {k: 0 for k in eng._run}
-    for k, exe in list(eng._run.items()):
-        eng._run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    calls = {k: 0 for k in eng.calls.run}
+    for k, exe in list(eng.calls.run.items()):
+        eng.calls.run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
     prompts = _prompts(8, (13, 29))
     dec = Decoder(target, draft, tree_shape=tree)
     want = [dec.generate([p], max_new_tokens=20, sampling=HOT, seed=5 + b, eos_ids=()).tokens[0]
@@ -305,7 +305,7 @@ def test_cancel_running_and_waiting(models):
 def test_a_failing_request_fails_alone(models, engine, monkeypatch):
     target, _ = models
     prompts = _prompts(8, (6, 13, 9))
-    real_insert = engine._insert
+    real_insert = engine.calls.insert
     calls = []
 
     def insert(*args):
@@ -314,7 +314,7 @@ def test_a_failing_request_fails_alone(models, engine, monkeypatch):
             raise RuntimeError("injected failure")
         return real_insert(*args)
 
-    monkeypatch.setattr(engine, "_insert", insert)
+    monkeypatch.setattr(engine.calls, "insert", insert)
     ids = [engine.submit(Request(p, 16, stop_ids=())) for p in prompts]
     out, errors = {i: [] for i in ids}, {}
     while engine.has_work():
@@ -342,8 +342,8 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
     def broken(*args):
         raise RuntimeError("injected device failure")
 
-    for key in engine._run:
-        monkeypatch.setitem(engine._run, key, broken)
+    for key in engine.calls.run:
+        monkeypatch.setitem(engine.calls.run, key, broken)
     errors = {e.request_id: e.error for e in engine.step() + engine.step() if e.error}  # the call runs a step late
     assert set(errors) == {a, b} and all("injected device failure" in m for m in errors.values())
     assert not engine.has_work() and engine.running == 0 and engine.resident == 0

@@ -250,7 +250,7 @@ def test_flood_beyond_the_queue_gets_503_with_retry_after(served):
 
 def test_a_failing_request_fails_alone(served, monkeypatch):
     engine = served.worker.engine
-    real_insert = engine._insert
+    real_insert = engine.calls.insert
     calls = []
 
     def insert(*args):
@@ -259,7 +259,7 @@ def test_a_failing_request_fails_alone(served, monkeypatch):
             raise RuntimeError("injected failure")
         return real_insert(*args)
 
-    monkeypatch.setattr(engine, "_insert", insert)
+    monkeypatch.setattr(engine.calls, "insert", insert)
     r = httpx.post(served.url + "/v1/completions", json={"model": MODEL, "prompt": "one", "max_tokens": 5,
                                                          "temperature": 0}, timeout=60)
     assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]

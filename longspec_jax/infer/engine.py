@@ -6,7 +6,8 @@
 The device holds one `DecodeState` of `max_slots` rows (`longspec_jax/infer/state.py`): each slot a target KV
 cache of static capacity and a constant-size draft ring. Between decode calls the host admits
 requests into free slots and collects tokens; one jitted `DecodeLoop.run` advances every running
-slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked.
+slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked. What
+it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file schedules it.
 
 * Admission: a prompt is prefilled at batch 1 into a staging cache, a chunk per engine step between
   decode calls (running requests keep streaming while it loads); then its first token is drawn, the
@@ -50,8 +51,9 @@ import numpy as np
 
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
-from longspec_jax.infer.loop import insert_row_jit, loops_for, run_jit, run_rows_jit
-from longspec_jax.infer.state import STOP_NAMES, DecodeState, copy_row, eos_array, new_tokens, stop_row
+from longspec_jax.infer.engine_calls import compile_calls
+from longspec_jax.infer.loop import loops_for
+from longspec_jax.infer.state import STOP_NAMES, DecodeState, eos_array
 from longspec_jax import kv_cache as kvc
 from longspec_jax.infer.slots import Event, Lane, Prefill, Request, Slot, check_request, choose_slot, next_request
 from longspec_jax.sampling import RowSampling, SamplingParams
@@ -130,7 +132,7 @@ class Engine:
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
                           fast_lane=0, forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0)
         self._blocked = 0.0  # seconds this step waited for the device (the call in flight, a read of tokens)
-        self._calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
+        self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
         self._inflight: concurrent.futures.Future | None = None  # the decode call running: its next state
         with dec.mesh_context():
             self._build()
@@ -151,38 +153,11 @@ class Engine:
                       for limit in limits]
 
     def _build(self):
-        dec, cfg = self.dec, self.cfg
         self._build_state()
-        graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
-        c, put = dec.compiler, dec.put
-        # One executable per decode call the plan makes: the whole batch, or a bucket of rows alone.
-        budget = (dec.vocab, put(np.int32(1)), put(np.bool_(False)))
-        self._run = {(w, s, b): c.get("engine_run", run_jit, (dec.t_state, dec.d_state, self.state, *budget),
-                                      dict(graphs, loop=self.loops[w, s])) if b == self.B else
-                     c.get("engine_run_rows", run_rows_jit, (dec.t_state, dec.d_state, self.state,
-                                                             put(np.zeros(b, np.int32)), *budget),
-                           dict(graphs, loop=self.loops[w, s]))
-                     for w, s, b in sorted({(w, s, b) for (s, _), (w, b) in self.plan.items()}, key=str)}
-        widest = max(self.loops.values(), key=lambda lp: lp.num_nodes)
         row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
-        staging = self.lanes[0].staging
-        self._insert = c.get("engine_insert", insert_row_jit, (dec.t_state, dec.d_state, self.state, staging,
-                                                            put(np.zeros((1, cfg.hidden_size), np.float32)), *row,
-                                                            put(np.int32(0))),
-                             dict(graphs, loop=widest, out_size=self.out_size, max_accept=self.max_accept,
-                                  ring_slots=self.ring_slots))
-        self._take_row = c.get("engine_copy_row", copy_row, (self.state.cache, staging, put(np.int32(0))), {})
-        self._cancel = c.get("engine_stop_row", stop_row, (self.state, put(np.int32(0))), {})
-        self._width = W = self.steps_per_call * self.max_accept
-        self._window = c.get("engine_new_tokens", new_tokens, (self.state,), dict(width=W))
-        # Device copies of the run-time scalars a decode call takes, made once.
-        self._scalars = {(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, self.steps_per_call} for b in (0, 1)}
-        # One prefill executable per chunk width: full chunks, and smaller last chunks, so that a
-        # reused turn's short suffix is not padded to a whole chunk.
-        self._chunk_exes = {w: c.get("prefill", runtime.prefill_chunk_jit, (
-            dec.t_graph, dec.t_state, staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
-            put(np.zeros(1, np.int32)), put(np.zeros((1, cfg.hidden_size), np.float32))), {})
-            for w in {runtime.tail_bucket(n, self.chunk) for n in range(1, self.chunk + 1)}}
+        self.calls = compile_calls(self.dec, self.state, self.lanes[0].staging, row, self.plan, self.loops,
+                                   chunk=self.chunk, steps_per_call=self.steps_per_call, max_accept=self.max_accept,
+                                   out_size=self.out_size, ring_slots=self.ring_slots)
 
     def _row_inputs(self, req: Request, prompt: np.ndarray, seed: int):
         put = self.dec.put
@@ -264,10 +239,10 @@ class Engine:
                 steps = 1 if loading else self.steps_per_call
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted, start the
                 # next call, then wait for the read: host work on those tokens overlaps the next call.
-                window = self._window(self.state)
+                window = self.calls.window(self.state)
                 rows = () if b == self.B else (self._bucket_rows(running, b),)
-                self._inflight = self._calls.submit(self._run[widths, sampled, b], dec.t_state, dec.d_state,
-                                                    self.state, *rows, dec.vocab, *self._scalars[(steps, busy)])
+                self._inflight = self._helper.submit(self.calls.run[widths, sampled, b], dec.t_state, dec.d_state,
+                                                     self.state, *rows, dec.vocab, *self.calls.scalars[steps, busy])
                 self.state = None  # donated to the call in flight; `_settle` sets the next one
                 self._collect(running, events, window)
                 self.stats["steps"] += 1
@@ -332,7 +307,7 @@ class Engine:
                 return
         for slot in self.slots:
             if slot.request is not None and slot.request.id == rid:
-                self.state = self._cancel(self.state, self.dec.put(np.int32(slot.index)))
+                self.state = self.calls.stop_row(self.state, self.dec.put(np.int32(slot.index)))
                 self._finish(slot, "cancelled", events)
                 return
 
@@ -357,7 +332,7 @@ class Engine:
         if start > 0:
             self.stats["prefix_hits"] += 1
             self.stats["reused_tokens"] += start
-            lane.staging = self._take_row(self.state.cache, lane.staging, self.dec.put(np.int32(best.index)))
+            lane.staging = self.calls.take_row(self.state.cache, lane.staging, self.dec.put(np.int32(best.index)))
         best.request, best.tokens, best.valid, best.emitted, best.iters, best.session = (
             req, list(map(int, prompt)), start, 0, 0, req.session)
         full, rest = divmod(prompt.size - start, self.chunk)
@@ -374,7 +349,7 @@ class Engine:
         for _ in range(min(self.prefill_chunks_per_step, job.chunks_left(self.chunk))):
             c = job.next_chunk
             tokens = job.rows[:, c * self.chunk:(c + 1) * self.chunk]
-            lane.staging, lane.hidden = self._chunk_exes[tokens.shape[1]](
+            lane.staging, lane.hidden = self.calls.prefill[tokens.shape[1]](
                 dec.t_state, lane.staging, dec.put(tokens),
                 dec.put(np.int32(job.start + c * self.chunk)), last,
                 lane.hidden if c else dec.put(np.zeros((1, self.cfg.hidden_size), np.float32)))
@@ -384,7 +359,7 @@ class Engine:
         req, slot = job.request, job.slot
         seed = req.seed if req.seed is not None else int(self._rng.integers(2**31))
         prompt = np.asarray(req.prompt, np.int64)
-        self.state, first = self._insert(dec.t_state, dec.d_state, self.state, lane.staging, lane.hidden,
+        self.state, first = self.calls.insert(dec.t_state, dec.d_state, self.state, lane.staging, lane.hidden,
                                          *self._row_inputs(req, prompt, seed), dec.put(np.int32(slot.index)))
         first, done, reason = jax.device_get(first)
         lane.job = lane.admitting = None
@@ -400,7 +375,7 @@ class Engine:
         t = time.perf_counter()
         packed = np.asarray(jax.device_get(window))
         self._blocked += time.perf_counter() - t
-        W = self._width
+        W = self.calls.width
         out, (out_len, done, reason, iters) = packed[:, :W], packed[:, W:].T
         for slot in running:
             b = slot.index

@@ -1,0 +1,62 @@
+"""What the serving engine compiles when it starts, for the shapes its slots, lanes and load plan
+fix: one decode loop per planned (shape, sampled, rows) call (`defaults.decode_calls`; the whole
+batch, or a bucket of rows through `run_rows_jit`), the admission's prefill chunk of every width
+and its insert, the copy of a resident row into a staging cache, the stop of a row, and the read of
+each call's new tokens. `longspec_jax/infer/engine.py` schedules them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from longspec_jax.infer import runtime
+from longspec_jax.infer.loop import insert_row_jit, run_jit, run_rows_jit
+from longspec_jax.infer.state import copy_row, new_tokens, stop_row
+
+
+@dataclasses.dataclass
+class EngineCalls:
+    """The engine's executables (each compiled once) and the device scalars its decode calls take."""
+
+    run: dict[tuple, Callable]       # (widths or None, sampled, rows) -> decode loop call
+    insert: Callable                 # a prefilled request's first token and row into its slot
+    take_row: Callable               # a resident row's KV into a staging cache (prefix reuse)
+    stop_row: Callable               # a cancelled row marked done
+    window: Callable                 # every row's last `width` emitted tokens and counters, packed
+    width: int                       # steps per call x the most tokens a step emits
+    prefill: dict[int, Callable]     # chunk width -> prefill forward into a staging cache
+    scalars: dict[tuple, tuple]      # (steps, stop when a row finishes) -> their device copies
+
+
+def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_per_call: int, max_accept: int,
+                  out_size: int, ring_slots: int | None) -> EngineCalls:
+    """Compile for `state` (the slots) and `staging` (a lane's cache); `row` is one request's
+    admission inputs (shapes only); `plan` is `defaults.decode_calls`'s, `loops` `loop.loops_for`'s."""
+    c, put, B = dec.compiler, dec.put, state.committed.shape[0]
+    graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
+    budget = (dec.vocab, put(np.int32(1)), put(np.bool_(False)))
+    run = {}
+    for w, s, b in sorted({(w, s, b) for (s, _), (w, b) in plan.items()}, key=str):
+        statics = dict(graphs, loop=loops[w, s])
+        run[w, s, b] = (c.get("engine_run", run_jit, (dec.t_state, dec.d_state, state, *budget), statics)
+                        if b == B else c.get("engine_run_rows", run_rows_jit, (
+                            dec.t_state, dec.d_state, state, put(np.zeros(b, np.int32)), *budget), statics))
+    hidden = put(np.zeros((1, dec.target.cfg.hidden_size), np.float32))
+    widest = max(loops.values(), key=lambda lp: lp.num_nodes)
+    insert = c.get("engine_insert", insert_row_jit, (dec.t_state, dec.d_state, state, staging, hidden, *row,
+                                                      put(np.int32(0))),
+                   dict(graphs, loop=widest, out_size=out_size, max_accept=max_accept, ring_slots=ring_slots))
+    width = steps_per_call * max_accept
+    # One prefill executable per chunk width: full chunks, and smaller last chunks, so that a reused
+    # turn's short suffix is not padded to a whole chunk.
+    prefill = {w: c.get("prefill", runtime.prefill_chunk_jit, (
+        dec.t_graph, dec.t_state, staging, put(np.zeros((1, w), np.int32)), put(np.int32(0)),
+        put(np.zeros(1, np.int32)), hidden), {}) for w in {runtime.tail_bucket(n, chunk) for n in range(1, chunk + 1)}}
+    return EngineCalls(
+        run=run, insert=insert,
+        take_row=c.get("engine_copy_row", copy_row, (state.cache, staging, put(np.int32(0))), {}),
+        stop_row=c.get("engine_stop_row", stop_row, (state, put(np.int32(0))), {}),
+        window=c.get("engine_new_tokens", new_tokens, (state,), dict(width=width)), width=width, prefill=prefill,
+        scalars={(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, steps_per_call} for b in (0, 1)})
