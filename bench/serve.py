@@ -197,6 +197,7 @@ def main(args) -> int:
             # One agent's turns first, not recorded: a server's first requests pay one-time costs (the
             # first run of each executable) that would land on whichever level came first.
             run_level(url, model, contexts(wl, 1, length, seed=999, vocab=cfg.vocab_size), args, wl, cfg.vocab_size)
+            record["modes"][mode] = dict(startup_s=startup, compile_s=scrape(url).get("engine_compile_seconds"))
             for c in levels:
                 firsts = contexts(wl, c, length, seed=1000 * c, vocab=cfg.vocab_size)
                 rows.append(run_level(url, model, firsts, args, wl, cfg.vocab_size))
@@ -204,7 +205,7 @@ def main(args) -> int:
                            f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
                            f"{rows[-1]['itl_p99_s']:.4f} s, tau {rows[-1]['tau']:.2f}, hits "
                            f"{rows[-1]['prefix_hit_rate']:.2f}, host {rows[-1]['host_ms_per_decode_step']:.2f} ms/step")
-                record["modes"][mode] = dict(startup_s=startup, levels=rows)
+                record["modes"][mode]["levels"] = rows
                 common.write_json(path, record)
             later = max((r["later_turn_prompt_tokens"] for r in rows), default=length)
             record["modes"][mode]["cold_ttft_s"] = cold_ttft(url, model, later, cfg.vocab_size, seed=7)

@@ -118,6 +118,22 @@ def test_compiles_once_per_bucket(model):
     assert res.timings.compile_s == 0.0
 
 
+def test_compiler_compiles_many_side_by_side():
+    # get_many compiles on threads: every executable runs like get's, each compiles once, and keys
+    # that lower to one program share it.
+    compiler = Compiler()
+    scale = jax.jit(lambda x, k: x * k, static_argnames="k")
+    xs = {n: jnp.arange(n, dtype=jnp.float32) for n in (3, 5, 7)}
+    jobs = {(n, k): ("scale", scale, (xs[n],), dict(k=k)) for n in xs for k in (2, 3)}
+    jobs["again"] = jobs[3, 2]
+    exe = compiler.get_many(jobs, workers=4)
+    assert compiler.compiles["scale"] == 6 and exe["again"] is exe[3, 2]
+    for (n, k), e in ((key, e) for key, e in exe.items() if key != "again"):
+        np.testing.assert_array_equal(np.asarray(e(xs[n])), np.arange(n) * k)
+    assert compiler.get("scale", scale, (xs[5],), dict(k=3)) is exe[5, 3]
+    assert compiler.compiles["scale"] == 6
+
+
 def test_eos_stops_with_several_ids(model):
     prompt = _prompt(4, 10)
     free = generate_ar(model, prompt, max_new_tokens=16, prefill_chunk=CHUNK).tokens[0]

@@ -18,6 +18,7 @@ checks, the chunked prefill, and one result type.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -105,15 +106,32 @@ class Compiler:
 
     def get(self, name: str, jitted, args: tuple, statics: dict):
         """The executable of `jitted(*args, **statics)`; `args` only provide abstract shapes."""
-        key = (name, _spec(args), tuple(sorted(statics.items(), key=lambda kv: kv[0])))
-        exe = self._executables.get(key)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = jitted.lower(*args, **statics).compile()
-            self.seconds += time.perf_counter() - t0
-            self.compiles[name] += 1
+        return self.get_many({name: (name, jitted, args, statics)})[name]
+
+    def get_many(self, jobs: dict, workers: int | None = None) -> dict:
+        """`get` for several executables at once: `jobs` maps the caller's keys to (name, jitted, args,
+        statics); returns the same keys to executables. Lowering traces Python, one job at a time on
+        this thread (under its mesh); XLA's compile releases the GIL, so the compiles run on up to
+        `workers` threads (default: one per core) and a server's startup costs about its slowest one."""
+        keys = {k: (name, _spec(args), tuple(sorted(statics.items(), key=lambda kv: kv[0])))
+                for k, (name, _, args, statics) in jobs.items()}
+        t0, todo = time.perf_counter(), {}
+        for k, (name, jitted, args, statics) in jobs.items():
+            if keys[k] not in self._executables and keys[k] not in todo:
+                todo[keys[k]] = jitted.lower(*args, **statics)
+        if not todo:
+            return {k: self._executables[key] for k, key in keys.items()}
+        workers = min(len(todo), workers or os.cpu_count() or 1)
+        if workers == 1:
+            done = {key: lowered.compile() for key, lowered in todo.items()}
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+                done = dict(zip(todo, pool.map(lambda lowered: lowered.compile(), todo.values())))
+        self.seconds += time.perf_counter() - t0
+        for key, exe in done.items():
+            self.compiles[key[0]] += 1
             self._executables[key] = exe
-        return exe
+        return {k: self._executables[key] for k, key in keys.items()}
 
     def executables(self, name: str) -> list:
         """The compiled executables of one name (tests read their HLO)."""

@@ -127,6 +127,8 @@ class _EngineCollector:
         yield gauge("output_tokens_per_second", "Tokens emitted per second over the last 10 s.", w.tokens_per_s())
         yield gauge("mean_accepted_length", "tau: emitted tokens per target forward (prefill forward included).",
                     s["generated_tokens"] / max(1, s["forwards"] + s["requests"]))
+        yield gauge("engine_compile_seconds", "Seconds the engine took to compile its executables at startup.",
+                    e.compile_s)
         yield counter("prompt_tokens", "Prompt tokens admitted.", s["prompt_tokens"])
         yield counter("generation_tokens", "Tokens generated.", s["generated_tokens"])
         yield counter("prefix_cache_queries", "Requests admitted (each looks for a reusable prefix).",
