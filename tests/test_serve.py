@@ -98,6 +98,9 @@ def test_health_models_and_metrics(served):
                  "prefix_cache_reused_tokens_total", "output_tokens_per_second", "mean_accepted_length",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
         assert f"longspec:{name}" in text, name
+    compile_s = [float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("longspec:engine_compile_seconds{")]
+    assert len(compile_s) == 1 and compile_s[0] > 0  # the startup's compile, reported once
 
 
 def test_completion_equals_greedy_output(served):
