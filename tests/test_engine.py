@@ -37,6 +37,14 @@ def _greedy(target, prompts, n):
     return generate_ar(target, prompts, max_new_tokens=n, eos_ids=()).tokens
 
 
+def _count_decode_calls(eng) -> dict:
+    """Wrap each of the engine's decode calls; the returned dict counts the calls per key."""
+    calls = {k: 0 for k in eng.calls.run}
+    for k, exe in list(eng.calls.run.items()):
+        eng.calls.run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    return calls
+
+
 def test_common_prefix_and_slot_choice():
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
@@ -188,9 +196,7 @@ def test_row_buckets_run_only_the_running_rows(models):
     target, draft = models
     eng = Engine(target, draft, max_slots=4, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
     assert eng.row_buckets == (1, 2, 4)
-    calls = {k: 0 for k in eng.calls.run}
-    for k, exe in list(eng.calls.run.items()):
-        eng.calls.run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    calls = _count_decode_calls(eng)
     by_bucket = lambda b: sum(n for k, n in calls.items() if k[2] == b)  # noqa: E731
     one = _prompts(13, (21,))
     assert eng.generate(one, max_new_tokens=16, stop_ids=()) == _greedy(target, one, 16)
@@ -250,9 +256,7 @@ def test_a_tree_samples_its_drafts_when_every_row_samples(models):
     tree = (2, 2)
     eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=tree, prefill_chunk=16)
     assert sorted(eng.loops) == [(tree, False), (tree, True)]
-    calls = {k: 0 for k in eng.calls.run}
-    for k, exe in list(eng.calls.run.items()):
-        eng.calls.run[k] = lambda *a, _exe=exe, _k=k: (calls.__setitem__(_k, calls[_k] + 1), _exe(*a))[1]
+    calls = _count_decode_calls(eng)
     prompts = _prompts(8, (13, 29))
     dec = Decoder(target, draft, tree_shape=tree)
     want = [dec.generate([p], max_new_tokens=20, sampling=HOT, seed=5 + b, eos_ids=()).tokens[0]

@@ -58,7 +58,7 @@ def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_pe
     jobs["take_row"] = ("engine_copy_row", copy_row, (state.cache, staging, put(np.int32(0))), {})
     jobs["stop_row"] = ("engine_stop_row", stop_row, (state, put(np.int32(0))), {})
     jobs["window"] = ("engine_new_tokens", new_tokens, (state,), dict(width=width))
-    exe = dec.compiler.get_many(jobs)  # compiled side by side: startup costs about the slowest one
+    exe = dec.compiler.get_many(jobs)  # compiled side by side (`Compiler.get_many`)
     return EngineCalls(
         run={k[1:]: e for k, e in exe.items() if k[0] == "run"}, insert=exe["insert"], take_row=exe["take_row"],
         stop_row=exe["stop_row"], window=exe["window"], width=width,

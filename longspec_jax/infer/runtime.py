@@ -112,25 +112,23 @@ class Compiler:
         """`get` for several executables at once: `jobs` maps the caller's keys to (name, jitted, args,
         statics); returns the same keys to executables. Lowering traces Python, one job at a time on
         this thread (under its mesh); XLA's compile releases the GIL, so the compiles run on up to
-        `workers` threads (default: one per core) and a server's startup costs about its slowest one."""
+        `workers` threads (default: one per core). What that saves depends on how well XLA already
+        spreads one compile over cores: nothing for the demo pair on an H100, about half of the
+        serving engine's startup compile at Llama-3-8B shapes (docs/perf_notes.md, "Startup compile")."""
         keys = {k: (name, _spec(args), tuple(sorted(statics.items(), key=lambda kv: kv[0])))
                 for k, (name, _, args, statics) in jobs.items()}
         t0, todo = time.perf_counter(), {}
         for k, (name, jitted, args, statics) in jobs.items():
             if keys[k] not in self._executables and keys[k] not in todo:
                 todo[keys[k]] = jitted.lower(*args, **statics)
-        if not todo:
-            return {k: self._executables[key] for k, key in keys.items()}
-        workers = min(len(todo), workers or os.cpu_count() or 1)
-        if workers == 1:
-            done = {key: lowered.compile() for key, lowered in todo.items()}
-        else:
-            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+        if todo:
+            with concurrent.futures.ThreadPoolExecutor(min(len(todo), workers or os.cpu_count() or 1),
+                                                       thread_name_prefix="compile") as pool:
                 done = dict(zip(todo, pool.map(lambda lowered: lowered.compile(), todo.values())))
-        self.seconds += time.perf_counter() - t0
-        for key, exe in done.items():
-            self.compiles[key[0]] += 1
-            self._executables[key] = exe
+            self.seconds += time.perf_counter() - t0
+            for key, exe in done.items():
+                self.compiles[key[0]] += 1
+                self._executables[key] = exe
         return {k: self._executables[key] for k, key in keys.items()}
 
     def executables(self, name: str) -> list:
