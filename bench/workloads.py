@@ -104,6 +104,9 @@ WORKLOADS: dict[str, Workload] = {
     "serve-llama3-8b": Workload(
         model="llama3-8b", contexts=(8192,), new_tokens=128,
         about="serving agents at Llama-3-8B shapes (a random checkpoint on disk): 8k first turns, 128 new tokens"),
+    "serve-llama3-8b-32k": Workload(
+        model="llama3-8b", contexts=(32768,), new_tokens=128,
+        about="serving agents at Llama-3-8B shapes (a random checkpoint on disk): 32k first turns, 128 new tokens"),
     "tiny": Workload(
         model="tiny", contexts=(256,), trees=((2, 2), (1, 1)), draft_vocab_sizes=(128,), new_tokens=8,
         train_seq_lens=(64,),
