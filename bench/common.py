@@ -49,6 +49,13 @@ def git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
+def portable_argv(argv: list[str]) -> list[str]:
+    """The command line with each absolute path after a flag named by that flag ("--checkpoint
+    /data/ck" -> "--checkpoint CHECKPOINT"): a result file records the command, not the machine."""
+    flagged = lambda i, a: os.path.isabs(a) and i and argv[i - 1].startswith("--")  # noqa: E731
+    return [argv[i - 1][2:].upper().replace("-", "_") if flagged(i, a) else a for i, a in enumerate(argv)]
+
+
 def header(suite: str, workload: str | None, argv: list[str], device_kind: str | None = None,
            device_count: int | None = None) -> dict:
     """The fields every result file starts with; `argv` is the whole command line, e.g. ["python",
@@ -69,7 +76,7 @@ def header(suite: str, workload: str | None, argv: list[str], device_kind: str |
     return {"suite": suite, "workload": workload, "device": device_kind, "device_count": device_count,
             "platform": platform_name, "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "git_commit": commit, "git_dirty": dirty,
-            "argv": list(argv),
+            "argv": portable_argv(argv),
             "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

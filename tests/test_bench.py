@@ -33,6 +33,13 @@ def test_device_slug_and_result_path():
     assert common.result_path("x/y.json", "tune", "tiny") == "x/y.json"
 
 
+def test_result_files_record_the_command_without_machine_paths():
+    argv = ["python", "-m", "bench", "serve", "--checkpoint", "/data/ck", "--out", "/home/me/out", "--turns", "2",
+            "rel/dir"]
+    assert common.header("serve", None, argv)["argv"] == [
+        "python", "-m", "bench", "serve", "--checkpoint", "CHECKPOINT", "--out", "OUT", "--turns", "2", "rel/dir"]
+
+
 def test_workload_query_counts():
     from bench import workloads
 

@@ -304,11 +304,28 @@ def run_rows_jit(t_state, d_state, state: DecodeState, rows, vocab, max_iters, s
                  t_graph, d_graph) -> DecodeState:
     """`run_jit` on the distinct rows `rows` (int32 [b]) of `state` alone: a batch of b rows whose
     matmuls and attention cost b rows, not B. The engine runs it where every row computes whether
-    it is busy or not (CPUs); the price is a copy of the b rows in and out."""
-    take = lambda x: x[rows] if x.ndim else x  # noqa: E731
+    it is busy or not (CPUs, large targets under big trees on GPUs); the price is a copy of the b
+    rows in and out. Each row moves as one dynamic slice (a contiguous copy; the write back is in
+    place). On an H100 at Llama-3-8B shapes (8k slots a row) a call with nothing to step cost
+    15.5 ms on two rows moved by XLA's gather and scatter, 4.2 ms on one row (which XLA already
+    moves by slices) and 1.2 ms on the whole batch."""
+    b = rows.shape[0]
+
+    def take(x):
+        if not x.ndim:
+            return x
+        return jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, rows[i], 1, axis=0) for i in range(b)], axis=0)
+
+    def put_back(full, part):
+        if not full.ndim:
+            return part
+        for i in range(b):
+            full = jax.lax.dynamic_update_slice_in_dim(full, part[i:i + 1], rows[i], axis=0)
+        return full
+
     sub = run_jit(t_state, d_state, jax.tree.map(take, state), vocab, max_iters, stop_on_finish, loop=loop,
                   t_graph=t_graph, d_graph=d_graph)
-    return jax.tree.map(lambda full, part: full.at[rows].set(part) if full.ndim else part, state, sub)
+    return jax.tree.map(put_back, state, sub)
 
 
 @functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "out_size", "max_accept", "ring_slots"),
