@@ -188,11 +188,14 @@ def test_decode_calls_run_on_the_helper_thread_a_step_ahead(models):
     assert out == _greedy(target, p, 24)[0]
     assert in_flight >= 2
     assert threads and all(name.startswith("engine-decode-call") for name in threads)
+    # the host's time between two decode calls of plain steps is counted, and is less than the whole run's
+    assert 0 < eng.stats["gap_calls"] < eng.stats["steps"] and 0 < eng.stats["gap_s"]
 
 
 def test_row_buckets_run_only_the_running_rows(models):
     """On a CPU a decode call runs the smallest bucket holding the running slots: one request on four
-    slots runs in the 1-row bucket, three in the 4-row one (the whole batch); outputs stay greedy."""
+    slots runs in the 1-row bucket, three in the 4-row one (the whole batch), two in the 2-row one;
+    outputs stay greedy."""
     target, draft = models
     eng = Engine(target, draft, max_slots=4, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
     assert eng.row_buckets == (1, 2, 4)
@@ -204,6 +207,9 @@ def test_row_buckets_run_only_the_running_rows(models):
     three = _prompts(14, (9, 30, 17))
     assert eng.generate(three, max_new_tokens=80, stop_ids=()) == _greedy(target, three, 80)
     assert by_bucket(4) > 0
+    two = _prompts(15, (11, 26))  # two rows moved in and out of the batch by slices
+    assert eng.generate(two, max_new_tokens=40, stop_ids=()) == _greedy(target, two, 40)
+    assert by_bucket(2) > 0
 
 
 @pytest.mark.parametrize("chunk", [16, 128])  # 128: prompts end in a narrower last chunk (64 wide)

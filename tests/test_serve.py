@@ -96,7 +96,8 @@ def test_health_models_and_metrics(served):
     text = httpx.get(served.url + "/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "num_slots_resident", "prefix_cache_hits_total",
                  "prefix_cache_reused_tokens_total", "output_tokens_per_second", "mean_accepted_length",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                 "engine_call_gap_seconds_total", "engine_call_gaps_total"):
         assert f"longspec:{name}" in text, name
     compile_s = [float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith("longspec:engine_compile_seconds{")]

@@ -130,10 +130,12 @@ class Engine:
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
         self._main_waited = False  # the main lane's chunk waited for the fast lane last step
         self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          fast_lane=0, forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0)
+                          fast_lane=0, forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0, gap_s=0.0,
+                          gap_calls=0)
         self._blocked = 0.0  # seconds this step waited for the device (the call in flight, a read of tokens)
         self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
         self._inflight: concurrent.futures.Future | None = None  # the decode call running: its next state
+        self._last_call_end: float | None = None  # when the previous decode call returned, if the last step made one
         with dec.mesh_context():
             self._build()
 
@@ -243,15 +245,29 @@ class Engine:
                 # next call, then wait for the read: host work on those tokens overlaps the next call.
                 window = self.calls.window(self.state)
                 rows = () if b == self.B else (self._bucket_rows(running, b),)
-                self._inflight = self._helper.submit(self.calls.run[widths, sampled, b], dec.t_state, dec.d_state,
-                                                     self.state, *rows, dec.vocab, *self.calls.scalars[steps, busy])
+                self._inflight = self._helper.submit(self._timed_call, not admitting, self.calls.run[widths, sampled, b],
+                                                     dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
+                                                     *self.calls.scalars[steps, busy])
                 self.state = None  # donated to the call in flight; `_settle` sets the next one
                 self._collect(running, events, window)
                 self.stats["steps"] += 1
                 if not admitting:  # host work of a plain decode step: its wall time minus the waits for the device
                     self.stats["host_busy_s"] += time.perf_counter() - t0 - self._blocked
                     self.stats["host_busy_steps"] += 1
+            else:
+                self._last_call_end = None
             return events
+
+    def _timed_call(self, plain: bool, fn, *args):
+        """A decode call on the helper thread; after another call, a plain step's time from that call's
+        return to this one's start goes to `gap_s` (the device idles that long, and for the dispatch)."""
+        start = time.perf_counter()
+        if plain and self._last_call_end is not None:
+            self.stats["gap_s"] += start - self._last_call_end
+            self.stats["gap_calls"] += 1
+        out = fn(*args)
+        self._last_call_end = time.perf_counter()
+        return out
 
     def _settle(self, events):
         """Take the state of the decode call in flight; one that raised lost the batch's (donated) state."""
