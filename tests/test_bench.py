@@ -199,6 +199,5 @@ def test_serve_tiny(tmp_path):
         for lv in mode["levels"]:
             assert lv["output_tokens"] == lv["agents"] * 2 * record["new_tokens"]  # EOS ignored: every token
             assert lv["ttft_later_turns_s"] > 0 and lv["prefix_hit_rate"] >= 0.5  # later turns reuse their context
-            assert 0 < lv["call_gap_ms"] < 1e3 * lv["wall_s"]
         assert mode["cold_ttft_s"] > 0 and 0 < mode["compile_s"] < mode["startup_s"]
     assert record["modes"]["ar"]["levels"][0]["tau"] == 1.0

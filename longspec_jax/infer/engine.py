@@ -135,7 +135,9 @@ class Engine:
         self._blocked = 0.0  # seconds this step waited for the device (the call in flight, a read of tokens)
         self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
         self._inflight: concurrent.futures.Future | None = None  # the decode call running: its next state
-        self._last_call_end: float | None = None  # when the previous decode call returned, if the last step made one
+        self._last_call_end: float | None = None  # when the previous decode call ended, if the last step made one
+        # A GPU call returns when its loop ends (module docstring); elsewhere at dispatch: no gaps counted.
+        self._calls_block = self.dec.platform == "gpu"
         with dec.mesh_context():
             self._build()
 
@@ -260,13 +262,13 @@ class Engine:
 
     def _timed_call(self, plain: bool, fn, *args):
         """A decode call on the helper thread; after another call, a plain step's time from that call's
-        return to this one's start goes to `gap_s` (the device idles that long, and for the dispatch)."""
+        end to this one's start goes to `gap_s` (the device idles that long, and for the dispatch)."""
         start = time.perf_counter()
         if plain and self._last_call_end is not None:
             self.stats["gap_s"] += start - self._last_call_end
             self.stats["gap_calls"] += 1
         out = fn(*args)
-        self._last_call_end = time.perf_counter()
+        self._last_call_end = time.perf_counter() if self._calls_block else None
         return out
 
     def _settle(self, events):

@@ -143,7 +143,7 @@ class _EngineCollector:
         yield counter("engine_host_busy_steps", "Decode steps counted in engine_host_busy_seconds.",
                       s["host_busy_steps"])
         yield counter("engine_call_gap_seconds", "Time from a decode call's return to the next call's start, "
-                      "over plain decode steps (the host's work between two device calls).", s["gap_s"])
+                      "over plain decode steps (the host's work between two device calls; GPUs only).", s["gap_s"])
         yield counter("engine_call_gaps", "Gaps counted in engine_call_gap_seconds.", s["gap_calls"])
 
 
