@@ -7,6 +7,9 @@
 
 Endpoints: `/v1/completions`, `/v1/chat/completions` (streaming as server-sent events, a final usage
 chunk with `stream_options.include_usage`), `/v1/models`, `/health`, `/metrics` (Prometheus).
+A long token-id prompt is best sent with the `openai` Python client as `extra_body={"prompt": ids}`:
+given as `prompt`, the client walks every id through its type transform first (64 ms for 8k ids on
+a 2-core CPU).
 
 Threads: uvicorn's event loop does HTTP, tokenization and text; one engine thread owns the device
 and runs `Engine.step` whenever there is work (`EngineWorker`). Requests reach it through the
