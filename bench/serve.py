@@ -14,8 +14,8 @@ would otherwise land in every TTFT. Per mode and concurrency:
 output tokens/s (every agent's completion tokens over the wall time), TTFT and inter-token latency
 p50 / p99 (a stream chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused
 prefix) TTFT, tau and the prefix-reuse hit rate (from /metrics), and the engine's host work per
-decode step and between two decode calls. A cold prefill of a later turn's length, timed alone, is the reference for the reused
-turns' TTFT.
+decode step and between two decode calls (GPUs). A cold prefill of a later turn's length, timed
+alone, is the reference for the reused turns' TTFT.
 """
 
 from __future__ import annotations
@@ -166,7 +166,9 @@ def run_level(url: str, model: str, firsts, args, wl, vocab: int) -> dict:
         reused_tokens=d.get("prefix_cache_reused_tokens_total", 0),
         host_ms_per_decode_step=1e3 * d.get("engine_host_busy_seconds_total", 0)
         / max(1.0, d.get("engine_host_busy_steps_total", 0)),
-        call_gap_ms=1e3 * d.get("engine_call_gap_seconds_total", 0) / max(1.0, d.get("engine_call_gaps_total", 0)))
+        # Counted on GPUs only (a call returns at dispatch elsewhere): None where no gap was counted.
+        call_gap_ms=1e3 * d["engine_call_gap_seconds_total"] / d["engine_call_gaps_total"]
+        if d.get("engine_call_gaps_total") else None)
 
 
 def cold_ttft(url: str, model: str, length: int, vocab: int, seed: int) -> float:
@@ -209,7 +211,7 @@ def main(args) -> int:
                            f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
                            f"{rows[-1]['itl_p99_s']:.4f} s, tau {rows[-1]['tau']:.2f}, hits "
                            f"{rows[-1]['prefix_hit_rate']:.2f}, host {rows[-1]['host_ms_per_decode_step']:.2f} ms/step, gap "
-                           f"{rows[-1]['call_gap_ms']:.2f} ms/call")
+                           f"{rows[-1]['call_gap_ms']} ms/call")
                 record["modes"][mode]["levels"] = rows
                 common.write_json(path, record)
             later = max((r["later_turn_prompt_tokens"] for r in rows), default=length)
