@@ -363,6 +363,34 @@ def test_a_failing_decode_call_fails_its_batch_and_the_engine_goes_on(models, en
     assert engine.generate([prompts[2]], max_new_tokens=12, stop_ids=())[0] == _greedy(target, prompts[2:], 12)[0]
 
 
+def test_prefill_tokens_per_step_load_whole_chunks_between_decode_calls(models):
+    """A cold prompt loads `prefill_tokens_per_step` (rounded up to whole chunks) per step while
+    another request decodes; both stay exact. On a GPU the default admits 8192 tokens a step."""
+    from longspec_jax.infer import defaults
+
+    target, draft = models
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16,
+                 prefill_tokens_per_step=40, fast_lane_tokens=0)
+    run, cold = _prompts(14, (20, 120))
+    r = eng.submit(Request(run, 30, stop_ids=()))
+    out = {r: eng.step()[0].tokens}
+    c = eng.submit(Request(cold, 8, stop_ids=()))
+    out[c] = []
+    for done in (3, 6):  # the running request streams meanwhile
+        events = eng.step()
+        for ev in events:
+            out[ev.request_id].extend(ev.tokens)
+        assert eng.lanes[0].job.next_chunk == done and [e.request_id for e in events] == [r]
+    while eng.has_work():
+        for ev in eng.step():
+            out[ev.request_id].extend(ev.tokens)
+    assert out[r] == _greedy(target, [np.asarray(run)], 30)[0] and out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
+    assert defaults.prefill_tokens_per_step("gpu", 2**34, 512) == 8192 == defaults.GPU_PREFILL_TOKENS_PER_STEP
+    assert defaults.prefill_tokens_per_step("cpu", None, 512) == 512
+    with pytest.raises(ValueError, match="prefill_tokens_per_step must be >= 1.*got .*0"):
+        Engine(target, draft, max_slots=2, max_context=64, prefill_tokens_per_step=0)
+
+
 def test_a_negative_fast_lane_is_refused(models):
     with pytest.raises(ValueError, match=r"fast_lane_tokens \(--fast-lane-tokens\) must be >= 0.*got -1"):
         Engine(*models, max_slots=2, max_context=64, fast_lane_tokens=-1)

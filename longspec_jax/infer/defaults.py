@@ -46,12 +46,14 @@ LAUNCH_BOUND_BYTES = 512 * 2**20
 # read: an H100's bf16 ridge is ~295 FLOP per byte, 2 FLOP per 2-byte weight and row.
 MEMORY_BOUND_ROWS = 256
 
-# Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. The rows a call
-# runs (`decode_calls`) x nodes stay under `MEMORY_BOUND_ROWS` (the roofline estimate of
-# docs/perf_notes.md; the breakpoints are not measured yet).
+# Serving: (most active rows, widths or None = plain AR) for a large target on a GPU. From the engine's
+# measured ms per iteration by shape and running rows at 8k (H100, Llama-3-8B shapes) times the demo
+# draft's tau per shape (docs/perf_notes.md, "Serving under load"): the 69-node tree to two rows, the
+# 19-node tree to eight (modelled 2.2-2.3x AR against the chain's 1.9-2.0x); the chain beyond is the
+# roofline estimate (rows x nodes under `MEMORY_BOUND_ROWS`), not measured.
 GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ...] = (
     (2, (4, 16, 16, 16, 16)),
-    (4, (2, 4, 4, 4, 4)),
+    (8, (2, 4, 4, 4, 4)),
     (16, (1, 1, 1, 1, 1)),
     (None, None),
 )
@@ -81,6 +83,21 @@ LAUNCH_BOUND_GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ..
     (1, CPU_TREE),
     (None, None),
 )
+
+
+# Serving: prompt tokens a GPU engine prefills between two decode calls (vLLM's default token budget
+# per step for an OpenAI server on a large GPU, and SGLang's chunked-prefill size, are 8192). A waiting
+# request that loads sooner joins the running ones sooner, and a speculative step costs about the same
+# for one running row as for four: admitted one chunk per step, agents that finish their turns in few
+# steps decode mostly alone (docs/perf_notes.md, "Serving under load"). On a CPU a chunk is a long
+# forward already (0.4 s for the demo pair), so the running requests' streams keep one chunk a step.
+GPU_PREFILL_TOKENS_PER_STEP = 8192
+
+
+def prefill_tokens_per_step(platform: str | None, target_bytes: int | None, chunk: int) -> int:
+    """The serving engine's default prompt tokens per step: `GPU_PREFILL_TOKENS_PER_STEP` on a GPU,
+    one `chunk` on a CPU."""
+    return chunk if platform == "cpu" else max(chunk, GPU_PREFILL_TOKENS_PER_STEP)
 
 
 def is_launch_bound(platform: str | None, target_bytes: int | None) -> bool:

@@ -9,9 +9,9 @@ requests into free slots and collects tokens; one jitted `DecodeLoop.run` advanc
 slot at once (the same step `Decoder.generate` runs), and finished or free slots are masked. What
 it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file schedules it.
 
-* Admission: a prompt is prefilled at batch 1 into a staging cache, a chunk per engine step between
-  decode calls (running requests keep streaming while it loads); then its first token is drawn, the
-  draft ring rebuilt from the prompt's tail, and the row written into its slot (`insert`).
+* Admission: a prompt is prefilled at batch 1 into a staging cache, `prefill_tokens_per_step` per
+  engine step between decode calls (running requests keep streaming while it loads); then its first
+  token is drawn, the draft ring rebuilt from the prompt's tail, and the row written into its slot.
 * Prefix reuse: a finished sequence stays resident in its slot (its KV valid for everything but
   its last token) until the slot is needed, least recently used first. A request whose token ids
   extend a resident sequence (the next turn of an agent, another question over the same document)
@@ -28,9 +28,8 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
   every running request samples takes the sampled table (`loop.loops_for`). Where idle rows would
   cost compute the call runs only a bucket of rows holding the running slots (`decode_calls`).
 * One call in flight: a decode call runs on a helper thread while this one hands out the previous
-  call's tokens and returns its events. On a GPU a call returns only when its loop ends (XLA copies
-  a data-dependent loop condition to the host every iteration), so dispatching it from the engine's
-  own thread would leave the device idle during all of the engine's host work.
+  call's tokens. On a GPU a call returns only when its loop ends (XLA copies a data-dependent loop
+  condition to the host each iteration): dispatched from this thread, it would idle the device.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -73,7 +72,9 @@ class Engine:
       draft_vocab, cache_dtype, prefill_chunk, mesh: as `Decoder`.
       steps_per_call: decode steps per device call while nothing waits (more amortise host work;
         fewer stream more smoothly). A call returns early when a request finishes and another waits.
-      prefill_chunks_per_step: prompt chunks prefilled between two decode calls.
+      prefill_tokens_per_step: prompt tokens prefilled between two decode calls, in whole chunks
+        (default `defaults.prefill_tokens_per_step`: more admit waiting requests sooner, so they
+        decode together; fewer keep the running requests' inter-token latency low meanwhile).
       fast_lane_tokens: a request with at most this many prompt tokens left to prefill after reuse
         may prefill in a second staging cache while a longer prompt loads (default: one chunk;
         0: no fast lane, which saves one slot's KV memory).
@@ -82,11 +83,12 @@ class Engine:
     def __init__(self, target, draft=None, *, max_slots: int = 8, max_context: int = 32768,
                  tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
                  prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, steps_per_call: int = 4,
-                 prefill_chunks_per_step: int = 1, fast_lane_tokens: int | None = None,
+                 prefill_tokens_per_step: int | None = None, fast_lane_tokens: int | None = None,
                  compiler: runtime.Compiler | None = None):
-        if max_slots < 1 or max_context < 2 or steps_per_call < 1 or prefill_chunks_per_step < 1:
-            raise ValueError("max_slots, steps_per_call and prefill_chunks_per_step must be >= 1 and max_context "
-                             f">= 2; got {max_slots}, {steps_per_call}, {prefill_chunks_per_step}, {max_context}")
+        if min(max_slots, steps_per_call, 1 if prefill_tokens_per_step is None else prefill_tokens_per_step) < 1 \
+                or max_context < 2:
+            raise ValueError("max_slots, steps_per_call and prefill_tokens_per_step must be >= 1 and max_context "
+                             f">= 2; got {max_slots}, {steps_per_call}, {prefill_tokens_per_step}, {max_context}")
         if (fast_lane_tokens or 0) < 0:
             raise ValueError(f"fast_lane_tokens (--fast-lane-tokens) must be >= 0 (0: off), got {fast_lane_tokens}")
         limit = target.cfg.max_position_embeddings
@@ -121,7 +123,9 @@ class Engine:
         self.out_size = max_context
         self.ring_slots = dec.ring_slots(self.max_accept)
         self.steps_per_call = steps_per_call
-        self.prefill_chunks_per_step = prefill_chunks_per_step
+        if prefill_tokens_per_step is None:
+            prefill_tokens_per_step = defaults.prefill_tokens_per_step(dec.platform, dec.target_bytes, prefill_chunk)
+        self.prefill_chunks_per_step = -(-prefill_tokens_per_step // prefill_chunk)
         self.slots = [Slot(i) for i in range(max_slots)]
         self.waiting: list[Request] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -129,9 +133,8 @@ class Engine:
         self._rng = np.random.default_rng()
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
         self._main_waited = False  # the main lane's chunk waited for the fast lane last step
-        self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0,
-                          fast_lane=0, forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0, gap_s=0.0,
-                          gap_calls=0)
+        self.stats = dict(requests=0, prompt_tokens=0, generated_tokens=0, prefix_hits=0, reused_tokens=0, fast_lane=0,
+                          forwards=0, steps=0, host_busy_s=0.0, host_busy_steps=0, gap_s=0.0, gap_calls=0)
         self._blocked = 0.0  # seconds this step waited for the device (the call in flight, a read of tokens)
         self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-decode-call")
         self._inflight: concurrent.futures.Future | None = None  # the decode call running: its next state
@@ -302,11 +305,8 @@ class Engine:
         self._build_state()  # fresh lanes too
 
     def _drain(self, events):
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        while not self._inbox.empty():  # this thread alone takes from the inbox
+            kind, item = self._inbox.get_nowait()
             if kind == "submit":
                 self.waiting.append(item)
                 self.stats["requests"] += 1
