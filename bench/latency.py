@@ -44,6 +44,7 @@ from longspec_jax.infer.state import DecodeState
 from longspec_jax import kv_cache, sharding, verify
 from longspec_jax.draft import ring_capacity
 from longspec_jax.draft_vocab import head_columns
+from longspec_jax.transformer import fuse_projections
 from longspec_jax.tree import TreeShape
 from pallas_kernels import default_implementation
 
@@ -85,6 +86,9 @@ class Bench:
         self.put = functools.partial(jax.device_put, device=self.mesh and NamedSharding(self.mesh, PartitionSpec()))
         self.ceil = common.ceilings(wl.dtype)
         self.target, draft = common.random_models(cfg, dcfg, self.impl, dtype=self.dtype, mesh=self.mesh)
+        # Fused q|k|v and gate|up projections, as `Decoder` runs the models.
+        fuse_projections(self.target)
+        fuse_projections(draft)
         self.t_graph, self.t_state = nnx.split(self.target)
         self.d_graph, self.d_state = nnx.split(draft)
         self.w_bytes = common.param_bytes(self.target)  # a decode step gathers one embedding row

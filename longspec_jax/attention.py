@@ -33,7 +33,7 @@ from flax import nnx
 import pallas_kernels
 from longspec_jax import kv_cache as kvc
 from longspec_jax.configs import ModelConfig
-from longspec_jax.layers import apply_rope, param
+from longspec_jax.layers import apply_rope, param, regroup_params
 from pallas_kernels import reference as attn_ref
 
 
@@ -46,7 +46,8 @@ class Attention(nnx.Module):
     """Multi-head attention with grouped K/V heads and optional q/k/v biases (Qwen2).
 
     Params: q_kernel [D, N, H], k_kernel / v_kernel [D, K, H], o_kernel [N, H, D];
-    q_bias [N, H], k_bias / v_bias [K, H] when `cfg.attention_bias`.
+    q_bias [N, H], k_bias / v_bias [K, H] when `cfg.attention_bias`. After `fuse()` (inference)
+    q, k and v are one qkv_kernel [D, K, G+2, H] (and qkv_bias [K, G+2, H]).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
@@ -65,16 +66,59 @@ class Attention(nnx.Module):
             self.k_bias = param(rngs, init, (K, H), param_dtype, ("kv_heads", "head_dim"))
             self.v_bias = param(rngs, init, (K, H), param_dtype, ("kv_heads", "head_dim"))
 
+    @property
+    def fused(self) -> bool:
+        """Whether q, k and v are one parameter (`fuse`)."""
+        return hasattr(self, "qkv_kernel")
+
+    def fuse(self, placement=None) -> None:
+        """Group q, k and v into qkv_kernel [D, K, G+2, H] ("embed", "kv_heads", None, "head_dim"),
+        in place; idempotent. Biases likewise into qkv_bias [K, G+2, H].
+
+        Per KV head k: its G query heads (n = k*G + g, HF's repeat_kv grouping), then k, then v. One
+        [D, K*(G+2)*H] matmul replaces three (the k and v ones are too small to reach the memory
+        bandwidth alone at decode row counts), and a split of "kv_heads" over devices keeps each
+        device's q, k and v together. `placement`: as `layers.regroup_params`.
+        """
+        if self.fused:
+            return
+        regroup_params(self, ("q_kernel", "k_kernel", "v_kernel"),
+                       {"qkv_kernel": ("embed", "kv_heads", None, "head_dim")}, _group_qkv, placement)
+        if self.use_bias:
+            regroup_params(self, ("q_bias", "k_bias", "v_bias"), {"qkv_bias": ("kv_heads", None, "head_dim")},
+                           _group_qkv, placement)
+
+    def unfuse(self, placement=None) -> None:
+        """The inverse of `fuse` (the separate layout checkpoints and training use), in place; idempotent."""
+        if not self.fused:
+            return
+        kernels = {"q_kernel": ("embed", "q_heads", "head_dim"), "k_kernel": ("embed", "kv_heads", "head_dim"),
+                   "v_kernel": ("embed", "kv_heads", "head_dim")}
+        regroup_params(self, ("qkv_kernel",), kernels, _ungroup_qkv, placement)
+        if self.use_bias:
+            biases = {"q_bias": ("q_heads", "head_dim"), "k_bias": ("kv_heads", "head_dim"),
+                      "v_bias": ("kv_heads", "head_dim")}
+            regroup_params(self, ("qkv_bias",), biases, _ungroup_qkv, placement)
+
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """Projections + RoPE: q [B,T,N,H], k [B,T,K,H] (post-RoPE), v [B,T,K,H], in the compute dtype."""
         x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_kernel[...].astype(self.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_kernel[...].astype(self.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_kernel[...].astype(self.dtype))
-        if self.use_bias:
-            q = q + self.q_bias[...].astype(self.dtype)
-            k = k + self.k_bias[...].astype(self.dtype)
-            v = v + self.v_bias[...].astype(self.dtype)
+        if self.fused:
+            y = jnp.einsum("BTD,DKJH->BTKJH", x, self.qkv_kernel[...].astype(self.dtype))
+            if self.use_bias:
+                y = y + self.qkv_bias[...].astype(self.dtype)
+            B, T, K, J, H = y.shape
+            G = J - 2
+            q = y[..., :G, :].reshape(B, T, K * G, H)  # [B, T, N, H]: head n = k*G + g
+            k, v = y[..., G, :], y[..., G + 1, :]
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x, self.q_kernel[...].astype(self.dtype))
+            k = jnp.einsum("BTD,DKH->BTKH", x, self.k_kernel[...].astype(self.dtype))
+            v = jnp.einsum("BTD,DKH->BTKH", x, self.v_kernel[...].astype(self.dtype))
+            if self.use_bias:
+                q = q + self.q_bias[...].astype(self.dtype)
+                k = k + self.k_bias[...].astype(self.dtype)
+                v = v + self.v_bias[...].astype(self.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o: jax.Array) -> jax.Array:
@@ -102,6 +146,20 @@ class Attention(nnx.Module):
         """
         q, k, v = self.qkv(x, cos, sin)
         return self.out(train_attention(q, k, v, attention=attention, chunk=chunk)), (k, v)
+
+
+def _group_qkv(q, k, v):
+    """q [..., N, H], k, v [..., K, H] -> ([..., K, G+2, H],): per KV head, its G query heads, k, v."""
+    K = k.shape[-2]
+    q = q.reshape(*q.shape[:-2], K, q.shape[-2] // K, q.shape[-1])
+    return (jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2),)
+
+
+def _ungroup_qkv(qkv):
+    """The inverse of `_group_qkv`: [..., K, G+2, H] -> q [..., N, H], k, v [..., K, H]."""
+    *lead, K, J, H = qkv.shape
+    G = J - 2
+    return qkv[..., :G, :].reshape(*lead, K * G, H), qkv[..., G, :], qkv[..., G + 1, :]
 
 
 # --------------------------------------------------------------------------------------------

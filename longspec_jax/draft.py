@@ -93,7 +93,12 @@ class DraftCache:
 
 
 class _SelfAttention(nnx.Module):
-    """Draft self-attention projections: q/k/v with biases (even for Llama drafts), o without."""
+    """Draft self-attention projections: q/k/v with biases (even for Llama drafts), o without.
+
+    Left separate for inference (`transformer.fuse_projections` fuses the draft's MLP only): the
+    ring writes (`Draft.self_kv`, once per committed root) need k and v without q, and slicing them
+    out of one fused weight would copy it whole each time.
+    """
 
     def __init__(self, cfg: DraftConfig, *, rngs, dtype, param_dtype, init_std=0.02):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -38,6 +38,7 @@ from flax import nnx
 from longspec_jax import draft_vocab, hub
 from longspec_jax.configs import ConfigError, DraftConfig, ModelConfig, from_hf_config, to_hf_config
 from longspec_jax.draft import Draft
+from longspec_jax.transformer import check_unfused
 
 PREFIXES = ("model.", "glide.", "draft_model.", "module.")
 # config.json key holding the draft's self-attention window; absent in the released drafts (512).
@@ -311,6 +312,7 @@ def load_draft(path: str | os.PathLike, target_cfg: ModelConfig | None = None, *
 def draft_state_dict(draft: Draft, *, include_unused: bool = True, dtype=None) -> dict[str, np.ndarray]:
     """The draft's HF-named state dict (numpy). With include_unused, zero cross_attn k/v tensors are
     added so that the original PyTorch code loads the file without missing-key warnings."""
+    check_unfused(draft, "draft_state_dict")
     cfg = draft.cfg
     out = {}
     for key, ((mod, name), shape, _, to_hf) in _table(cfg).items():

@@ -5,15 +5,22 @@ decode and tree verification differ only in T, positions and mask. `forward_trai
 causal pass used by training (the frozen target of the draft objective, and the LM objective),
 returning the last layer's post-RoPE K/V for the draft's cross-attention (spec section 1.3); its
 attention core and activation checkpointing are arguments.
+
+`fuse_projections` regroups, in place, every layer's q|k|v and gate|up weights into one matmul each
+for inference (`infer.Decoder` does it); checkpoints, training and export use the separate layout,
+which `unfuse_projections` restores.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from longspec_jax import kv_cache as kvc
+from longspec_jax import sharding as shd
 from longspec_jax.attention import Attention, causal_mask
 from longspec_jax.configs import ModelConfig
 from longspec_jax.layers import MLP, Embedding, LMHead, RMSNorm, remat_call, rope_cos_sin
@@ -151,3 +158,61 @@ class Transformer(nnx.Module):
         for layer in self.layers:
             h, kv = remat_call(layer, run, remat, h, cos, sin)
         return self.final_norm(h), kv
+
+
+# --------------------------------------------------------------------------------------------
+# Fused projections for inference
+
+
+def fuse_projections(model: nnx.Module, rules=None) -> nnx.Module:
+    """Fuse the q|k|v and gate|up projections of every `Attention` and `MLP` in `model`, in place;
+    idempotent; returns `model`.
+
+    `model` is a `Transformer` or a `Draft` (whose MLP is fused; its self-attention computes q apart
+    from k, v, see `Draft`). The fused model computes the same function with three fewer weight
+    matmuls per layer (`Attention.fuse`, `MLP.fuse`). Module by module, the separate arrays are
+    dropped as the fused ones are made, so the extra memory is one layer's projections (provided
+    nothing else holds the arrays). A model placed on a mesh keeps its placement: each fused
+    parameter gets the sharding `rules` (default `sharding.DEFAULT_RULES`) give its logical axes.
+    """
+    placement = _placement(model, rules)
+    for module in _projection_modules(model):
+        module.fuse(placement)
+    return model
+
+
+def unfuse_projections(model: nnx.Module, rules=None) -> nnx.Module:
+    """The inverse of `fuse_projections` (the separate layout that checkpoints, export and training
+    use), in place; idempotent; returns `model`."""
+    placement = _placement(model, rules)
+    for module in _projection_modules(model):
+        module.unfuse(placement)
+    return model
+
+
+def is_fused(model: nnx.Module) -> bool:
+    """Whether any projection of `model` is fused (`fuse_projections`)."""
+    return any(module.fused for module in _projection_modules(model))
+
+
+def check_unfused(model: nnx.Module, what: str) -> None:
+    """Refuse (ValueError naming `what`) a model whose projections are fused: checkpoints and
+    exports hold q, k, v, gate and up separately."""
+    if is_fused(model):
+        raise ValueError(f"{what}: the model's q|k|v and gate|up projections are fused for inference (a Decoder "
+                         "fuses the models it is given); call longspec_jax.transformer.unfuse_projections(model) "
+                         "first, or save before building the Decoder.")
+
+
+def _projection_modules(model: nnx.Module) -> list:
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, (Attention, MLP))]
+
+
+def _placement(model: nnx.Module, rules):
+    """`regroup_params`' placement for a model on a mesh (that of its first mesh-sharded
+    parameter), or None for a model on one device."""
+    for _, var in shd.iter_params(model):
+        sharding = getattr(var.get_value(), "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return functools.partial(shd.variable_sharding, mesh=sharding.mesh, rules=rules)
+    return None

@@ -27,7 +27,7 @@ from longspec_jax import configs, hub
 from longspec_jax.configs import ModelConfig
 from longspec_jax.hub import INDEX_FILE, SINGLE_FILE, CheckpointError
 from longspec_jax.sharding import iter_params, variable_sharding
-from longspec_jax.transformer import Transformer
+from longspec_jax.transformer import Transformer, check_unfused
 
 try:
     from safetensors import SafetensorError
@@ -360,6 +360,7 @@ def save_target(model: Transformer, cfg: ModelConfig, directory: str, tokenizer=
     from huggingface_hub import split_state_dict_into_shards_factory
 
     directory = hub.check_output_dir(directory, overwrite=overwrite)  # refuse before gathering any weight
+    check_unfused(model, "save_target")
     params = dict(iter_params(model))
     tensors: dict[str, np.ndarray] = {}
     for rule in key_table(cfg):

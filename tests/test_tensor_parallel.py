@@ -117,8 +117,11 @@ def test_tree_greedy_matches_single_device(models):
     ref = spec.generate_tree(target, draft, prompts, tree_shape=TREE, max_new_tokens=MAX_NEW, prefill_chunk=CHUNK)
     mesh = sharding.tensor_parallel_mesh(2)
     decoder = spec.Decoder(target, draft, tree_shape=TREE, prefill_chunk=CHUNK, mesh=mesh)
-    assert _spec(decoder.target.layers[0].attn.k_kernel[...])[1] == "tensor"
+    # The Decoder fuses its placed copies: qkv [D, K, G+2, H] over kv heads, gate_up [D, 2, F] over F.
+    assert _spec(decoder.target.layers[0].attn.qkv_kernel[...])[1] == "tensor"
+    assert _spec(decoder.target.layers[0].mlp.gate_up_kernel[...])[2] == "tensor"
     assert _spec(decoder.draft.self_attn.q_kernel[...])[1] == "tensor"
+    assert _spec(decoder.draft.mlp.gate_up_kernel[...])[2] == "tensor"
     res = decoder.generate(prompts, max_new_tokens=MAX_NEW)
     assert res.tokens == ref.tokens
     assert res.stop_reason == ref.stop_reason

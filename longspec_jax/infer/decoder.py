@@ -32,6 +32,7 @@ from longspec_jax import sharding as shd
 from longspec_jax.draft import Draft, ring_capacity
 from longspec_jax.draft_vocab import head_columns
 from longspec_jax.sampling import RowSampling, SamplingParams
+from longspec_jax.transformer import fuse_projections
 from longspec_jax.tree import TreeShape
 
 StreamFn = Callable[[np.ndarray, np.ndarray], None]  # (tokens [B, n], emitted per row [B])
@@ -39,6 +40,11 @@ StreamFn = Callable[[np.ndarray, np.ndarray], None]  # (tokens [B, n], emitted p
 
 class Decoder:
     """Split the models once, reuse compiled executables across `generate` calls.
+
+    The models are fused in place for inference (`transformer.fuse_projections`: one matmul for
+    q|k|v and one for gate|up per layer); they compute the same function, but their parameters take
+    the fused layout, which `unfuse_projections` undoes (e.g. before `weights.save_target`). With a
+    `mesh`, the placed copies are fused and the models passed in are left as they are.
 
     Args:
       target: `Transformer` (the verifier; its embedding and LM head are shared with the draft).
@@ -89,6 +95,9 @@ class Decoder:
             if draft is not None:
                 draft = self.draft = shd.place_for_inference(draft, mesh, what="draft")
             self._rep = NamedSharding(mesh, PartitionSpec())
+        fuse_projections(target)  # after placement: each fused parameter takes its sharding on the mesh
+        if draft is not None:
+            fuse_projections(draft)
         self.platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         # Weights as plain nested dicts of arrays, which jitted calls flatten in C++; an nnx.State's
         # Variables flatten through Python (0.18 ms a call for an 8B target's 291 leaves on a CPU host).
