@@ -91,17 +91,8 @@ def _spec(tree):
     return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
 
 
-# XLA options per executable name. A prompt's executables (its prefill chunks, first state, and the
-# serving engine's insert and row copy) run once per request on buffers that differ from the last
-# call's; on GPUs XLA's command buffers (CUDA graphs) then record the graph again at dispatch, which
-# cost more than launching the kernels one by one (docs/perf_notes.md, "A reused turn's first token").
-# Decode loops, which run the same buffers call after call, keep them.
-_NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
-COMPILE_OPTIONS = {name: _NO_COMMAND_BUFFERS for name in ("prefill", "start", "engine_insert", "engine_copy_row")}
-
-
 class Compiler:
-    """Ahead-of-time compilation with a cache keyed by every static input (and `COMPILE_OPTIONS`).
+    """Ahead-of-time compilation with a cache keyed by every static input.
 
     Attributes:
       seconds: compile time spent by this instance since `reset_seconds` (cache hits cost 0).
@@ -133,7 +124,7 @@ class Compiler:
         if todo:
             with concurrent.futures.ThreadPoolExecutor(min(len(todo), workers or os.cpu_count() or 1),
                                                        thread_name_prefix="compile") as pool:
-                done = dict(zip(todo, pool.map(lambda kv: kv[1].compile(COMPILE_OPTIONS.get(kv[0][0])), todo.items())))
+                done = dict(zip(todo, pool.map(lambda lowered: lowered.compile(), todo.values())))
             self.seconds += time.perf_counter() - t0
             for key, exe in done.items():
                 self.compiles[key[0]] += 1
