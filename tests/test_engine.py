@@ -194,6 +194,28 @@ def test_decode_calls_run_on_the_helper_thread_a_step_ahead(models):
     assert 0 < eng.stats["gap_calls"] < eng.stats["steps"] and 0 < eng.stats["gap_s"]
 
 
+def test_steps_that_admit_are_not_counted_as_plain_decode_steps(models):
+    """Host work and call gaps are counted over plain decode steps only: a step that admits a request
+    which arrived just before it (and waits for its prefill) is not one."""
+    target, draft = models
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
+    eng._calls_block = True  # count gaps as on a GPU (see the test above)
+    a, b = _prompts(16, (19, 40))
+    eng.submit(Request(a, 120, stop_ids=()))
+    while not eng.running or eng._loading():
+        eng.step()
+    for _ in range(2):
+        eng.step()
+    plain, gaps = eng.stats["host_busy_steps"], eng.stats["gap_calls"]
+    assert plain >= 1 and gaps >= 1
+    eng.submit(Request(b, 4, stop_ids=()))
+    for _ in range(3):  # b's three chunks, its first token and insert
+        eng.step()
+    assert (eng.stats["host_busy_steps"], eng.stats["gap_calls"]) == (plain, gaps) and eng.running == 2
+    eng.step()
+    assert (eng.stats["host_busy_steps"], eng.stats["gap_calls"]) == (plain + 1, gaps + 1)
+
+
 def test_row_buckets_run_only_the_running_rows(models):
     """On a CPU a decode call runs the smallest bucket holding the running slots: one request on four
     slots runs in the 1-row bucket, three in the 4-row one (the whole batch), two in the 2-row one;

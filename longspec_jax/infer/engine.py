@@ -219,8 +219,8 @@ class Engine:
             self._blocked = 0.0
             events: list[Event] = []
             self._settle(events)
-            admitting = bool(self.waiting or self._loading())
             self._drain(events)
+            admitting = bool(self.waiting or self._loading())  # a request that just arrived is admitted now
             for lane in self.lanes:  # the main lane first: it takes the best waiting request
                 try:  # a failure while admitting one request fails that request only
                     if lane.job is None and self.waiting:
