@@ -22,7 +22,7 @@ from longspec_jax.configs import DraftConfig, tiny_config
 from longspec_jax.draft import Draft
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.sampling import SamplingParams
-from longspec_jax.transformer import Transformer
+from longspec_jax.transformer import Transformer, unfuse_projections
 
 VOCAB = 128
 MAX_NEW = 24
@@ -64,6 +64,8 @@ def _spec(x):
 
 def test_params_and_cache_are_sharded(models):
     target, draft, _ = models
+    # The separate layout checkpoints use (a Decoder built by another test may have fused them in place).
+    unfuse_projections(target), unfuse_projections(draft)
     mesh = sharding.tensor_parallel_mesh(2)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2}
     placed = sharding.place_for_inference(target, mesh)
