@@ -89,7 +89,8 @@ class Prefill:
 
 @dataclasses.dataclass
 class Lane:
-    """A batch-1 staging cache and the prompt prefilling into it, a chunk per engine step. The
+    """A batch-1 staging cache and the prompt prefilling into it, the engine's
+    `prefill_tokens_per_step` a step (whole chunks). The
     engine's main lane takes any request; its fast lane (a second staging cache) only one whose
     prompt left to prefill after reuse is at most `max_suffix` tokens, so that an agent's short
     next turn starts while a long cold prompt is still loading instead of waiting behind it."""
