@@ -22,7 +22,7 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
   (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`); the
-  long prompt's next chunk waits for it one step.
+  long prompt's next chunks wait for it one step.
 * Speculation only where it wins: each decode call's tree shape (or plain AR) comes from the number
   of running slots (`longspec_jax/infer/defaults.py`), every shape on the same state; a step whose
   every running request samples takes the sampled table (`loop.loops_for`). Where idle rows would
