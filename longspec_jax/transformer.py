@@ -200,8 +200,9 @@ def check_unfused(model: nnx.Module, what: str) -> None:
     exports hold q, k, v, gate and up separately."""
     if is_fused(model):
         raise ValueError(f"{what}: the model's q|k|v and gate|up projections are fused for inference (a Decoder "
-                         "fuses the models it is given); call longspec_jax.transformer.unfuse_projections(model) "
-                         "first, or save before building the Decoder.")
+                         "fuses the models it is given), while checkpoints hold them apart; call "
+                         "longspec_jax.transformer.unfuse_projections(model) first, or save or load before "
+                         "building the Decoder.")
 
 
 def _projection_modules(model: nnx.Module) -> list:

@@ -254,6 +254,7 @@ def load_params(model: nnx.Module, path: str, cfg: ModelConfig, *, mesh=None, ru
     Each tensor is read, transformed to our layout, cast to the parameter's dtype and placed with
     its logical sharding on `mesh` (or the default device), then dropped from host memory.
     """
+    check_unfused(model, "load_params")
     params = dict(iter_params(model))
     plan = _plan(path, cfg, params)
     by_file: dict[str, list] = {}

@@ -18,7 +18,7 @@ from longspec_jax.draft_weights import save_draft
 from longspec_jax.infer.decoder import Decoder
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.transformer import fuse_projections, is_fused, unfuse_projections
-from longspec_jax.weights import save_target
+from longspec_jax.weights import load_params, save_target
 
 # float32, "highest" matmul precision (conftest): the fused matmul computes every output element as
 # the same dot product, so fused and separate differ at most by the summation order of one GEMM.
@@ -171,7 +171,7 @@ def test_fused_model_on_a_tensor_parallel_mesh():
     assert collectives[1] <= collectives[0], collectives
 
 
-def test_savers_refuse_a_fused_model(tmp_path):
+def test_savers_and_loader_refuse_a_fused_model(tmp_path):
     cfg = _cfg("llama_gqa")
     target = fuse_projections(init.random_target(cfg, seed=9))
     draft = fuse_projections(init.random_draft(DraftConfig.from_target(cfg, window=4), cfg.rope, seed=10))
@@ -181,6 +181,9 @@ def test_savers_refuse_a_fused_model(tmp_path):
         save_draft(draft, str(tmp_path / "draft"), target_cfg=cfg)
     assert not (tmp_path / "target").exists() and not (tmp_path / "draft").exists()
     save_draft(unfuse_projections(draft), str(tmp_path / "draft"), target_cfg=cfg)
+    save_target(unfuse_projections(target), cfg, str(tmp_path / "target"))
+    with pytest.raises(ValueError, match=r"load_params: .*fused.*unfuse_projections"):  # loading refuses too
+        load_params(fuse_projections(target), str(tmp_path / "target"), cfg)
 
 
 def test_decoder_fuses_in_place():
