@@ -118,6 +118,26 @@ def test_a_short_turn_overtakes_a_long_prefill(models):
         assert out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
 
 
+def test_a_short_turn_overtakes_the_last_chunks_of_a_long_prefill(models):
+    """With several chunks a step, a turn that arrives while a cold prompt has a step's worth of
+    chunks left still starts first: those chunks wait one step for it."""
+    target, draft = models
+    first, cold = _prompts(17, (40, 120))
+    eng = Engine(target, draft, max_slots=3, max_context=160, tree_shape=CHAIN, prefill_chunk=16,
+                 prefill_tokens_per_step=64)
+    turn2 = np.concatenate([first, eng.generate([first], max_new_tokens=12, stop_ids=())[0], [3, 4, 5]])
+    c = eng.submit(Request(cold, 8, stop_ids=()))
+    eng.step()  # 4 of the cold prompt's 8 chunks
+    t = eng.submit(Request(turn2.tolist(), 12, stop_ids=()))
+    events = eng.step()
+    assert [e.request_id for e in events] == [t] and eng.lanes[0].job.next_chunk == 4
+    out = {t: events[0].tokens, c: []}
+    while eng.has_work():
+        for ev in eng.step():
+            out[ev.request_id].extend(ev.tokens)
+    assert out[t] == _greedy(target, [turn2], 12)[0] and out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
+
+
 def test_a_cold_request_does_not_evict_the_context_of_a_waiting_turn(models):
     """Both slots hold finished agents; a cold prompt queued before agent A's next turn waits, so A's
     turn reuses its context."""

@@ -227,11 +227,11 @@ class Engine:
                         self._admit(lane)
                 except Exception as e:  # noqa: BLE001 (reported to the request, the engine goes on)
                     self._fail_admission(lane, e, events)
-            # While the fast lane holds a prompt the main lane's chunk of a longer one waits a step (never
-            # two running), so that a short turn's first token is not held behind a long prompt's chunk.
+            # While the fast lane holds a prompt the main lane's chunks of a longer one (more than one chunk
+            # left) wait a step (never two running), so that a short turn's first token is not held behind them.
             main = self.lanes[0].job
             fast = (len(self.lanes) > 1 and self.lanes[1].job is not None and not self._main_waited
-                    and main is not None and main.chunks_left(self.chunk) > self.prefill_chunks_per_step)
+                    and main is not None and main.chunks_left(self.chunk) > 1)
             self._main_waited = fast
             for lane in [ln for ln in self.lanes[fast:] if ln.job is not None]:
                 try:
