@@ -190,6 +190,15 @@ def test_host_tiny(tmp_path):
     assert 0 < record["call_ms_median"] < 1e4
 
 
+def test_steps_tiny(tmp_path):
+    record = run_suite(tmp_path, "steps", "--shapes", "ar", "1,1", "--rows", "1", "2", "--max-slots", "2",
+                       "--steps", "2", "--warmup", "1")
+    assert set(record["shapes"]) == {"ar", "1,1"} and record["context"] > 0
+    for shape in record["shapes"].values():
+        assert [p["rows"] for p in shape["points"]] == [1, 2]
+        assert all(p["ms_per_iteration"] > 0 and p["iterations"] >= 2 for p in shape["points"])
+
+
 def test_serve_tiny(tmp_path):
     """Both servers started for real, two agents of two turns each through the openai client."""
     record = run_suite(tmp_path, "serve", "--concurrency", "1", "2", "--turns", "2")

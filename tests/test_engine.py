@@ -427,8 +427,8 @@ def test_prefill_tokens_per_step_load_whole_chunks_between_decode_calls(models):
         for ev in eng.step():
             out[ev.request_id].extend(ev.tokens)
     assert out[r] == _greedy(target, [np.asarray(run)], 30)[0] and out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
-    assert defaults.prefill_tokens_per_step("gpu", 2**34, 512) == 8192 == defaults.GPU_PREFILL_TOKENS_PER_STEP
-    assert defaults.prefill_tokens_per_step("cpu", None, 512) == 512
+    assert defaults.prefill_tokens_per_step("gpu", 512) == 8192 == defaults.GPU_PREFILL_TOKENS_PER_STEP
+    assert defaults.prefill_tokens_per_step("cpu", 512) == 512
     with pytest.raises(ValueError, match="prefill_tokens_per_step must be >= 1.*got .*0"):
         Engine(target, draft, max_slots=2, max_context=64, prefill_tokens_per_step=0)
 

@@ -94,7 +94,7 @@ LAUNCH_BOUND_GPU_LOAD_TABLE: tuple[tuple[int | None, tuple[int, ...] | None], ..
 GPU_PREFILL_TOKENS_PER_STEP = 8192
 
 
-def prefill_tokens_per_step(platform: str | None, target_bytes: int | None, chunk: int) -> int:
+def prefill_tokens_per_step(platform: str | None, chunk: int) -> int:
     """The serving engine's default prompt tokens per step: `GPU_PREFILL_TOKENS_PER_STEP` on a GPU,
     one `chunk` on a CPU."""
     return chunk if platform == "cpu" else max(chunk, GPU_PREFILL_TOKENS_PER_STEP)

@@ -124,7 +124,7 @@ class Engine:
         self.ring_slots = dec.ring_slots(self.max_accept)
         self.steps_per_call = steps_per_call
         if prefill_tokens_per_step is None:
-            prefill_tokens_per_step = defaults.prefill_tokens_per_step(dec.platform, dec.target_bytes, prefill_chunk)
+            prefill_tokens_per_step = defaults.prefill_tokens_per_step(dec.platform, prefill_chunk)
         self.prefill_chunks_per_step = -(-prefill_tokens_per_step // prefill_chunk)
         self.slots = [Slot(i) for i in range(max_slots)]
         self.waiting: list[Request] = []
