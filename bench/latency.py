@@ -2,6 +2,7 @@
 
 Per context C, on a state at C committed tokens whose cache a chunked prefill of random tokens filled:
   prefill     that prefill (`longspec_jax.infer.runtime.prefill`): tokens/s against its compute floor
+              (--prefill-chunks: the same prompt again in other chunk widths)
   ar          an AR step: `DecodeLoop(None)` run --steps steps in one `run_jit` while_loop
 and per tree of the workload (Nn nodes):
   verify      one target forward over the tree's Nn tokens at C, LM head included
@@ -63,6 +64,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--profile", metavar="DIR", help="write profiler traces here; summaries go in the JSON")
     parser.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "pallas"))
     parser.add_argument("--prefill-chunk", type=int, default=runtime.DEFAULT_PREFILL_CHUNK)
+    parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[],
+                        help="also time the prefill at these chunk widths (a compile each)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
 
 
@@ -118,10 +121,11 @@ class Bench:
             st = jax.tree.map(self.put, st.replace(cache=None, ring=None)).replace(cache=st.cache)
         return st.replace(ring=ring)
 
-    def prefill(self, st, ctx):
-        """(state with its cache prefilled by `ctx` random tokens, the row's prefill fields)."""
+    def prefill(self, st, ctx, chunk=None):
+        """(state with its cache prefilled by `ctx` random tokens in chunks of `chunk` (default
+        --prefill-chunk), the row's prefill fields)."""
         cfg = self.cfg
-        padded, chunk = runtime.prompt_bucket(ctx, self.args.prefill_chunk)
+        padded, chunk = runtime.prompt_bucket(ctx, chunk or self.args.prefill_chunk)
         tokens = runtime.padded_tokens([np.random.default_rng(ctx).integers(0, cfg.vocab_size, ctx)], padded)
         cache, compiler = st.cache, runtime.Compiler()
         for _ in range(2):  # the first call compiles and warms up
@@ -230,6 +234,11 @@ def measure_context(b: Bench, ctx, trees, loop_trees, vocab_sizes, tau, save):
     cfg, prof = b.cfg, b.args.profile
     st, row = b.prefill(b.state(ctx, trees), ctx)
     row = {"context": ctx, **row}
+    for chunk in b.args.prefill_chunks:  # the same prompt in other chunk widths (the cache is rewritten alike)
+        st, other = b.prefill(st, ctx, chunk)
+        row.setdefault("prefill_by_chunk", {})[str(chunk)] = other
+        common.log(f"ctx {ctx}: prefill in chunks of {chunk}: {other['prefill_s']:.3f} s "
+                   f"({other['prefill_vs_floor']:.2f}x floor), compile {other['prefill_compile_s']:.1f} s")
     ar_ms, st, row["ar_profile"] = b.loop(st, ctx, None, profile=prof and os.path.join(prof, f"ctx{ctx}_ar"))
     ar_floor = b.floor_ms(b.w_bytes + ctx * b.kv_token)
     row.update(ar_ms=ar_ms, ar_floor_ms=ar_floor, ar_vs_floor=ar_ms / ar_floor, trees={})
