@@ -135,6 +135,35 @@ def test_chat_uses_the_template_and_streams(served):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == res.usage.completion_tokens
 
 
+def test_tokenize_counts_what_the_endpoints_encode(served):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are the ones /v1/completions prefills, a
+    chat's the ones /v1/chat/completions does (its usage agrees); ids decode back; bad bodies get
+    OpenAI errors."""
+    post = lambda path, **body: httpx.post(served.url + path, json={"model": MODEL, **body}, timeout=30)  # noqa: E731
+    r = post("/tokenize", prompt="the quick brown fox").json()
+    assert r["tokens"] == _ids(served, "the quick brown fox") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_CONTEXT
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    r = post("/tokenize", messages=messages).json()
+    res = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert r["count"] == res.usage.prompt_tokens
+    rendered = served.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    assert post("/tokenize", messages=messages, add_generation_prompt=False).json()["tokens"] == \
+        served.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    ids = _ids(served, "hello there")
+    assert post("/detokenize", tokens=ids).json()["prompt"] == served.tokenizer.decode(ids)
+    for path, body, status, param in [
+            ("/tokenize", dict(prompt="a", messages=messages), 400, "prompt"),
+            ("/tokenize", {}, 400, "messages"),
+            ("/tokenize", dict(prompt="a", frobnicate=1), 400, "frobnicate"),
+            ("/tokenize", dict(prompt="a", model="gpt-4"), 404, "model"),
+            ("/detokenize", dict(tokens=[1, served.target.cfg.vocab_size]), 400, "tokens"),
+            ("/detokenize", dict(tokens=[1.5]), 400, "tokens.0")]:
+        r = post(path, **body)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["message"], r.text
+
+
 def test_raw_stream_format(served):
     """Server-sent events as OpenAI sends them: `data: <json>` lines, chunks of object
     text_completion, finish_reason null until the last content chunk, then `data: [DONE]`."""

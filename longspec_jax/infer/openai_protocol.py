@@ -1,5 +1,6 @@
 """The OpenAI wire format the server speaks: request bodies (validated, unknown fields refused),
-error bodies, and response / stream chunk builders for `/v1/completions` and `/v1/chat/completions`.
+error bodies, and response / stream chunk builders for `/v1/completions` and `/v1/chat/completions`
+(and vLLM's `/tokenize` and `/detokenize` bodies).
 
 Fields follow OpenAI's API plus the extensions clients of vLLM and SGLang send (`top_k`,
 `ignore_eos`, `stop_token_ids`) and `session_id` (pin an agent's context to a slot). Fields that
@@ -125,6 +126,30 @@ class ChatCompletionRequest(_Sampling):
             raise ApiError(400, "tools are not supported by this server", param="tools")
         if self.response_format not in (None, {"type": "text"}):
             raise ApiError(400, "response_format other than text is not supported", param="response_format")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` body: a prompt as `/v1/completions` encodes it, or chat messages as
+    `/v1/chat/completions` renders them (so an agent can count what its next turn will cost)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # messages only: end with the assistant's turn, as the chat endpoint does
+
+    def check(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "send either prompt (text) or messages (a chat), not both or neither",
+                           param="prompt" if self.prompt is not None else "messages")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `/detokenize` body: token ids to decode."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[StrictInt]
 
 
 def validation_error(errors: list[dict]) -> ApiError:

@@ -6,7 +6,8 @@
         -d '{"model": "longspec-demo", "prompt": "def fib(n):", "max_tokens": 64, "temperature": 0}'
 
 Endpoints: `/v1/completions`, `/v1/chat/completions` (streaming as server-sent events, a final usage
-chunk with `stream_options.include_usage`), `/v1/models`, `/health`, `/metrics` (Prometheus).
+chunk with `stream_options.include_usage`), `/v1/models`, `/tokenize` and `/detokenize` (vLLM's: what a
+prompt or a chat costs in tokens), `/health`, `/metrics` (Prometheus).
 A long token-id prompt is best sent with the `openai` Python client as `extra_body={"prompt": ids}`:
 given as `prompt`, the client walks every id through its type transform first (64 ms for 8k ids on
 a 2-core CPU).

@@ -149,6 +149,7 @@ class _EngineCollector:
 
 def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int) -> FastAPI:
     metrics = Metrics(worker, model_name)
+    vocab_size = worker.engine.cfg.vocab_size
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -189,10 +190,23 @@ def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int
         except ValueError as e:
             raise oai.ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
-    def requests_for(body, prompts: list[list[int]], max_tokens: int | None) -> list[eng.Request]:
+    def check_model(body):
         if body.model != model_name:
             raise oai.ApiError(404, f"The model `{body.model}` does not exist.", param="model",
                                code="model_not_found")
+
+    def encode_text(text: str) -> list[int]:  # a completion's prompt
+        return tokenizer(text)["input_ids"]
+
+    def encode_chat(messages, add_generation_prompt: bool = True) -> list[int]:  # a chat's prompt
+        messages = [dict(m.model_dump(exclude_none=True), content=m.text()) for m in messages]
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
+
+    def requests_for(body, prompts: list[list[int]], max_tokens: int | None) -> list[eng.Request]:
+        check_model(body)
         body.refuse_unsupported()
         sampling = sampling_of(body)
         stops = tuple(() if body.ignore_eos else stop_ids) + tuple(body.stop_token_ids or ())
@@ -304,23 +318,31 @@ def create_app(worker, tokenizer, stop_ids, *, model_name: str, max_context: int
             texts = [p] if isinstance(p, str) else p
             if not all(texts):
                 raise oai.ApiError(400, "the prompt is empty; send the text to continue", param="prompt")
-            prompts = await run_in_threadpool(lambda: [tokenizer(t)["input_ids"] for t in texts])
+            prompts = await run_in_threadpool(lambda: [encode_text(t) for t in texts])
         else:
             prompts = [p] if (not p or isinstance(p[0], int)) else p
         return await run(request, body, prompts, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oai.ChatCompletionRequest, request: Request):
-        messages = [dict(m.model_dump(exclude_none=True), content=m.text()) for m in body.messages]
-
-        def encode():
-            if getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                return tokenizer(text, add_special_tokens=False)["input_ids"]
-            return tokenizer("\n".join(m["content"] for m in messages))["input_ids"]
-
-        prompt = await run_in_threadpool(encode)
+        prompt = await run_in_threadpool(encode_chat, body.messages)
         return await run(request, body, [prompt], body.max_completion_tokens or body.max_tokens, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(body: oai.TokenizeRequest):
+        check_model(body)
+        body.check()
+        ids = await run_in_threadpool(lambda: encode_text(body.prompt) if body.messages is None
+                                      else encode_chat(body.messages, body.add_generation_prompt))
+        return {"count": len(ids), "max_model_len": max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: oai.DetokenizeRequest):
+        check_model(body)
+        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise oai.ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="tokens")
+        return {"prompt": await run_in_threadpool(tokenizer.decode, body.tokens)}  # special tokens kept, as vLLM
 
     return app
 
