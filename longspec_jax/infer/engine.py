@@ -12,12 +12,12 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
 * Admission: a prompt is prefilled at batch 1 into a staging cache, `prefill_tokens_per_step` per
   engine step between decode calls (running requests keep streaming while it loads); then its first
   token is drawn, the draft ring rebuilt from the prompt's tail, and the row written into its slot.
-* Prefix reuse: a finished sequence stays resident in its slot (its KV valid for everything but
-  its last token) until the slot is needed, least recently used first. A request whose token ids
-  extend a resident sequence (the next turn of an agent, another question over the same document)
-  takes that slot and prefills only the new suffix (its last chunk only as wide as it needs, a
-  power of two from 64: a short turn costs a short forward). The draft needs nothing kept: its
-  cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
+* Prefix reuse: a finished sequence stays resident in its slot (KV valid for all but its last
+  token) until the slot is needed. A request copies the longest prefix any slot holds (resident,
+  or a running request's committed tokens) and prefills the rest (its last chunk a power of two
+  from 64 wide). An agent's next turn takes its own slot; another question over the same document
+  another free slot, so the document stays resident (`slots.choose_slot`). The draft keeps nothing:
+  its cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
   A waiting request that extends a free slot's sequence is admitted before older cold ones
   (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
 * Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
@@ -333,8 +333,8 @@ class Engine:
 
     def _admit(self, lane: Lane):
         """Start the prefill of the next waiting request (`slots.next_request`; one passed over
-        `max_slots` times goes first) in the slot that reuses the most; a fast lane takes only a
-        request short enough for it, if any waits."""
+        `max_slots` times goes first) from the longest prefix any slot holds (`slots.choose_slot`);
+        a fast lane takes only a request short enough for it, if any waits."""
         free = [s for s in self.slots if s.request is None]
         if not free:
             return
@@ -343,16 +343,17 @@ class Engine:
                          max_suffix=lane.max_suffix)
         if i is None:
             return
-        if i:
-            self._passed[head.id] = self._passed.get(head.id, 0) + 1
+        self._passed[head.id] = self._passed.get(head.id, 0) + (i > 0)
         req = lane.admitting = self.waiting.pop(i)
         self._passed.pop(req.id, None)
         prompt = np.asarray(req.prompt, np.int64)
-        best, start = choose_slot(free, prompt, req.session)
+        busy = [(s, min(len(s.tokens) - 1, self.capacity - self.max_nodes)) for s in self.slots  # committed KV
+                if s.request is not None and s not in self._loading()]
+        best, start, source = choose_slot(free, prompt, req.session, busy)
         if start > 0:
             self.stats["prefix_hits"] += 1
             self.stats["reused_tokens"] += start
-            lane.staging = self.calls.take_row(self.state.cache, lane.staging, self.dec.put(np.int32(best.index)))
+            lane.staging = self.calls.take_row(self.state.cache, lane.staging, self.dec.put(np.int32(source.index)))
         best.request, best.tokens, best.valid, best.emitted, best.iters, best.session = (
             req, list(map(int, prompt)), start, 0, 0, req.session)
         full, rest = divmod(prompt.size - start, self.chunk)

@@ -1,6 +1,7 @@
 """Requests, events and the slot table of the serving engine (`longspec_jax/infer/engine.py`): host-side
-bookkeeping only. Which free slot a request takes: one pinned to another session last, then the
-longest reusable prefix of its resident sequence, the request's own session, the least recently used.
+bookkeeping only. Which prefix a request reuses: the longest any slot holds, a free slot's resident
+sequence or a running request's. Which free slot it takes: the one whose whole sequence it extends,
+else the one worth least (`choose_slot`), so that a shared document stays resident.
 Which waiting request goes first: one that extends a free slot's resident sequence (the longest
 reuse; SGLang's longest-prefix-match order), else the oldest, so that a cold request does not
 evict an agent's context while the agent's next turn waits behind it. Which lane prefills it: the
@@ -168,10 +169,33 @@ def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, head_passe
     return best
 
 
-def choose_slot(free: Sequence[Slot], prompt: np.ndarray, session: str | None) -> tuple[Slot, int]:
-    """(slot, reused prompt tokens) for a request among the free slots. The last prompt token is
-    never reused: its logits draw the first new token."""
-    reuse = {s.index: min(common_prefix(prompt, s.tokens[:s.valid]), prompt.size - 1) for s in free}
-    best = max(free, key=lambda s: (s.session is None or s.session == session, reuse[s.index],
-                                    s.session is not None and s.session == session, -s.last_used))
-    return best, reuse[best.index]
+def choose_slot(free: Sequence[Slot], prompt: np.ndarray, session: str | None,
+                busy: Sequence[tuple[Slot, int]] = ()) -> tuple[Slot, int, Slot]:
+    """(slot the request takes, prompt tokens it reuses, slot whose KV holds them) among the free
+    slots; the reused prefix may also come from a running request's sequence (`busy`: its slot and
+    how many leading tokens' KV are committed). The last prompt token is never reused: its logits
+    draw the first new token.
+
+    A request that extends a free slot's whole resident sequence (an agent's next turn) takes that
+    slot: its new sequence supersedes the old. One that shares only part of a sequence (another
+    question over the same document) copies that part into the free slot worth least, so the
+    sequence it shares stays resident for its own next turn: not pinned to another session, the
+    request's own session's, empty, least recently used, in that order. A session's pinned slot is
+    taken over only by that session, or when no other slot is free."""
+    limit = prompt.size - 1
+    valid = {s.index: s.valid for s in free} | {s.index: n for s, n in busy}
+    sources = list(free) + [s for s, _ in busy]
+    reuse = {s.index: min(common_prefix(prompt, s.tokens[:valid[s.index]]), limit) for s in sources}
+    is_free = {s.index for s in free}
+    mine = lambda s: s.session is None or s.session == session  # noqa: E731 (not pinned to another session)
+    takes = lambda s: s.index in is_free and reuse[s.index] == valid[s.index] and mine(s)  # noqa: E731
+    source = max(sources, key=lambda s: (reuse[s.index], takes(s), s.session == session, s.last_used))
+    start = reuse[source.index]
+    if takes(source):
+        return source, start, source
+    superseded = [s for s in free if takes(s) and s.valid > 0]  # the new sequence will hold all of it
+    if superseded:
+        return max(superseded, key=lambda s: s.valid), start, source
+    others = [s for s in free if s is not source or start == 0] or list(free)
+    dest = min(others, key=lambda s: (not mine(s), s.session != session, s.valid > 0, s.last_used))
+    return dest, start, source
