@@ -5,7 +5,8 @@ through the OpenAI-compatible server (`python -m infer.serve`, its own process) 
     python -m bench serve --workload serve-demo                          # the demo pair (CPU)
     python -m bench serve --workload serve-llama3-8b --checkpoint DIR --draft DIR    # GPU
 
-Agent a's first prompt is `context` tokens (the demo's held-out code, or random ids); each turn
+Agent a's first prompt is `context` tokens (the demo's held-out code, or random ids; with
+--shared-prefix N every agent's starts with the same N tokens, a document each asks about); each turn
 appends the reply (its token ids, `return_token_ids`) and `turn_tokens` new tokens, then asks for
 `new_tokens` more, streamed, greedy or at --temperature, ignoring EOS. The token ids travel in
 `extra_body`: the `openai` client walks a `prompt` list through its type transform one element at a
@@ -38,6 +39,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=None, help="agents at once (default: 1 2 4 8)")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--turn-tokens", type=int, default=128, help="new user tokens per later turn")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="the agents' first prompts share their first N tokens (one document, a question each)")
     parser.add_argument("--modes", nargs="+", default=["tree", "ar"], choices=["tree", "ar"])
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="the agents' sampling temperature (0: greedy; > 0: each turn seeded, results in *-t<T>.json)")
@@ -95,8 +98,14 @@ def scrape(url: str) -> dict:
     return out
 
 
-def contexts(wl, n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
-    """n first-turn prompts: slices of the demo's held-out code, or random ids."""
+def contexts(wl, n: int, length: int, seed: int, vocab: int, shared: int = 0) -> list[list[int]]:
+    """n first-turn prompts: slices of the demo's held-out code, or random ids; with `shared`, the
+    first prompt's first `shared` tokens start every prompt (a document each agent asks about)."""
+    firsts = _contexts(wl, n, length, seed, vocab)
+    return [firsts[0][:shared] + f[shared:] for f in firsts]
+
+
+def _contexts(wl, n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     if wl.prompts == "heldout":
         from longspec_jax import demo
@@ -193,9 +202,12 @@ def main(args) -> int:
     max_context = length + args.turns * (wl.new_tokens + args.turn_tokens) + 64
     model = server_model(wl)
     record = common.header("serve", args.workload, args.argv)
+    if not 0 <= args.shared_prefix < length:
+        raise SystemExit(f"--shared-prefix must be in [0, {length}) (the first turn's length), got {args.shared_prefix}")
     record.update(context=length, turns=args.turns, turn_tokens=args.turn_tokens, new_tokens=wl.new_tokens,
-                  temperature=args.temperature, max_slots=args.max_slots, modes={})
-    path = common.result_path(args.out, "serve", args.workload + (f"-t{args.temperature:g}" if args.temperature else ""))
+                  temperature=args.temperature, max_slots=args.max_slots, shared_prefix=args.shared_prefix, modes={})
+    path = common.result_path(args.out, "serve", args.workload + (f"-t{args.temperature:g}" if args.temperature else "")
+                              + ("-shared" if args.shared_prefix else ""))
     for mode in args.modes:
         proc, url, startup = launch(args, wl, mode, max_context)
         rows = []
@@ -205,7 +217,7 @@ def main(args) -> int:
             run_level(url, model, contexts(wl, 1, length, seed=999, vocab=cfg.vocab_size), args, wl, cfg.vocab_size)
             record["modes"][mode] = dict(startup_s=startup, compile_s=scrape(url).get("engine_compile_seconds"))
             for c in levels:
-                firsts = contexts(wl, c, length, seed=1000 * c, vocab=cfg.vocab_size)
+                firsts = contexts(wl, c, length, seed=1000 * c, vocab=cfg.vocab_size, shared=args.shared_prefix)
                 rows.append(run_level(url, model, firsts, args, wl, cfg.vocab_size))
                 common.log(f"{mode} x{c}: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
                            f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
@@ -214,7 +226,7 @@ def main(args) -> int:
                            f"{rows[-1]['call_gap_ms']} ms/call")
                 record["modes"][mode]["levels"] = rows
                 common.write_json(path, record)
-            later = max((r["later_turn_prompt_tokens"] for r in rows), default=length)
+            later = max((r["later_turn_prompt_tokens"] for r in rows), default=0) or length  # one turn: no later
             record["modes"][mode]["cold_ttft_s"] = cold_ttft(url, model, later, cfg.vocab_size, seed=7)
             record["modes"][mode]["cold_ttft_prompt_tokens"] = later
         finally:

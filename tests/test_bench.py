@@ -211,3 +211,15 @@ def test_serve_tiny(tmp_path):
             assert lv["call_gap_ms"] is None  # counted on GPUs only
         assert mode["cold_ttft_s"] > 0 and 0 < mode["compile_s"] < mode["startup_s"]
     assert record["modes"]["ar"]["levels"][0]["tau"] == 1.0
+
+
+def test_serve_tiny_shared_prefix(tmp_path):
+    """Agents whose first prompts share a document: the later agents copy it from the first (running
+    or resident) and prefill only their own tokens. (Without the fast lane: tiny prompts fit in one
+    chunk, so a second lane would prefill one beside the first before there is anything to copy.)"""
+    assert main(["serve", "--workload", "tiny", "--concurrency", "3", "--turns", "1", "--modes", "tree",
+                 "--shared-prefix", "192", "--server-args=--fast-lane-tokens 0", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "cpu" / "serve_tiny-shared.json").read_text())
+    level = record["modes"]["tree"]["levels"][0]
+    assert record["shared_prefix"] == 192 and level["output_tokens"] == 3 * record["new_tokens"]
+    assert level["prefix_hit_rate"] >= 2 / 3 - 1e-9 and level["reused_tokens"] >= 2 * 192
