@@ -57,3 +57,9 @@ def test_a_fast_lane_takes_only_a_short_request():
     assert next_request([cold], free, max_suffix=16) is None              # nothing fits: the lane stays idle
     assert next_request([cold, turn], free, max_suffix=16, head_passes=8, patience=8) is None  # the head's turn
     assert next_request([short, turn], free, max_suffix=16, head_passes=8, patience=8) == 0
+    # a question over a document a running request holds has little left to prefill: the fast lane takes it
+    doc = list(range(300, 300 + 3 * PROBE))
+    question = Request(prompt=doc + [1, 2, 3], max_tokens=4)
+    running = Slot(5, request=Request([1], 1), tokens=doc + [7, 8], valid=0)
+    assert next_request([cold, question], free, max_suffix=16) is None
+    assert next_request([cold, question], free, max_suffix=16, busy=[(running, len(doc) + 1)]) == 1

@@ -339,16 +339,16 @@ class Engine:
         if not free:
             return
         head = self.waiting[0]
+        busy = [(s, min(len(s.tokens) - 1, self.capacity - self.max_nodes)) for s in self.slots  # committed KV
+                if s.request is not None and s not in self._loading()]
         i = next_request(self.waiting, free, head_passes=self._passed.get(head.id, 0), patience=self.B,
-                         max_suffix=lane.max_suffix)
+                         max_suffix=lane.max_suffix, busy=busy)
         if i is None:
             return
         self._passed[head.id] = self._passed.get(head.id, 0) + (i > 0)
         req = lane.admitting = self.waiting.pop(i)
         self._passed.pop(req.id, None)
         prompt = np.asarray(req.prompt, np.int64)
-        busy = [(s, min(len(s.tokens) - 1, self.capacity - self.max_nodes)) for s in self.slots  # committed KV
-                if s.request is not None and s not in self._loading()]
         best, start, source = choose_slot(free, prompt, req.session, busy)
         if start > 0:
             self.stats["prefix_hits"] += 1

@@ -2,11 +2,11 @@
 bookkeeping only. Which prefix a request reuses: the longest any slot holds, a free slot's resident
 sequence or a running request's. Which free slot it takes: the one whose whole sequence it extends,
 else the one worth least (`choose_slot`), so that a shared document stays resident.
-Which waiting request goes first: one that extends a free slot's resident sequence (the longest
-reuse; SGLang's longest-prefix-match order), else the oldest, so that a cold request does not
-evict an agent's context while the agent's next turn waits behind it. Which lane prefills it: the
-main lane takes any request; the fast lane, while the main lane loads a long prompt, only one with
-little left to prefill (`Lane`).
+Which waiting request goes first: the one that reuses the longest prefix (SGLang's
+longest-prefix-match order), else the oldest, so that a cold request does not evict an agent's
+context while the agent's next turn waits behind it. Which lane prefills it: the main lane takes
+any request; the fast lane, while the main lane loads a long prompt, only one with little left to
+prefill after reuse (`Lane`), a question over a document another request holds included.
 """
 
 from __future__ import annotations
@@ -142,11 +142,12 @@ PROBE = 32  # leading tokens compared first when matching waiting prompts agains
 
 
 def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, head_passes: int = 0, patience: int = 8,
-                 window: int = 16, max_suffix: int | None = None) -> int | None:
-    """Index in `waiting` of the request to admit next: among the first `window`, the one whose
-    prompt extends a free slot's resident sequence the furthest (ties: the oldest), else 0; always
-    0 once the oldest has been passed over `patience` times (`head_passes`). Only prompts whose
-    first `PROBE` tokens equal a resident sequence's are compared in full.
+                 window: int = 16, max_suffix: int | None = None,
+                 busy: Sequence[tuple[Slot, int]] = ()) -> int | None:
+    """Index in `waiting` of the request to admit next: among the first `window`, the one that
+    reuses the longest prefix (`choose_slot`: a free slot's resident sequence or a running request's,
+    `busy`; ties: the oldest), else 0; always 0 once the oldest has been passed over `patience` times
+    (`head_passes`). Only prompts whose first `PROBE` tokens equal a held sequence's are compared in full.
 
     With `max_suffix` (a fast lane) only requests with at most that many prompt tokens left to
     prefill after reuse are candidates, and None is returned when none is; once the oldest has been
@@ -156,12 +157,13 @@ def next_request(waiting: Sequence[Request], free: Sequence[Slot], *, head_passe
         if not fast:
             return 0
         waiting = waiting[:1]
-    heads = {tuple(s.tokens[:PROBE]) for s in free if s.valid >= PROBE}
+    heads = {tuple(s.tokens[:PROBE]) for s in free if s.valid >= PROBE} | {
+        tuple(s.tokens[:PROBE]) for s, n in busy if n >= PROBE}
     best, most = (None, -1) if fast else (0, 0)
     for i, req in enumerate(waiting[:window] if heads or fast else ()):
         reuse = 0
         if len(req.prompt) > PROBE and tuple(req.prompt[:PROBE]) in heads:
-            reuse = choose_slot(free, np.asarray(req.prompt), req.session)[1]
+            reuse = choose_slot(free, np.asarray(req.prompt), req.session, busy)[1]
         if fast and len(req.prompt) - reuse > max_suffix:
             continue
         if reuse > most:
