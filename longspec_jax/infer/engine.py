@@ -70,8 +70,9 @@ class Engine:
       tree_shape: a fixed tree for every step, "ar" for none, or None (default) for the load tables
         of `longspec_jax/infer/defaults.py` (by device, target size and whether every row samples).
       draft_vocab, cache_dtype, prefill_chunk, mesh: as `Decoder`.
-      steps_per_call: decode steps per device call while nothing waits (more amortise host work;
-        fewer stream more smoothly). A call returns early when a request finishes and another waits.
+      steps_per_call: decode steps per device call while nothing loads (more amortise host work;
+        fewer stream more smoothly); a call returns as soon as a request finishes (its last tokens
+        are not held behind the other rows' steps, and a waiting request gets its slot).
       prefill_tokens_per_step: prompt tokens prefilled between two decode calls, in whole chunks
         (default `defaults.prefill_tokens_per_step`: more admit waiting requests sooner, so they
         decode together; fewer keep the running requests' inter-token latency low meanwhile).
@@ -243,8 +244,7 @@ class Engine:
             if running:
                 # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
                 sampled = all(s.request.sampling.temperature > 0 for s in running)
-                widths, b = self.plan[sampled, len(running)]
-                busy, dec = bool(self.waiting or loading), self.dec
+                (widths, b), dec = self.plan[sampled, len(running)], self.dec
                 steps = 1 if loading else self.steps_per_call
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted, start the
                 # next call, then wait for the read: host work on those tokens overlaps the next call.
@@ -252,7 +252,7 @@ class Engine:
                 rows = () if b == self.B else (self._bucket_rows(running, b),)
                 self._inflight = self._helper.submit(self._timed_call, not admitting, self.calls.run[widths, sampled, b],
                                                      dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
-                                                     *self.calls.scalars[steps, busy])
+                                                     *self.calls.scalars[steps])
                 self.state = None  # donated to the call in flight; `_settle` sets the next one
                 self._collect(running, events, window)
                 self.stats["steps"] += 1

@@ -27,7 +27,7 @@ class EngineCalls:
     window: Callable                 # every row's last `width` emitted tokens and counters, packed
     width: int                       # steps per call x the most tokens a step emits
     prefill: dict[int, Callable]     # chunk width -> prefill forward into a staging cache
-    scalars: dict[tuple, tuple]      # (steps, stop when a row finishes) -> their device copies
+    scalars: dict[int, tuple]        # steps -> (steps, stop when a row finishes: True), on the device
 
 
 def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_per_call: int, max_accept: int,
@@ -63,4 +63,4 @@ def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_pe
         run={k[1:]: e for k, e in exe.items() if k[0] == "run"}, insert=exe["insert"], take_row=exe["take_row"],
         stop_row=exe["stop_row"], window=exe["window"], width=width,
         prefill={k[1]: e for k, e in exe.items() if k[0] == "prefill"},
-        scalars={(n, b): (put(np.int32(n)), put(np.bool_(b))) for n in {1, steps_per_call} for b in (0, 1)})
+        scalars={n: (put(np.int32(n)), put(np.bool_(True))) for n in {1, steps_per_call}})
