@@ -14,9 +14,9 @@ time (about 64 ms for 8k ids on a 2-core CPU, 240 ms for 32k), a cost of the cli
 would otherwise land in every TTFT. Per mode and concurrency:
 output tokens/s (every agent's completion tokens over the wall time), TTFT and inter-token latency
 p50 / p99 (a stream chunk's gap shared by its tokens), first-turn (cold) and later-turn (reused
-prefix) TTFT, tau and the prefix-reuse hit rate (from /metrics), and the engine's host work per
-decode step and between two decode calls (GPUs). A cold prefill of a later turn's length, timed
-alone, is the reference for the reused turns' TTFT.
+prefix) TTFT, tau, the prefix-reuse hit rate (of requests, and of prompt tokens as vLLM counts it;
+from /metrics), and the engine's host work per decode step and between two decode calls (GPUs). A
+cold prefill of a later turn's length, timed alone, is the reference for the reused turns' TTFT.
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def run_level(url: str, model: str, firsts, args, wl, vocab: int) -> dict:
                                                        + d.get("prefix_cache_queries_total", 0)),
         prefix_hit_rate=d.get("prefix_cache_hits_total", 0) / max(1.0, d.get("prefix_cache_queries_total", 0)),
         reused_tokens=d.get("prefix_cache_reused_tokens_total", 0),
+        # vLLM's hit rate: prompt tokens served from the cache (a request reusing a few tokens is a hit above)
+        reused_token_share=d.get("prefix_cache_reused_tokens_total", 0) / max(1.0, d.get("prompt_tokens_total", 0)),
         host_ms_per_decode_step=1e3 * d.get("engine_host_busy_seconds_total", 0)
         / max(1.0, d.get("engine_host_busy_steps_total", 0)),
         # Counted on GPUs only (a call returns at dispatch elsewhere): None where no gap was counted.
@@ -222,7 +224,7 @@ def main(args) -> int:
                 common.log(f"{mode} x{c}: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
                            f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
                            f"{rows[-1]['itl_p99_s']:.4f} s, tau {rows[-1]['tau']:.2f}, hits "
-                           f"{rows[-1]['prefix_hit_rate']:.2f}, host {rows[-1]['host_ms_per_decode_step']:.2f} ms/step, gap "
+                           f"{rows[-1]['prefix_hit_rate']:.2f} ({rows[-1]['reused_token_share']:.2f} of prompt tokens), host {rows[-1]['host_ms_per_decode_step']:.2f} ms/step, gap "
                            f"{rows[-1]['call_gap_ms']} ms/call")
                 record["modes"][mode]["levels"] = rows
                 common.write_json(path, record)

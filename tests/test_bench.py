@@ -208,6 +208,7 @@ def test_serve_tiny(tmp_path):
         for lv in mode["levels"]:
             assert lv["output_tokens"] == lv["agents"] * 2 * record["new_tokens"]  # EOS ignored: every token
             assert lv["ttft_later_turns_s"] > 0 and lv["prefix_hit_rate"] >= 0.5  # later turns reuse their context
+            assert 0 < lv["reused_token_share"] < 1
             assert lv["call_gap_ms"] is None  # counted on GPUs only
         assert mode["cold_ttft_s"] > 0 and 0 < mode["compile_s"] < mode["startup_s"]
     assert record["modes"]["ar"]["levels"][0]["tau"] == 1.0
