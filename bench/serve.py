@@ -205,7 +205,8 @@ def main(args) -> int:
     model = server_model(wl)
     record = common.header("serve", args.workload, args.argv)
     if not 0 <= args.shared_prefix < length:
-        raise SystemExit(f"--shared-prefix must be in [0, {length}) (the first turn's length), got {args.shared_prefix}")
+        raise SystemExit(f"--shared-prefix must be in [0, {length}) (the first turn's length), "
+                         f"got {args.shared_prefix}")
     record.update(context=length, turns=args.turns, turn_tokens=args.turn_tokens, new_tokens=wl.new_tokens,
                   temperature=args.temperature, max_slots=args.max_slots, shared_prefix=args.shared_prefix, modes={})
     path = common.result_path(args.out, "serve", args.workload + (f"-t{args.temperature:g}" if args.temperature else "")
@@ -221,11 +222,11 @@ def main(args) -> int:
             for c in levels:
                 firsts = contexts(wl, c, length, seed=1000 * c, vocab=cfg.vocab_size, shared=args.shared_prefix)
                 rows.append(run_level(url, model, firsts, args, wl, cfg.vocab_size))
-                common.log(f"{mode} x{c}: {rows[-1]['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
-                           f"{rows[-1]['ttft_p50_s']:.3f} s (later turns {rows[-1]['ttft_later_turns_s']}), ITL p99 "
-                           f"{rows[-1]['itl_p99_s']:.4f} s, tau {rows[-1]['tau']:.2f}, hits "
-                           f"{rows[-1]['prefix_hit_rate']:.2f} ({rows[-1]['reused_token_share']:.2f} of prompt tokens), host {rows[-1]['host_ms_per_decode_step']:.2f} ms/step, gap "
-                           f"{rows[-1]['call_gap_ms']} ms/call")
+                r = rows[-1]
+                common.log(f"{mode} x{c}: {r['output_tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_s']:.3f} s "
+                           f"(later turns {r['ttft_later_turns_s']}), ITL p99 {r['itl_p99_s']:.4f} s, "
+                           f"tau {r['tau']:.2f}, hits {r['prefix_hit_rate']:.2f} ({r['reused_token_share']:.2f} of "
+                           f"prompt tokens), host {r['host_ms_per_decode_step']:.2f} ms/step, gap {r['call_gap_ms']} ms/call")
                 record["modes"][mode]["levels"] = rows
                 common.write_json(path, record)
             later = max((r["later_turn_prompt_tokens"] for r in rows), default=0) or length  # one turn: no later
