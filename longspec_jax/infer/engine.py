@@ -335,12 +335,12 @@ class Engine:
         """Start the prefill of the next waiting request (`slots.next_request`; one passed over
         `max_slots` times goes first) from the longest prefix any slot holds (`slots.choose_slot`);
         a fast lane takes only a request short enough for it, if any waits."""
-        free = [s for s in self.slots if s.request is None]
+        free, loading = [s for s in self.slots if s.request is None], self._loading()
         if not free:
             return
         head = self.waiting[0]
         busy = [(s, min(len(s.tokens) - 1, self.capacity - self.max_nodes)) for s in self.slots  # committed KV
-                if s.request is not None and s not in self._loading()]
+                if s.request is not None and s not in loading]
         i = next_request(self.waiting, free, head_passes=self._passed.get(head.id, 0), patience=self.B,
                          max_suffix=lane.max_suffix, busy=busy)
         if i is None:
