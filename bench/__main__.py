@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-SUITES = ("latency", "acceptance", "serve", "host", "steps", "kernels", "tune", "train", "plot")
+SUITES = ("latency", "acceptance", "serve", "host", "steps", "kernels", "prefill", "tune", "train", "plot")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="devices of the mesh")
     parser.add_argument("--profile", metavar="DIR", help="write profiler traces here; summaries go in the JSON")
     parser.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "pallas"))
-    parser.add_argument("--prefill-chunk", type=int, default=runtime.DEFAULT_PREFILL_CHUNK)
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="default: runtime.default_prefill_chunk()")
     parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[],
                         help="also time the prefill at these chunk widths (a compile each)")
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
@@ -289,6 +289,7 @@ def main(args) -> int:
     trees += [t for t in loop_trees if t not in trees]
     vocab_sizes = wl.draft_vocab_sizes if args.draft_vocab_sizes is None else args.draft_vocab_sizes
     tau = args.tau or wl.tau
+    args.prefill_chunk = args.prefill_chunk or runtime.default_prefill_chunk()
     b = Bench(args, wl)
     record, c = common.header("latency", args.workload, args.argv), b.ceil
     record.update(model_shapes=wl.model, weights=f"random {wl.dtype}", attention_impl=b.impl, tensor_parallel=b.n,

@@ -21,7 +21,7 @@ from flax import nnx
 
 from longspec_jax import kv_cache as kvc
 from longspec_jax import sharding as shd
-from longspec_jax.attention import Attention, causal_mask
+from longspec_jax.attention import Attention
 from longspec_jax.configs import ModelConfig
 from longspec_jax.layers import MLP, Embedding, LMHead, RMSNorm, remat_call, rope_cos_sin
 
@@ -122,9 +122,7 @@ class Transformer(nnx.Module):
         if cache.batch != B or cache.num_layers != self.cfg.num_layers:
             raise ValueError(f"cache has batch {cache.batch} and {cache.num_layers} layers; the call has batch {B} "
                              f"and the model {self.cfg.num_layers} layers")
-        if mask is None:
-            mask = causal_mask(B, T)
-        elif mask.shape != (B, T, T):
+        if mask is not None and mask.shape != (B, T, T):
             raise ValueError(f"mask {mask.shape} must be [B, T, T] = {(B, T, T)}")
         lengths = lengths.astype(jnp.int32)
         cos, sin = self.rope(positions)

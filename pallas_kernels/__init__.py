@@ -7,7 +7,8 @@ Public API (every attention returns (out [B, T, N, H] in q.dtype, lse [B, T, N] 
   tree_attention(q, k, v, mask, *, sm_scale, implementation, head_axis)
       the T queries over the tree's own keys under a boolean mask (`api`).
   hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window, sm_scale, implementation, head_axis)
-      both parts merged exactly: the attention a decode or verification step needs (`hybrid`).
+      both parts merged exactly: the attention a decode or verification step needs (`hybrid`);
+      mask None is a causal chunk (a prefill), on cuDNN on NVIDIA GPUs when wide (`cudnn_chunk`).
   merge_attention((o1, lse1), (o2, lse2))
       the exact log-sum-exp merge of two parts over disjoint keys (`hybrid`).
   default_implementation()

@@ -15,9 +15,11 @@ len <= S: slots [max(0, len - W), len)). The new tokens count only in the tree p
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
-from pallas_kernels import api
+from pallas_kernels import api, cudnn_chunk
 
 
 def merge_attention(part1, part2):
@@ -44,7 +46,8 @@ def hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, s
       q: [B, T, N, H] queries of the new tokens.
       k_cache, v_cache: [B, S, K, H] the committed cache; lengths: [B] int32 committed lengths
         (the visibility rule of the module docstring; the new tokens' own slots are not read).
-      k, v: [B, T, K, H] the new tokens' keys and values; mask: [B, T, T] bool tree mask.
+      k, v: [B, T, K, H] the new tokens' keys and values; mask: [B, T, T] bool tree mask, or None
+        for a causal chunk (a prefill: on a GPU a wide one runs on cuDNN, `cudnn_chunk`).
       window: static sliding window over the cache (None = unlimited); sm_scale: softmax scale
         (default 1/sqrt(H)).
       implementation, head_axis: as `api.prefix_attention`; under an ambient head-splitting mesh
@@ -62,6 +65,14 @@ def hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, s
 
     impl = api.resolve_implementation(implementation, q, k_cache, capacity_multiple=128)
     mesh = api.head_parallel_mesh(head_axis) if impl != "xla" else None
+    if mask is None:
+        if impl == "pallas" and cudnn_chunk.applies(q, k_cache, window):
+            chunk = functools.partial(cudnn_chunk.chunk_attention, sm_scale=sm_scale)
+            if mesh is not None:
+                chunk = api.per_device_heads(chunk, mesh, head_axis, (True, True, True, False, True, True))
+            return chunk(q, k_cache, v_cache, lengths, k, v)
+        B, T = q.shape[:2]
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
     if mesh is not None:
         parts = api.per_device_heads(parts, mesh, head_axis, (True, True, True, False, True, True, False))
     return parts(q, k_cache, v_cache, lengths, k, v, mask)

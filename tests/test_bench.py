@@ -5,6 +5,7 @@ in Mosaic GPU interpret mode here (checked against the references, not timed).""
 import json
 import os
 
+import jax
 import pytest
 
 from bench import common
@@ -224,3 +225,11 @@ def test_serve_tiny_shared_prefix(tmp_path):
     level = record["modes"]["tree"]["levels"][0]
     assert record["shared_prefix"] == 192 and level["output_tokens"] == 3 * record["new_tokens"]
     assert level["prefix_hit_rate"] >= 2 / 3 - 1e-9 and level["reused_tokens"] >= 2 * 192
+
+
+def test_prefill_needs_a_gpu(capsys):
+    """`bench prefill` times cuDNN: elsewhere it says so and exits 2 (its GPU run is in docs/results.md)."""
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("a GPU runs the suite for real")
+    assert main(["prefill", "--workload", "tiny"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().out

@@ -48,8 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(scripts/draft_vocab.py); the draft scores only these tokens, output unchanged. "
                         "Default: the draft's own draft_vocab.json when its directory ships one (the "
                         f"{demo.NAME} draft ships 2048 ids), else none; 'none' scores the full vocabulary")
-    p.add_argument("--prefill-chunk", type=int, default=runtime.DEFAULT_PREFILL_CHUNK,
-                   help="prompt tokens per prefill forward")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"prompt tokens per prefill forward (default: {runtime.GPU_PREFILL_CHUNK} on a GPU, "
+                        f"{runtime.CPU_PREFILL_CHUNK} elsewhere)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the target (and draft) over the first N devices: attention heads, MLP and "
                         "vocabulary over a 'tensor' mesh axis, KV cache over kv heads; N must divide the kv heads")
@@ -258,6 +259,8 @@ def check_model_flags(args, counts=()):
     for flag, value, hint in counts:
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1{hint}, got {value}")
+    if args.prefill_chunk is None:
+        args.prefill_chunk = runtime.default_prefill_chunk()
     try:
         shape = None if args.tree_shape is None else TreeShape.parse(args.tree_shape)
     except ValueError as e:

@@ -59,7 +59,8 @@ class Decoder:
         the beam search's drafts and sample-and-match acceptance. Both are exact.
       verification: with sampled drafts, "block" (whole-path; accepts at least as much) or "token".
       cache_dtype: KV cache and draft ring dtype (default: the target's compute dtype).
-      prefill_chunk: most prompt tokens per prefill forward (bounds attention memory).
+      prefill_chunk: most prompt tokens per prefill forward (bounds attention memory; default
+        `runtime.default_prefill_chunk()`: 2048 on a GPU, 512 elsewhere).
       mesh: optional `jax.sharding.Mesh` (`sharding.tensor_parallel_mesh(n)`): copies of the models
         are placed on it by the logical-axis rules, the cache is sharded over kv heads, small inputs
         are replicated and the executables run SPMD.
@@ -68,7 +69,8 @@ class Decoder:
 
     def __init__(self, target, draft: Draft | None = None, *, tree_shape: Sequence[int] | str | TreeShape | None = None,
                  draft_vocab=None, sample_drafts: bool = True, verification: str = "block", cache_dtype=None,
-                 prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, compiler: runtime.Compiler | None = None):
+                 prefill_chunk: int | None = None, mesh=None, compiler: runtime.Compiler | None = None):
+        prefill_chunk = runtime.default_prefill_chunk() if prefill_chunk is None else prefill_chunk
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk (--prefill-chunk) must be >= 1, got {prefill_chunk}")
         if draft is None and (tree_shape is not None or draft_vocab is not None):

@@ -14,12 +14,10 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
   token is drawn, the draft ring rebuilt from the prompt's tail, and the row written into its slot.
 * Prefix reuse: a finished sequence stays resident in its slot (KV valid for all but its last
   token) until the slot is needed. A request copies the longest prefix any slot holds (resident,
-  or a running request's committed tokens) and prefills the rest (its last chunk a power of two
-  from 64 wide). An agent's next turn takes its own slot; another question over the same document
-  another free slot, so the document stays resident (`slots.choose_slot`). The draft keeps nothing:
-  its cross-attention reads the target's last-layer KV, its ring is rebuilt from the last tokens.
-  A waiting request that extends a free slot's sequence is admitted before older cold ones
-  (`slots.next_request`), so a cold prompt does not evict the context of an agent's queued turn.
+  or a running request's committed tokens) and prefills the rest (`slots.choose_slot`: an agent's
+  next turn takes its own slot, another question over one document a free slot). The draft keeps
+  nothing: its cross-attention reads the target's last-layer KV, its ring is rebuilt from the last
+  tokens. A request that extends a free slot's sequence goes before older cold ones (`slots.next_request`).
 * Fast lane: while a long prompt loads, a request with at most `fast_lane_tokens` left to prefill
   (an agent's next turn) prefills in a second staging cache and starts at once (`slots.Lane`); the
   long prompt's next chunks wait for it one step.
@@ -28,8 +26,9 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
   every running request samples takes the sampled table (`loop.loops_for`). Where idle rows would
   cost compute the call runs only a bucket of rows holding the running slots (`decode_calls`).
 * One call in flight: a decode call runs on a helper thread while this one hands out the previous
-  call's tokens. On a GPU a call returns only when its loop ends (XLA copies a data-dependent loop
-  condition to the host each iteration): dispatched from this thread, it would idle the device.
+  call's tokens (on a GPU a call returns only when its loop ends: XLA copies a data-dependent loop
+  condition to the host each iteration). Optionally, shortly after a request finishes calls run one
+  step, so an agent's next turn waits a step, not a call, for admission (`follow_up_s`).
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -50,14 +49,12 @@ import numpy as np
 
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
-from longspec_jax.infer.engine_calls import compile_calls
+from longspec_jax.infer.engine_calls import EOS_SLOTS, bucket_rows, compile_calls, row_inputs
 from longspec_jax.infer.loop import loops_for
-from longspec_jax.infer.state import STOP_NAMES, DecodeState, eos_array
+from longspec_jax.infer.state import STOP_NAMES, DecodeState
 from longspec_jax import kv_cache as kvc
 from longspec_jax.infer.slots import Event, Lane, Prefill, Request, Slot, check_request, choose_slot, next_request
-from longspec_jax.sampling import RowSampling, SamplingParams
-
-EOS_SLOTS = 8  # stop ids per request
+from longspec_jax.sampling import SamplingParams
 
 
 class Engine:
@@ -73,6 +70,9 @@ class Engine:
       steps_per_call: decode steps per device call while nothing loads (more amortise host work;
         fewer stream more smoothly); a call returns as soon as a request finishes (its last tokens
         are not held behind the other rows' steps, and a waiting request gets its slot).
+      follow_up_s: for this long after a request finishes, calls run one step each: an agent's next
+        turn usually follows within milliseconds, and a new request waits for the call in flight
+        (0: off, the default; each call pays its gap and row copies, `docs/perf_notes.md` "Follow-up").
       prefill_tokens_per_step: prompt tokens prefilled between two decode calls, in whole chunks
         (default `defaults.prefill_tokens_per_step`: more admit waiting requests sooner, so they
         decode together; fewer keep the running requests' inter-token latency low meanwhile).
@@ -83,13 +83,15 @@ class Engine:
 
     def __init__(self, target, draft=None, *, max_slots: int = 8, max_context: int = 32768,
                  tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
-                 prefill_chunk: int = runtime.DEFAULT_PREFILL_CHUNK, mesh=None, steps_per_call: int = 4,
+                 prefill_chunk: int | None = None, mesh=None, steps_per_call: int = 4,
                  prefill_tokens_per_step: int | None = None, fast_lane_tokens: int | None = None,
-                 compiler: runtime.Compiler | None = None):
+                 follow_up_s: float = 0.0, compiler: runtime.Compiler | None = None):
         if min(max_slots, steps_per_call, 1 if prefill_tokens_per_step is None else prefill_tokens_per_step) < 1 \
                 or max_context < 2:
             raise ValueError("max_slots, steps_per_call and prefill_tokens_per_step must be >= 1 and max_context "
                              f">= 2; got {max_slots}, {steps_per_call}, {prefill_tokens_per_step}, {max_context}")
+        if follow_up_s < 0:
+            raise ValueError(f"follow_up_s (--follow-up-ms) must be >= 0 (0: off), got {follow_up_s}")
         if (fast_lane_tokens or 0) < 0:
             raise ValueError(f"fast_lane_tokens (--fast-lane-tokens) must be >= 0 (0: off), got {fast_lane_tokens}")
         limit = target.cfg.max_position_embeddings
@@ -117,13 +119,14 @@ class Engine:
         self.plan = defaults.decode_calls(self.tables, max_slots, bound)  # (sampled, rows) -> (widths, rows run)
         self.row_buckets = tuple(sorted({b for _, b in self.plan.values()}))
         self._rows_on_device: dict[tuple[int, ...], jax.Array] = {}  # running slots -> bucket rows
-        self.chunk = prefill_chunk
+        self.chunk = prefill_chunk = dec.prefill_chunk
         self.fast_lane_tokens = prefill_chunk if fast_lane_tokens is None else fast_lane_tokens
         # Each slot holds a request's context plus one step's nodes; rounded up for the kernels.
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
         self.out_size = max_context
         self.ring_slots = dec.ring_slots(self.max_accept)
-        self.steps_per_call = steps_per_call
+        self.steps_per_call, self.follow_up_s = steps_per_call, follow_up_s
+        self._follow_until = 0.0  # calls run one step until then (`follow_up_s` after the last finish)
         if prefill_tokens_per_step is None:
             prefill_tokens_per_step = defaults.prefill_tokens_per_step(dec.platform, prefill_chunk)
         self.prefill_chunks_per_step = -(-prefill_tokens_per_step // prefill_chunk)
@@ -162,19 +165,12 @@ class Engine:
 
     def _build(self):
         self._build_state()
-        row = self._row_inputs(Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), seed=0)
+        row = row_inputs(self.dec, Request(prompt=[0], max_tokens=1), np.zeros((1,), np.int64), 0, self.ring_slots)
         t0 = time.perf_counter()
         self.calls = compile_calls(self.dec, self.state, self.lanes[0].staging, row, self.plan, self.loops,
                                    chunk=self.chunk, steps_per_call=self.steps_per_call, max_accept=self.max_accept,
                                    out_size=self.out_size, ring_slots=self.ring_slots)
         self.compile_s = time.perf_counter() - t0  # lowering and compiling every executable (cache hits too)
-
-    def _row_inputs(self, req: Request, prompt: np.ndarray, seed: int):
-        put = self.dec.put
-        stop = self.cfg.eos_token_ids if req.stop_ids is None else req.stop_ids
-        return (put(runtime.tail_tokens([prompt], self.ring_slots or 1)), put(np.array([prompt.size], np.int32)),
-                put(jax.random.key(seed)[None]), put(np.array([req.max_tokens], np.int32)),
-                put(eos_array(stop, EOS_SLOTS)[None]), jax.tree.map(put, RowSampling.of([req.sampling])))
 
     # ---------------------------------------------------------------------------------------
     # requests (thread-safe: other threads call these; only the engine's thread calls step())
@@ -245,11 +241,16 @@ class Engine:
                 # Sampled drafts when every running row samples (a greedy row accepts more from a beam).
                 sampled = all(s.request.sampling.temperature > 0 for s in running)
                 (widths, b), dec = self.plan[sampled, len(running)], self.dec
-                steps = 1 if loading else self.steps_per_call
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted, start the
-                # next call, then wait for the read: host work on those tokens overlaps the next call.
+                # next call, then wait for the read: host work on those tokens overlaps the next call. Where a
+                # call returns at its end (GPUs) the read goes first, so a finish in it shortens the next call.
                 window = self.calls.window(self.state)
-                rows = () if b == self.B else (self._bucket_rows(running, b),)
+                if self._calls_block and self.follow_up_s:
+                    window = self._read(window)
+                    if window[[s.index for s in running], -3].any():  # `done` (`state.new_tokens`)
+                        self._follow_until = time.monotonic() + self.follow_up_s
+                steps = 1 if loading or time.monotonic() < self._follow_until else self.steps_per_call
+                rows = () if b == self.B else (bucket_rows(self._rows_on_device, running, self.B, b, self.dec.put),)
                 self._inflight = self._helper.submit(self._timed_call, not admitting, self.calls.run[widths, sampled, b],
                                                      dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
                                                      *self.calls.scalars[steps])
@@ -282,15 +283,6 @@ class Engine:
         except Exception as e:  # noqa: BLE001 (every running request fails; a fresh state is built)
             self._fail_running(e, events)
         self._blocked += time.perf_counter() - t
-
-    def _bucket_rows(self, running, b: int):
-        """The running slots' rows on the device, padded to `b` distinct rows with idle ones (which a
-        step leaves as they are); one copy per set of rows, not one per call."""
-        key = tuple(s.index for s in running)
-        if key not in self._rows_on_device:
-            pad = [i for i in range(self.B) if i not in key][:b - len(key)]
-            self._rows_on_device[key] = self.dec.put(np.array(key + tuple(pad), np.int32))
-        return self._rows_on_device[key]
 
     def _fail_admission(self, lane: Lane, error: Exception, events):
         req, _ = lane.admitting, lane.clear()
@@ -381,7 +373,7 @@ class Engine:
         seed = req.seed if req.seed is not None else int(self._rng.integers(2**31))
         prompt = np.asarray(req.prompt, np.int64)
         self.state, first = self.calls.insert(dec.t_state, dec.d_state, self.state, lane.staging, lane.hidden,
-                                         *self._row_inputs(req, prompt, seed), dec.put(np.int32(slot.index)))
+                                         *row_inputs(dec, req, prompt, seed, self.ring_slots), dec.put(np.int32(slot.index)))
         first, done, reason = jax.device_get(first)
         lane.job = lane.admitting = None
         slot.emitted = 1
@@ -391,11 +383,16 @@ class Engine:
         if done:
             self._finish(slot, STOP_NAMES[int(reason)], events)
 
-    def _collect(self, running, events, window):
-        """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state)."""
+    def _read(self, window) -> np.ndarray:
         t = time.perf_counter()
         packed = np.asarray(jax.device_get(window))
         self._blocked += time.perf_counter() - t
+        return packed
+
+    def _collect(self, running, events, window):
+        """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state, on
+        the device or read)."""
+        packed = window if isinstance(window, np.ndarray) else self._read(window)
         W = self.calls.width
         out, (out_len, done, reason, iters) = packed[:, :W], packed[:, W:].T
         for slot in running:
@@ -420,6 +417,7 @@ class Engine:
         # only reach the last `max_nodes` slots.
         slot.valid = max(0, min(len(slot.tokens) - 1, self.capacity - self.max_nodes))
         slot.last_used = time.monotonic()
+        self._follow_until = slot.last_used + self.follow_up_s
         if req.session is None:
             slot.session = None
 
@@ -433,8 +431,7 @@ class Engine:
         params = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingParams()] * len(prompts)
         ids = [self.submit(Request(p.tolist(), max_new_tokens, params[b], stop_ids, seed + b))
                for b, p in enumerate(prompts)]
-        out = {i: [] for i in ids}
-        pending = set(ids)
+        out, pending = {i: [] for i in ids}, set(ids)
         while pending:
             for ev in self.step():
                 if ev.error:

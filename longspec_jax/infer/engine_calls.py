@@ -9,11 +9,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 
 from longspec_jax.infer import runtime
 from longspec_jax.infer.loop import insert_row_jit, run_jit, run_rows_jit
-from longspec_jax.infer.state import copy_row, new_tokens, stop_row
+from longspec_jax.infer.state import copy_row, eos_array, new_tokens, stop_row
+from longspec_jax.sampling import RowSampling
+
+EOS_SLOTS = 8  # stop ids per request
 
 
 @dataclasses.dataclass
@@ -64,3 +68,23 @@ def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_pe
         stop_row=exe["stop_row"], window=exe["window"], width=width,
         prefill={k[1]: e for k, e in exe.items() if k[0] == "prefill"},
         scalars={n: (put(np.int32(n)), put(np.bool_(True))) for n in {1, steps_per_call}})
+
+
+def row_inputs(dec, req, prompt: np.ndarray, seed: int, ring_slots: int | None):
+    """One request's arrays for `insert` on the device: the prompt's tail for the draft ring, its
+    length, key, token budget, stop ids and sampling settings."""
+    put = dec.put
+    stop = dec.target.cfg.eos_token_ids if req.stop_ids is None else req.stop_ids
+    return (put(runtime.tail_tokens([prompt], ring_slots or 1)), put(np.array([prompt.size], np.int32)),
+            put(jax.random.key(seed)[None]), put(np.array([req.max_tokens], np.int32)),
+            put(eos_array(stop, EOS_SLOTS)[None]), jax.tree.map(put, RowSampling.of([req.sampling])))
+
+
+def bucket_rows(cached: dict, running, B: int, b: int, put):
+    """The running slots' rows on the device, padded to `b` distinct rows with idle ones (which a
+    step leaves as they are); one copy per set of rows (kept in `cached`), not one per call."""
+    key = tuple(s.index for s in running)
+    if key not in cached:
+        pad = [i for i in range(B) if i not in key][:b - len(key)]
+        cached[key] = put(np.array(key + tuple(pad), np.int32))
+    return cached[key]

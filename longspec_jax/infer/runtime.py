@@ -30,10 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-DEFAULT_PREFILL_CHUNK = 512
+CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK = 512, 2048
 MIN_BUCKET = 16
 TAIL_MIN = 64  # the narrowest last chunk of a serving prefill (`tail_bucket`)
 COMPILE_CACHE_ENV = "LONGSPEC_COMPILE_CACHE"
+
+
+def default_prefill_chunk(platform: str | None = None) -> int:
+    """Prompt tokens per prefill forward by default: 2048 on a GPU, where a chunk's attention runs on
+    cuDNN and wider chunks come nearer the compute floor (`docs/perf_notes.md` "Prefill chunk
+    width"), 512 elsewhere."""
+    platform = platform or jax.devices()[0].platform
+    return GPU_PREFILL_CHUNK if platform == "gpu" else CPU_PREFILL_CHUNK
 
 
 # --------------------------------------------------------------------------------------------
