@@ -16,6 +16,8 @@ the same wiring through the public function's XLA path (float32 inputs in the te
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import jax
@@ -32,11 +34,17 @@ def applies(q, k_cache, window) -> bool:
             and q.dtype in (jnp.bfloat16, jnp.float16) and k_cache.dtype == q.dtype and cudnn_module() is not None)
 
 
+@functools.cache
 def cudnn_module():
-    """JAX's cuDNN fused-attention module (private to JAX: its float32 statistics), or None."""
+    """JAX's cuDNN fused-attention module (private to JAX: its float32 statistics), or None where
+    this jax lacks it or its call differs from the one used here (the kernels serve chunks then)."""
     try:
         from jax._src.cudnn import fused_attention_stablehlo as cudnn
-    except ImportError:  # a jax without it: the kernels serve chunks too
+        params = inspect.signature(cudnn.dot_product_attention).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    needed = ("query", "key", "value", "bias", "mask", "q_seqlen", "kv_seqlen", "scale", "mask_type", "return_residual")
+    if list(params)[:7] != list(needed[:7]) or not set(needed) <= set(params) or not hasattr(cudnn, "MaskType"):
         return None
     return cudnn
 

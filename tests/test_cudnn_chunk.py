@@ -34,6 +34,12 @@ def test_xla_wiring_matches_the_oracle(lengths):
     _assert_close(out, lse, want_o, want_l, jnp.float32, f"chunk attention, lengths {lengths}")
 
 
+def test_this_jax_has_the_cudnn_call_used():
+    """The private call (float32 statistics) is found with the signature used: a jax that changed it
+    would silently send every chunk back to the kernels."""
+    assert cudnn_chunk.cudnn_module() is not None
+
+
 def test_a_narrow_chunk_or_a_cpu_keeps_the_kernels():
     q = jnp.zeros((1, cudnn_chunk.MIN_ROWS - 1, 4, 64), jnp.bfloat16)
     assert not cudnn_chunk.applies(q, q, None)
