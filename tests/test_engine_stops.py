@@ -2,7 +2,6 @@
 are not held behind the other rows' steps (`Engine(steps_per_call=...)`)."""
 
 import jax
-import pytest
 import numpy as np
 
 from longspec_jax.infer.engine import Engine, Request
@@ -48,32 +47,34 @@ def test_a_call_stops_at_the_step_a_request_finishes():
     assert finishing >= 2
 
 
-@pytest.mark.parametrize("follow_up_s, blocking", [(60.0, False), (60.0, True), (0.0, True)])
-def test_calls_after_a_finish_run_one_step(follow_up_s, blocking):
+def test_calls_after_a_finish_run_one_step():
     """After a request finishes, the next calls run one step (an agent's next turn waits one step, not
     a call): from the call after the finish where the host reads the finish before it starts (GPUs:
-    `blocking`), else from the one after that. Off (0) the long row's calls go on running many steps."""
+    `blocking`), else from the one after that. Off (0) the long row's calls go on running many steps.
+    One engine (one compile) runs the three settings; the output stays each request's greedy output."""
     target, draft = agreeing_models(5)
-    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8,
-                 follow_up_s=follow_up_s)
-    eng._calls_block = blocking  # the read-first path runs on any device; only the call's timing differs
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8)
     prompts = _prompts(37, (12, 16))
     eng.generate(prompts, max_new_tokens=8, stop_ids=())  # compile
     calls = _recorded_calls(eng)
-    eng._follow_until = 0.0
     lengths = (40, 110)
-    ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
-    out = {i: [] for i in ids}
-    while eng.has_work():
-        for ev in eng.step():
-            out[ev.request_id].extend(ev.tokens)
-    assert [out[i] for i in ids] == [g[:n] for g, n in zip(_greedy(target, prompts, 110), lengths)]
-    ran = [int((it1 - it0).max()) for it0, _, it1, _ in calls]
-    finished = next(i for i, (_, d0, _, d1) in enumerate(calls) if (d1 & ~d0).any())
-    assert max(ran[:finished + 1]) > 1, ran  # up to the finish calls run many steps
-    after = [n for n in ran[finished + (1 if blocking else 2):] if n]  # the last call may find all done
-    assert after, ran
-    if follow_up_s:
-        assert set(after) == {1}, ran
-    else:
-        assert max(after) > 1, ran
+    want = [g[:n] for g, n in zip(_greedy(target, prompts, 110), lengths)]
+    for follow_up_s, blocking in [(60.0, False), (60.0, True), (0.0, True)]:
+        eng.follow_up_s, eng._follow_until = follow_up_s, 0.0
+        eng._calls_block = blocking  # the read-first path runs on any device; only the call's timing differs
+        calls.clear()
+        ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
+        out = {i: [] for i in ids}
+        while eng.has_work():
+            for ev in eng.step():
+                out[ev.request_id].extend(ev.tokens)
+        assert [out[i] for i in ids] == want
+        ran = [int((it1 - it0).max()) for it0, _, it1, _ in calls]
+        finished = next(i for i, (_, d0, _, d1) in enumerate(calls) if (d1 & ~d0).any())
+        assert max(ran[:finished + 1]) > 1, ran  # up to the finish calls run many steps
+        after = [n for n in ran[finished + (1 if blocking else 2):] if n]  # the last call may find all done
+        assert after, ran
+        if follow_up_s:
+            assert set(after) == {1}, (follow_up_s, blocking, ran)
+        else:
+            assert max(after) > 1, ran
