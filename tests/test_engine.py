@@ -36,6 +36,21 @@ def _greedy(target, prompts, n):
     return generate_ar(target, prompts, max_new_tokens=n, eos_ids=()).tokens
 
 
+def _step_until_done(eng, out: dict) -> dict:
+    """Step until the engine has no work, appending each request's tokens to `out[request id]`."""
+    while eng.has_work():
+        for ev in eng.step():
+            out[ev.request_id].extend(ev.tokens)
+    return out
+
+
+def _run_requests(eng, prompts, lengths) -> list[list[int]]:
+    """One request per prompt (`lengths[i]` new tokens, no stop ids) run to the end; their tokens."""
+    ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
+    out = _step_until_done(eng, {i: [] for i in ids})
+    return [out[i] for i in ids]
+
+
 def _count_decode_calls(eng) -> dict:
     """Wrap each of the engine's decode calls; the returned dict counts the calls per key."""
     calls = {k: 0 for k in eng.calls.run}
@@ -88,10 +103,7 @@ def test_a_short_turn_overtakes_the_last_chunks_of_a_long_prefill(models):
     t = eng.submit(Request(turn2.tolist(), 12, stop_ids=()))
     events = eng.step()
     assert [e.request_id for e in events] == [t] and eng.lanes[0].job.next_chunk == 4
-    out = {t: events[0].tokens, c: []}
-    while eng.has_work():
-        for ev in eng.step():
-            out[ev.request_id].extend(ev.tokens)
+    out = _step_until_done(eng, {t: events[0].tokens, c: []})
     assert out[t] == _greedy(target, [turn2], 12)[0] and out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
 
 
@@ -143,32 +155,6 @@ def test_staggered_arrivals_and_mixed_sampling(models, engine):
             done[ev.request_id] = ev.finish_reason
     assert [out[i] for i in ids] == [want[0], hot, want[2], want[3]]
     assert [done[i] for i in ids] == ["max_new_tokens"] * 4
-
-
-def test_decode_calls_run_on_the_helper_thread_a_step_ahead(models):
-    """Each decode call runs on the engine's helper thread and is still in flight when its step
-    returns (the next step takes its state); the tokens stay the target's greedy ones."""
-    import threading
-
-    target, draft = models
-    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
-    assert not eng._calls_block  # a CPU call returns at dispatch: no gaps are counted here ...
-    eng._calls_block = True  # ... so count them as a GPU's engine would, to check the bookkeeping
-    threads = set()
-    for k, exe in list(eng.calls.run.items()):
-        eng.calls.run[k] = lambda *a, _exe=exe: (threads.add(threading.current_thread().name), _exe(*a))[1]
-    p = _prompts(15, (19,))
-    rid = eng.submit(Request(p[0], 24, stop_ids=()))
-    out, in_flight = [], 0
-    while eng.has_work():
-        out += [t for ev in eng.step() if ev.request_id == rid for t in ev.tokens]
-        assert (eng.state is None) == (eng._inflight is not None)  # the state is the call's while it runs
-        in_flight += eng._inflight is not None
-    assert out == _greedy(target, p, 24)[0]
-    assert in_flight >= 2
-    assert threads and all(name.startswith("engine-decode-call") for name in threads)
-    # the host's time between two decode calls of plain steps is counted
-    assert 0 < eng.stats["gap_calls"] < eng.stats["steps"] and 0 < eng.stats["gap_s"]
 
 
 def test_steps_that_admit_are_not_counted_as_plain_decode_steps(models):
@@ -291,12 +277,7 @@ def test_tree_shape_follows_the_load_and_stays_exact():
     prompts = _prompts(6, (9, 20, 14, 5, 27, 8, 16))
     lengths = [12, 30, 6, 25, 18, 9, 22]
     want = [_greedy(target, [p], n)[0] for p, n in zip(prompts, lengths)]
-    ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
-    out = {i: [] for i in ids}
-    while eng.has_work():
-        for ev in eng.step():
-            out[ev.request_id].extend(ev.tokens)
-    assert [out[i] for i in ids] == want
+    assert _run_requests(eng, prompts, lengths) == want
 
 
 def test_a_tree_samples_its_drafts_when_every_row_samples(models):
@@ -424,9 +405,7 @@ def test_prefill_tokens_per_step_load_whole_chunks_between_decode_calls(models):
         for ev in events:
             out[ev.request_id].extend(ev.tokens)
         assert eng.lanes[0].job.next_chunk == done and [e.request_id for e in events] == [r]
-    while eng.has_work():
-        for ev in eng.step():
-            out[ev.request_id].extend(ev.tokens)
+    _step_until_done(eng, out)
     assert out[r] == _greedy(target, [np.asarray(run)], 30)[0] and out[c] == _greedy(target, [np.asarray(cold)], 8)[0]
     assert defaults.prefill_tokens_per_step("gpu", 512) == 8192 == defaults.GPU_PREFILL_TOKENS_PER_STEP
     assert defaults.prefill_tokens_per_step("cpu", 512) == 512

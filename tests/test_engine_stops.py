@@ -1,11 +1,14 @@
-"""When the serving engine's decode calls return: as soon as a request finishes, so its last tokens
-are not held behind the other rows' steps (`Engine(steps_per_call=...)`)."""
+"""Where and when the serving engine's decode calls run: on its helper thread a step ahead, until
+a request finishes (its last tokens are not held behind the other rows' steps), and one step each
+just after a finish with `Engine(follow_up_s=...)`."""
+
+import threading
 
 import jax
 import numpy as np
 
 from longspec_jax.infer.engine import Engine, Request
-from tests.test_engine import CHAIN, _greedy
+from tests.test_engine import CHAIN, _greedy, _run_requests
 from tests.test_speculative import _prompts, agreeing_models
 
 
@@ -31,12 +34,7 @@ def test_a_call_stops_at_the_step_a_request_finishes():
     assert got == _greedy(target, prompts, 40)
     calls.clear()
     lengths = (9, 23, 40)
-    ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
-    out = {i: [] for i in ids}
-    while eng.has_work():
-        for ev in eng.step():
-            out[ev.request_id].extend(ev.tokens)
-    assert [out[i] for i in ids] == [g[:n] for g, n in zip(_greedy(target, prompts, 40), lengths)]
+    assert _run_requests(eng, prompts, lengths) == [g[:n] for g, n in zip(_greedy(target, prompts, 40), lengths)]
     finishing = 0
     for it0, done0, it1, done1 in calls:
         ran = it1 - it0
@@ -63,12 +61,7 @@ def test_calls_after_a_finish_run_one_step():
         eng.follow_up_s, eng._follow_until = follow_up_s, 0.0
         eng._calls_block = blocking  # the read-first path runs on any device; only the call's timing differs
         calls.clear()
-        ids = [eng.submit(Request(p, n, stop_ids=())) for p, n in zip(prompts, lengths)]
-        out = {i: [] for i in ids}
-        while eng.has_work():
-            for ev in eng.step():
-                out[ev.request_id].extend(ev.tokens)
-        assert [out[i] for i in ids] == want
+        assert _run_requests(eng, prompts, lengths) == want
         ran = [int((it1 - it0).max()) for it0, _, it1, _ in calls]
         finished = next(i for i, (_, d0, _, d1) in enumerate(calls) if (d1 & ~d0).any())
         assert max(ran[:finished + 1]) > 1, ran  # up to the finish calls run many steps
@@ -78,3 +71,27 @@ def test_calls_after_a_finish_run_one_step():
             assert set(after) == {1}, (follow_up_s, blocking, ran)
         else:
             assert max(after) > 1, ran
+
+
+def test_decode_calls_run_on_the_helper_thread_a_step_ahead():
+    """Each decode call runs on the engine's helper thread and is still in flight when its step
+    returns (the next step takes its state); the tokens stay the target's greedy ones."""
+    target, draft = agreeing_models(5)
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16)
+    assert not eng._calls_block  # a CPU call returns at dispatch: no gaps are counted here ...
+    eng._calls_block = True  # ... so count them as a GPU's engine would, to check the bookkeeping
+    threads = set()
+    for k, exe in list(eng.calls.run.items()):
+        eng.calls.run[k] = lambda *a, _exe=exe: (threads.add(threading.current_thread().name), _exe(*a))[1]
+    p = _prompts(15, (19,))
+    rid = eng.submit(Request(p[0], 24, stop_ids=()))
+    out, in_flight = [], 0
+    while eng.has_work():
+        out += [t for ev in eng.step() if ev.request_id == rid for t in ev.tokens]
+        assert (eng.state is None) == (eng._inflight is not None)  # the state is the call's while it runs
+        in_flight += eng._inflight is not None
+    assert out == _greedy(target, p, 24)[0]
+    assert in_flight >= 2
+    assert threads and all(name.startswith("engine-decode-call") for name in threads)
+    # the host's time between two decode calls of plain steps is counted
+    assert 0 < eng.stats["gap_calls"] < eng.stats["steps"] and 0 < eng.stats["gap_s"]
