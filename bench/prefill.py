@@ -17,7 +17,6 @@ measured in the run). GPU only (cuDNN).
 from __future__ import annotations
 
 import argparse
-import math
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +54,6 @@ def parts(cfg, chunks, offsets, capacity):
     keys = jax.random.split(jax.random.key(0), 3)
     k_cache = jax.random.normal(keys[1], (1, capacity, K, H), dt)
     v_cache = jax.random.normal(keys[2], (1, capacity, K, H), dt)
-    scale = 1 / math.sqrt(H)
-    cudnn = cudnn_chunk.cudnn_module()
     rows = []
     for T in chunks:
         q = jax.random.normal(keys[0], (1, T, N, H), dt)
@@ -65,8 +62,7 @@ def parts(cfg, chunks, offsets, capacity):
         want = ref.tree_attention_ref(q, k, v, mask)
         variants = {
             "kernels": lambda q, k, v: api.tree_attention(q, k, v, mask, implementation="pallas"),
-            "cudnn": lambda q, k, v: _bnt(cudnn.dot_product_attention(q, k, v, scale=scale, return_residual=True,
-                                                                     mask_type=cudnn.MaskType.CAUSAL)),
+            "cudnn": lambda q, k, v: cudnn_chunk.causal_part(q, k, v),
         }
         for name, fn in variants.items():
             ms = _ms(fn, q, k, v)
@@ -76,12 +72,9 @@ def parts(cfg, chunks, offsets, capacity):
         for L in sorted({min(off, capacity - T) for off in offsets}):
             lengths = jnp.array([L], jnp.int32)
             want = ref.prefix_attention_ref(q, k_cache, v_cache, lengths) if L else None
-            full = jnp.full((1,), T, jnp.int32)
             variants = {
                 "kernels": lambda q, kc, vc, n: api.prefix_attention(q, kc, vc, n, implementation="pallas"),
-                "cudnn": lambda q, kc, vc, n: _bnt(cudnn.dot_product_attention(
-                    q, kc, vc, None, None, full, n, scale=scale, mask_type=cudnn.MaskType.PADDING,
-                    return_residual=True)),
+                "cudnn": lambda q, kc, vc, n: cudnn_chunk.prefix_part(q, kc, vc, n),
             }
             for name, fn in variants.items():
                 ms = _ms(fn, q, k_cache, v_cache, lengths)
@@ -90,11 +83,6 @@ def parts(cfg, chunks, offsets, capacity):
                                  errors=errors))
                 common.log(rows[-1])
     return rows
-
-
-def _bnt(out):
-    o, lse = out
-    return o, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # cuDNN's [B, N, T] statistics -> [B, T, N]
 
 
 def main(args) -> int:

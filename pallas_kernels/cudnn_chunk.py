@@ -49,6 +49,35 @@ def cudnn_module():
     return cudnn
 
 
+def prefix_part(q, k_cache, v_cache, lengths, *, sm_scale=None, implementation="cudnn"):
+    """The chunk's T queries over cache slots [0, lengths) (padding mask): (out, lse [B, T, N] float32).
+    Rows with lengths 0 (the first chunk) give out 0 and lse -inf, as the kernels do."""
+    scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    lengths = lengths.astype(jnp.int32)
+    if implementation == "cudnn":
+        cudnn = cudnn_module()
+        full = jnp.full(lengths.shape, q.shape[1], jnp.int32)
+        o, lse = _bnt(cudnn.dot_product_attention(q, k_cache, v_cache, None, None, full, lengths, scale=scale,
+                                                  mask_type=cudnn.MaskType.PADDING, return_residual=True))
+    else:
+        o, lse = jax.nn.dot_product_attention(q, k_cache, v_cache, scale=scale, key_value_seq_lengths=lengths,
+                                              implementation=_xla(implementation), return_residual=True)
+    empty = (lengths == 0)[:, None, None]  # no prefix: that part holds nothing
+    return jnp.where(empty[..., None], 0, o), jnp.where(empty, -jnp.inf, lse.astype(jnp.float32))
+
+
+def causal_part(q, k, v, *, sm_scale=None, implementation="cudnn"):
+    """The chunk's T queries over its own T keys, causally: (out, lse [B, T, N] float32)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    if implementation == "cudnn":
+        cudnn = cudnn_module()
+        return _bnt(cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL,
+                                                return_residual=True))
+    o, lse = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=_xla(implementation),
+                                          return_residual=True)
+    return o, lse.astype(jnp.float32)
+
+
 def chunk_attention(q, k_cache, v_cache, lengths, k, v, *, sm_scale=None, implementation="cudnn"):
     """Causal attention of a chunk's T queries over the cache prefix [0, lengths) and their own keys.
 
@@ -62,24 +91,16 @@ def chunk_attention(q, k_cache, v_cache, lengths, k, v, *, sm_scale=None, implem
     """
     from pallas_kernels.hybrid import merge_attention
 
-    scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    lengths = lengths.astype(jnp.int32)
-    if implementation == "cudnn":
-        cudnn = cudnn_module()
-        full = jnp.full(lengths.shape, q.shape[1], jnp.int32)
-        o1, l1 = cudnn.dot_product_attention(q, k_cache, v_cache, None, None, full, lengths, scale=scale,
-                                             mask_type=cudnn.MaskType.PADDING, return_residual=True)
-        o2, l2 = cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL,
-                                             return_residual=True)
-        l1, l2 = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (l1, l2))  # cuDNN's [B, N, T]
-    elif implementation == "xla":
-        o1, l1 = jax.nn.dot_product_attention(q, k_cache, v_cache, scale=scale, key_value_seq_lengths=lengths,
-                                              implementation="xla", return_residual=True)
-        o2, l2 = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla",
-                                              return_residual=True)
-    else:
+    return merge_attention(prefix_part(q, k_cache, v_cache, lengths, sm_scale=sm_scale, implementation=implementation),
+                           causal_part(q, k, v, sm_scale=sm_scale, implementation=implementation))
+
+
+def _xla(implementation: str) -> str:
+    if implementation != "xla":
         raise ValueError(f"implementation must be 'cudnn' or 'xla', got {implementation!r}")
-    empty = (lengths == 0)[:, None, None]  # no prefix (the first chunk): that part holds nothing
-    o1 = jnp.where(empty[..., None], 0, o1)
-    l1 = jnp.where(empty, -jnp.inf, l1.astype(jnp.float32))
-    return merge_attention((o1, l1), (o2, l2.astype(jnp.float32)))
+    return implementation
+
+
+def _bnt(out):
+    o, lse = out
+    return o, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # cuDNN's statistics are [B, N, T]

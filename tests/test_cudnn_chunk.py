@@ -58,3 +58,9 @@ def test_cudnn_matches_the_oracle(T, lengths):
     o2, l2 = jax.jit(lambda *a: pallas_kernels.hybrid_attention(*a, None, implementation="auto"))(*args)
     assert cudnn_chunk.applies(q, k_cache, None)
     _assert_close(o2, l2, want_o, want_l, dtype, f"hybrid attention of a causal chunk T={T}")
+
+
+def test_an_unknown_implementation_is_refused_by_name():
+    args, _ = _case(5, 1, 8, 16, 2, 1, 16, jnp.float32, (4,))
+    with pytest.raises(ValueError, match="implementation must be 'cudnn' or 'xla', got 'pallas'"):
+        cudnn_chunk.chunk_attention(*args, implementation="pallas")
