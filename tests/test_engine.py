@@ -413,9 +413,11 @@ def test_prefill_tokens_per_step_load_whole_chunks_between_decode_calls(models):
         Engine(target, draft, max_slots=2, max_context=64, prefill_tokens_per_step=0)
 
 
-def test_a_negative_fast_lane_is_refused(models):
+def test_a_negative_fast_lane_or_follow_up_is_refused(models):
     with pytest.raises(ValueError, match=r"fast_lane_tokens \(--fast-lane-tokens\) must be >= 0.*got -1"):
         Engine(*models, max_slots=2, max_context=64, fast_lane_tokens=-1)
+    with pytest.raises(ValueError, match=r"follow_up_s \(--follow-up-ms\) must be >= 0 \(0: off\), got -0.5"):
+        Engine(*models, max_slots=2, max_context=64, follow_up_s=-0.5)
 
 
 def test_refusals(engine):
