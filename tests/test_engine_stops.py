@@ -95,3 +95,38 @@ def test_decode_calls_run_on_the_helper_thread_a_step_ahead():
     assert threads and all(name.startswith("engine-decode-call") for name in threads)
     # the host's time between two decode calls of plain steps is counted
     assert 0 < eng.stats["gap_calls"] < eng.stats["steps"] and 0 < eng.stats["gap_s"]
+
+
+def test_a_request_that_arrives_ends_the_running_call_after_one_step():
+    """With `interrupt_on_arrival` a decode call asks the host after every step whether a request
+    arrived: one submitted while a call runs ends it after that step (the call would run eight),
+    the calls before and after run many steps, and both requests keep their greedy output. A call
+    on an engine without it runs on (its executable has no callback)."""
+    target, draft = agreeing_models(5)
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8,
+                 interrupt_on_arrival=True)
+    prompts = _prompts(41, (12, 16))
+    eng.generate(prompts, max_new_tokens=8, stop_ids=())  # compile
+    compiled = list(eng.calls.run.values())
+    calls = _recorded_calls(eng)
+    late = Request(prompts[1], 30, stop_ids=())
+    arrivals = []
+    for key, exe in list(eng.calls.run.items()):
+        def arrive_during(*args, _exe=exe):
+            if len(calls) == 2 and not arrivals:  # while the third call runs, the second request arrives
+                arrivals.append(eng.submit(late))
+            return _exe(*args)
+        eng.calls.run[key] = arrive_during
+    first = eng.submit(Request(prompts[0], 90, stop_ids=()))
+    out = {first: []}
+    while eng.has_work():
+        for ev in eng.step():
+            out.setdefault(ev.request_id, []).extend(ev.tokens)
+    want = _greedy(target, prompts, 90)
+    assert out[first] == want[0] and out[arrivals[0]] == want[1][:30]
+    ran = [int((it1 - it0).max()) for it0, _, it1, _ in calls]
+    assert ran[:2] == [8, 8] and ran[2] == 1 and max(ran[3:]) > 1, ran  # (a call stops at a finish too)
+
+    plain = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8)
+    assert not any("callback" in exe.as_text() for exe in plain.calls.run.values())
+    assert all("callback" in exe.as_text() for exe in compiled)

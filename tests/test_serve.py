@@ -349,5 +349,7 @@ def test_bad_server_flags_exit_with_a_message(capsys):
     assert "--fast-lane-tokens must be >= 0 (0 turns the fast lane off), got -1" in capsys.readouterr().err
     assert serve.main(["--model", "tiny-random", "--follow-up-ms", "-5"]) == 2
     assert "--follow-up-ms must be >= 0 (0 turns it off), got -5.0" in capsys.readouterr().err
+    assert serve.main(["--model", "tiny-random", "--interrupt-on-arrival", "--tensor-parallel", "2"]) == 2
+    assert "--interrupt-on-arrival needs one device; drop it or --tensor-parallel" in capsys.readouterr().err
     assert serve.main(["--model", "tiny-random", "--prefill-tokens-per-step", "0"]) == 2
     assert "--prefill-tokens-per-step must be >= 1, got 0" in capsys.readouterr().err

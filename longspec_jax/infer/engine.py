@@ -28,7 +28,8 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
 * One call in flight: a decode call runs on a helper thread while this one hands out the previous
   call's tokens (on a GPU a call returns only when its loop ends: XLA copies a data-dependent loop
   condition to the host each iteration). Optionally, shortly after a request finishes calls run one
-  step, so an agent's next turn waits a step, not a call, for admission (`follow_up_s`).
+  step, so an agent's next turn waits a step, not a call, for admission (`follow_up_s`), or a call
+  ends at the step boundary after a request arrives (`interrupt_on_arrival`).
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -50,7 +51,7 @@ import numpy as np
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
 from longspec_jax.infer.engine_calls import EOS_SLOTS, bucket_rows, compile_calls, row_inputs
-from longspec_jax.infer.loop import loops_for
+from longspec_jax.infer.loop import add_interrupt, loops_for
 from longspec_jax.infer.state import STOP_NAMES, DecodeState
 from longspec_jax import kv_cache as kvc
 from longspec_jax.infer.slots import Event, Lane, Prefill, Request, Slot, check_request, choose_slot, next_request
@@ -73,6 +74,10 @@ class Engine:
       follow_up_s: for this long after a request finishes, calls run one step each: an agent's next
         turn usually follows within milliseconds, and a new request waits for the call in flight
         (0: off, the default; each call pays its gap and row copies, `docs/perf_notes.md` "Follow-up").
+      interrupt_on_arrival: a decode call asks the host after every step whether a request (or a
+        cancel) arrived, and ends there if so (`loop.add_interrupt`): a new turn waits one step, not
+        the rest of the call. One device-to-host sync per step, and the decode calls are not kept in
+        JAX's persistent compilation cache. One device only (every device would have to agree).
       prefill_tokens_per_step: prompt tokens prefilled between two decode calls, in whole chunks
         (default `defaults.prefill_tokens_per_step`: more admit waiting requests sooner, so they
         decode together; fewer keep the running requests' inter-token latency low meanwhile).
@@ -85,13 +90,17 @@ class Engine:
                  tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
                  prefill_chunk: int | None = None, mesh=None, steps_per_call: int = 4,
                  prefill_tokens_per_step: int | None = None, fast_lane_tokens: int | None = None,
-                 follow_up_s: float = 0.0, compiler: runtime.Compiler | None = None):
+                 follow_up_s: float = 0.0, interrupt_on_arrival: bool = False,
+                 compiler: runtime.Compiler | None = None):
         if min(max_slots, steps_per_call, 1 if prefill_tokens_per_step is None else prefill_tokens_per_step) < 1 \
                 or max_context < 2:
             raise ValueError("max_slots, steps_per_call and prefill_tokens_per_step must be >= 1 and max_context "
                              f">= 2; got {max_slots}, {steps_per_call}, {prefill_tokens_per_step}, {max_context}")
         if follow_up_s < 0:
             raise ValueError(f"follow_up_s (--follow-up-ms) must be >= 0 (0: off), got {follow_up_s}")
+        if interrupt_on_arrival and mesh is not None and mesh.size > 1:
+            raise ValueError(f"interrupt_on_arrival (--interrupt-on-arrival) needs one device, the mesh has "
+                             f"{mesh.size}: every device's loop would have to stop at the same step")
         if (fast_lane_tokens or 0) < 0:
             raise ValueError(f"fast_lane_tokens (--fast-lane-tokens) must be >= 0 (0: off), got {fast_lane_tokens}")
         limit = target.cfg.max_position_embeddings
@@ -133,6 +142,9 @@ class Engine:
         self.slots = [Slot(i) for i in range(max_slots)]
         self.waiting: list[Request] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.interrupt = interrupt_on_arrival
+        if interrupt_on_arrival:  # the poll holds the inbox, not the engine (it goes with the engine)
+            add_interrupt(self, lambda inbox=self._inbox: not inbox.empty())
         self._ids = itertools.count()
         self._rng = np.random.default_rng()
         self._passed: dict[str, int] = {}  # waiting request id -> admissions that went before it
@@ -169,7 +181,7 @@ class Engine:
         t0 = time.perf_counter()
         self.calls = compile_calls(self.dec, self.state, self.lanes[0].staging, row, self.plan, self.loops,
                                    chunk=self.chunk, steps_per_call=self.steps_per_call, max_accept=self.max_accept,
-                                   out_size=self.out_size, ring_slots=self.ring_slots)
+                                   out_size=self.out_size, ring_slots=self.ring_slots, interrupt=self.interrupt)
         self.compile_s = time.perf_counter() - t0  # lowering and compiling every executable (cache hits too)
 
     # ---------------------------------------------------------------------------------------

@@ -35,15 +35,16 @@ class EngineCalls:
 
 
 def compile_calls(dec, state, staging, row, plan, loops, *, chunk: int, steps_per_call: int, max_accept: int,
-                  out_size: int, ring_slots: int | None) -> EngineCalls:
+                  out_size: int, ring_slots: int | None, interrupt: bool = False) -> EngineCalls:
     """Compile for `state` (the slots) and `staging` (a lane's cache); `row` is one request's
-    admission inputs (shapes only); `plan` is `defaults.decode_calls`'s, `loops` `loop.loops_for`'s."""
+    admission inputs (shapes only); `plan` is `defaults.decode_calls`'s, `loops` `loop.loops_for`'s;
+    `interrupt`: decode calls end early when the engine's poll says so (`loop.add_interrupt`)."""
     put, B = dec.put, state.committed.shape[0]
     graphs = dict(t_graph=dec.t_graph, d_graph=dec.d_graph)
     budget = (dec.vocab, put(np.int32(1)), put(np.bool_(False)))
     jobs = {}
     for w, s, b in {(w, s, b) for (s, _), (w, b) in plan.items()}:
-        statics = dict(graphs, loop=loops[w, s])
+        statics = dict(graphs, loop=loops[w, s], interrupt=interrupt)
         jobs["run", w, s, b] = (("engine_run", run_jit, (dec.t_state, dec.d_state, state, *budget), statics)
                                 if b == B else ("engine_run_rows", run_rows_jit, (
                                     dec.t_state, dec.d_state, state, put(np.zeros(b, np.int32)), *budget), statics))

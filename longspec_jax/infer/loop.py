@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from longspec_jax.infer.state import STOP_CACHE_FULL, STOP_EOS, STOP_MAX_NEW, STOP_RUNNING, DecodeState
@@ -53,6 +56,7 @@ from longspec_jax.draft_vocab import cut_logits
 from longspec_jax.tree import TreeShape, expand, init_tree
 
 MAX_ITERS = 2**31 - 1  # `run` without a step budget
+_POLLS: dict[int, Callable[[], bool]] = {}  # `add_interrupt`: owner id -> poll
 DRAFT_SAMPLING = ("beam", "sampled")
 VERIFICATION = ("block", "token")
 
@@ -279,29 +283,52 @@ def start_jit(t_state, d_state, cache, hidden_last, tail, lengths, key, max_new,
                             out_size=out_size, max_accept=max_accept, ring_slots=ring_slots)
 
 
-@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph"), donate_argnames=("state",))
+def add_interrupt(owner, poll: Callable[[], bool]) -> None:
+    """Let `poll()` end interruptible decode calls (`run_jit(interrupt=True)`) at their next step
+    boundary by returning True, as long as `owner` lives. `poll` must not refer to `owner` (it
+    would keep it alive); it runs on an XLA thread after every step, so it must be cheap and
+    thread-safe. Any registered poll ends any interruptible call: ending a call early is always
+    safe (the state is exact after every step), it only costs another call."""
+    key = id(owner)
+    _POLLS[key] = poll
+    weakref.finalize(owner, _POLLS.pop, key, None)
+
+
+def _poll_interrupts(_after_step) -> np.ndarray:
+    return np.bool_(any(poll() for poll in list(_POLLS.values())))
+
+
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "interrupt"), donate_argnames=("state",))
 def run_jit(t_state, d_state, state: DecodeState, vocab, max_iters, stop_on_finish, *, loop: DecodeLoop, t_graph,
-            d_graph) -> DecodeState:
-    """The decode loop on split models (see `DecodeLoop.run`)."""
+            d_graph, interrupt: bool = False) -> DecodeState:
+    """The decode loop on split models (see `DecodeLoop.run`). With `interrupt`, the host is asked
+    after every step whether to stop (`add_interrupt`): the serving engine ends a call when a request
+    arrives, so that it waits one step, not the rest of the call, for its prefill. The ask is a host
+    callback: one device-to-host sync per step (a GPU's loop already has one, for its condition),
+    and the executable is not written to JAX's persistent compilation cache."""
     target, draft = _merge(t_graph, t_state, d_graph, d_state)
     done_at_call = jnp.sum(state.done)
 
     def cond(carry):
-        s, i = carry
+        s, i, asked = carry
         # Stop when every row is done (each stops on a stop id, its token budget, or a full cache),
-        # when this call's step budget is spent, or when a row finished and the caller asked for
-        # its slot back at once.
-        return jnp.any(~s.done) & (i < max_iters) & ~(stop_on_finish & (jnp.sum(s.done) > done_at_call))
+        # when this call's step budget is spent, when a row finished and the caller asked for its
+        # slot back at once, or when the host asked (`interrupt`).
+        return jnp.any(~s.done) & (i < max_iters) & ~(stop_on_finish & (jnp.sum(s.done) > done_at_call)) & ~asked
 
     def body(carry):
-        return loop.step(target, draft, carry[0], vocab), carry[1] + 1
+        s = loop.step(target, draft, carry[0], vocab)
+        # The callback takes the step's output, so it runs after the step, not beside it.
+        asked = (jax.pure_callback(_poll_interrupts, jax.ShapeDtypeStruct((), jnp.bool_), s.done) if interrupt
+                 else jnp.bool_(False))
+        return s, carry[1] + 1, asked
 
-    return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
+    return jax.lax.while_loop(cond, body, (state, jnp.int32(0), jnp.bool_(False)))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("loop", "t_graph", "d_graph", "interrupt"), donate_argnames=("state",))
 def run_rows_jit(t_state, d_state, state: DecodeState, rows, vocab, max_iters, stop_on_finish, *, loop: DecodeLoop,
-                 t_graph, d_graph) -> DecodeState:
+                 t_graph, d_graph, interrupt: bool = False) -> DecodeState:
     """`run_jit` on the distinct rows `rows` (int32 [b]) of `state` alone: a batch of b rows whose
     matmuls and attention cost b rows, not B. The engine runs it where every row computes whether
     it is busy or not (CPUs, large targets under big trees on GPUs); the price is a copy of the b
@@ -324,7 +351,7 @@ def run_rows_jit(t_state, d_state, state: DecodeState, rows, vocab, max_iters, s
         return full
 
     sub = run_jit(t_state, d_state, jax.tree.map(take, state), vocab, max_iters, stop_on_finish, loop=loop,
-                  t_graph=t_graph, d_graph=d_graph)
+                  t_graph=t_graph, d_graph=d_graph, interrupt=interrupt)
     return jax.tree.map(put_back, state, sub)
 
 
