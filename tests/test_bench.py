@@ -173,6 +173,7 @@ def test_acceptance_tiny(tmp_path):
     assert rows[2]["draft_vocab_size"] == 128
 
 
+@pytest.mark.slow  # for CI's time budget; the methods themselves: tests/test_sampled_tree.py, test_speculative.py
 def test_acceptance_tiny_sampled_methods(tmp_path):
     record = run_suite(tmp_path, "acceptance", "--dtype", "float32", "--temperatures", "1", "--trees", "2,2", "1,1",
                        "--methods", "block", "token", "beam", "--num-prompts", "2", "--warmup", "0")
@@ -215,6 +216,7 @@ def test_serve_tiny(tmp_path):
     assert record["modes"]["ar"]["levels"][0]["tau"] == 1.0
 
 
+@pytest.mark.slow  # for CI's time budget; shared documents in the engine: tests/test_engine.py
 def test_serve_tiny_shared_prefix(tmp_path):
     """Agents whose first prompts share a document: the later agents copy it from the first (running
     or resident) and prefill only their own tokens. (Without the fast lane: tiny prompts fit in one

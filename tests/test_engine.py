@@ -413,11 +413,14 @@ def test_prefill_tokens_per_step_load_whole_chunks_between_decode_calls(models):
         Engine(target, draft, max_slots=2, max_context=64, prefill_tokens_per_step=0)
 
 
-def test_a_negative_fast_lane_or_follow_up_is_refused(models):
+def test_a_negative_fast_lane_or_an_interrupt_over_devices_is_refused(models):
+    from longspec_jax import sharding
+
     with pytest.raises(ValueError, match=r"fast_lane_tokens \(--fast-lane-tokens\) must be >= 0.*got -1"):
         Engine(*models, max_slots=2, max_context=64, fast_lane_tokens=-1)
-    with pytest.raises(ValueError, match=r"follow_up_s \(--follow-up-ms\) must be >= 0 \(0: off\), got -0.5"):
-        Engine(*models, max_slots=2, max_context=64, follow_up_s=-0.5)
+    with pytest.raises(ValueError, match=r"interrupt_on_arrival \(--interrupt-on-arrival\) needs one device, the "
+                                         r"mesh has 2"):
+        Engine(*models, max_slots=2, max_context=64, mesh=sharding.make_mesh(tensor=2), interrupt_on_arrival=True)
 
 
 def test_refusals(engine):

@@ -1,6 +1,6 @@
 """Where and when the serving engine's decode calls run: on its helper thread a step ahead, until
-a request finishes (its last tokens are not held behind the other rows' steps), and one step each
-just after a finish with `Engine(follow_up_s=...)`."""
+a request finishes (its last tokens are not held behind the other rows' steps), or with
+`Engine(interrupt_on_arrival=True)` until a request arrives."""
 
 import threading
 
@@ -43,34 +43,6 @@ def test_a_call_stops_at_the_step_a_request_finishes():
             finishing += 1
             assert (ran[newly] == ran.max()).all(), (ran, newly)
     assert finishing >= 2
-
-
-def test_calls_after_a_finish_run_one_step():
-    """After a request finishes, the next calls run one step (an agent's next turn waits one step, not
-    a call): from the call after the finish where the host reads the finish before it starts (GPUs:
-    `blocking`), else from the one after that. Off (0) the long row's calls go on running many steps.
-    One engine (one compile) runs the three settings; the output stays each request's greedy output."""
-    target, draft = agreeing_models(5)
-    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8)
-    prompts = _prompts(37, (12, 16))
-    eng.generate(prompts, max_new_tokens=8, stop_ids=())  # compile
-    calls = _recorded_calls(eng)
-    lengths = (40, 110)
-    want = [g[:n] for g, n in zip(_greedy(target, prompts, 110), lengths)]
-    for follow_up_s, blocking in [(60.0, False), (60.0, True), (0.0, True)]:
-        eng.follow_up_s, eng._follow_until = follow_up_s, 0.0
-        eng._calls_block = blocking  # the read-first path runs on any device; only the call's timing differs
-        calls.clear()
-        assert _run_requests(eng, prompts, lengths) == want
-        ran = [int((it1 - it0).max()) for it0, _, it1, _ in calls]
-        finished = next(i for i, (_, d0, _, d1) in enumerate(calls) if (d1 & ~d0).any())
-        assert max(ran[:finished + 1]) > 1, ran  # up to the finish calls run many steps
-        after = [n for n in ran[finished + (1 if blocking else 2):] if n]  # the last call may find all done
-        assert after, ran
-        if follow_up_s:
-            assert set(after) == {1}, (follow_up_s, blocking, ran)
-        else:
-            assert max(after) > 1, ran
 
 
 def test_decode_calls_run_on_the_helper_thread_a_step_ahead():

@@ -28,8 +28,8 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
 * One call in flight: a decode call runs on a helper thread while this one hands out the previous
   call's tokens (on a GPU a call returns only when its loop ends: XLA copies a data-dependent loop
   condition to the host each iteration). Optionally, shortly after a request finishes calls run one
-  step, so an agent's next turn waits a step, not a call, for admission (`follow_up_s`), or a call
-  ends at the step boundary after a request arrives (`interrupt_on_arrival`).
+  step. Optionally a call ends at the step after a request arrives (`interrupt_on_arrival`), so an
+  agent's next turn waits a step, not the rest of a call, for its admission.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs
@@ -71,13 +71,11 @@ class Engine:
       steps_per_call: decode steps per device call while nothing loads (more amortise host work;
         fewer stream more smoothly); a call returns as soon as a request finishes (its last tokens
         are not held behind the other rows' steps, and a waiting request gets its slot).
-      follow_up_s: for this long after a request finishes, calls run one step each: an agent's next
-        turn usually follows within milliseconds, and a new request waits for the call in flight
-        (0: off, the default; each call pays its gap and row copies, `docs/perf_notes.md` "Follow-up").
       interrupt_on_arrival: a decode call asks the host after every step whether a request (or a
         cancel) arrived, and ends there if so (`loop.add_interrupt`): a new turn waits one step, not
-        the rest of the call. One device-to-host sync per step, and the decode calls are not kept in
-        JAX's persistent compilation cache. One device only (every device would have to agree).
+        the rest of the call. Off by default: on an H100 it cost about 1 ms a step (`docs/perf_notes.md`
+        "Ending a call on arrival"), and the decode calls are not kept in JAX's persistent compilation
+        cache. One device only (every device would have to agree).
       prefill_tokens_per_step: prompt tokens prefilled between two decode calls, in whole chunks
         (default `defaults.prefill_tokens_per_step`: more admit waiting requests sooner, so they
         decode together; fewer keep the running requests' inter-token latency low meanwhile).
@@ -90,14 +88,12 @@ class Engine:
                  tree_shape: Sequence[int] | str | None = None, draft_vocab=None, cache_dtype=None,
                  prefill_chunk: int | None = None, mesh=None, steps_per_call: int = 4,
                  prefill_tokens_per_step: int | None = None, fast_lane_tokens: int | None = None,
-                 follow_up_s: float = 0.0, interrupt_on_arrival: bool = False,
+                 interrupt_on_arrival: bool = False,
                  compiler: runtime.Compiler | None = None):
         if min(max_slots, steps_per_call, 1 if prefill_tokens_per_step is None else prefill_tokens_per_step) < 1 \
                 or max_context < 2:
             raise ValueError("max_slots, steps_per_call and prefill_tokens_per_step must be >= 1 and max_context "
                              f">= 2; got {max_slots}, {steps_per_call}, {prefill_tokens_per_step}, {max_context}")
-        if follow_up_s < 0:
-            raise ValueError(f"follow_up_s (--follow-up-ms) must be >= 0 (0: off), got {follow_up_s}")
         if interrupt_on_arrival and mesh is not None and mesh.size > 1:
             raise ValueError(f"interrupt_on_arrival (--interrupt-on-arrival) needs one device, the mesh has "
                              f"{mesh.size}: every device's loop would have to stop at the same step")
@@ -134,8 +130,7 @@ class Engine:
         self.capacity = runtime.capacity_bucket(max_context + self.max_nodes)
         self.out_size = max_context
         self.ring_slots = dec.ring_slots(self.max_accept)
-        self.steps_per_call, self.follow_up_s = steps_per_call, follow_up_s
-        self._follow_until = 0.0  # calls run one step until then (`follow_up_s` after the last finish)
+        self.steps_per_call = steps_per_call
         if prefill_tokens_per_step is None:
             prefill_tokens_per_step = defaults.prefill_tokens_per_step(dec.platform, prefill_chunk)
         self.prefill_chunks_per_step = -(-prefill_tokens_per_step // prefill_chunk)
@@ -254,14 +249,9 @@ class Engine:
                 sampled = all(s.request.sampling.temperature > 0 for s in running)
                 (widths, b), dec = self.plan[sampled, len(running)], self.dec
                 # One call of lag (JetStream's): enqueue the read of what the previous call emitted, start the
-                # next call, then wait for the read: host work on those tokens overlaps the next call. Where a
-                # call returns at its end (GPUs) the read goes first, so a finish in it shortens the next call.
+                # next call, then wait for the read: host work on those tokens overlaps the next call.
                 window = self.calls.window(self.state)
-                if self._calls_block and self.follow_up_s:
-                    window = self._read(window)
-                    if window[[s.index for s in running], -3].any():  # `done` (`state.new_tokens`)
-                        self._follow_until = time.monotonic() + self.follow_up_s
-                steps = 1 if loading or time.monotonic() < self._follow_until else self.steps_per_call
+                steps = 1 if loading else self.steps_per_call
                 rows = () if b == self.B else (bucket_rows(self._rows_on_device, running, self.B, b, self.dec.put),)
                 self._inflight = self._helper.submit(self._timed_call, not admitting, self.calls.run[widths, sampled, b],
                                                      dec.t_state, dec.d_state, self.state, *rows, dec.vocab,
@@ -395,16 +385,11 @@ class Engine:
         if done:
             self._finish(slot, STOP_NAMES[int(reason)], events)
 
-    def _read(self, window) -> np.ndarray:
+    def _collect(self, running, events, window):
+        """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state, on the device)."""
         t = time.perf_counter()
         packed = np.asarray(jax.device_get(window))
         self._blocked += time.perf_counter() - t
-        return packed
-
-    def _collect(self, running, events, window):
-        """Hand out the tokens a decode call emitted (`window`: `state.new_tokens` of its state, on
-        the device or read)."""
-        packed = window if isinstance(window, np.ndarray) else self._read(window)
         W = self.calls.width
         out, (out_len, done, reason, iters) = packed[:, :W], packed[:, W:].T
         for slot in running:
@@ -429,7 +414,6 @@ class Engine:
         # only reach the last `max_nodes` slots.
         slot.valid = max(0, min(len(slot.tokens) - 1, self.capacity - self.max_nodes))
         slot.last_used = time.monotonic()
-        self._follow_until = slot.last_used + self.follow_up_s
         if req.session is None:
             slot.session = None
 

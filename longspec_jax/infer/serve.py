@@ -159,10 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request with at most this many prompt tokens left to prefill after prefix reuse (an "
                         "agent's next turn) prefills in a second staging cache while a long prompt loads, instead "
                         "of waiting for it (default: one prefill chunk; 0: off, saving one slot's KV memory)")
-    p.add_argument("--follow-up-ms", type=float, default=0.0,
-                   help="for this long after a request finishes, decode calls run one step each, so that an "
-                        "agent's next turn waits one step, not a whole call, for its admission: lower TTFT "
-                        "under load for some throughput (e.g. 50; 0: off)")
     p.add_argument("--interrupt-on-arrival", action=argparse.BooleanOptionalAction, default=False,
                    help="a decode call ends at the step after a request arrives, so that its prefill waits one "
                         "step, not the rest of the call (one host callback a step; one device only)")
@@ -186,8 +182,6 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.fast_lane_tokens is not None and args.fast_lane_tokens < 0:
         raise UsageError(f"--fast-lane-tokens must be >= 0 (0 turns the fast lane off), got {args.fast_lane_tokens}")
-    if args.follow_up_ms < 0:
-        raise UsageError(f"--follow-up-ms must be >= 0 (0 turns it off), got {args.follow_up_ms}")
     if args.interrupt_on_arrival and (args.tensor_parallel or 1) > 1:
         raise UsageError("--interrupt-on-arrival needs one device; drop it or --tensor-parallel")
     args.dtype = cli.resolve_dtype(args.dtype)
@@ -222,8 +216,7 @@ def load_engine(args) -> tuple[Engine, object, tuple]:
                     tree_shape=None if shape is None else shape.widths, draft_vocab=draft_vocab,
                     prefill_chunk=args.prefill_chunk, mesh=mesh, steps_per_call=args.steps_per_call,
                     prefill_tokens_per_step=args.prefill_tokens_per_step,
-                    fast_lane_tokens=args.fast_lane_tokens, follow_up_s=args.follow_up_ms / 1e3,
-                    interrupt_on_arrival=args.interrupt_on_arrival)
+                    fast_lane_tokens=args.fast_lane_tokens, interrupt_on_arrival=args.interrupt_on_arrival)
     trees = {("sampled" if s else "greedy"): [w for _, w in t] for s, t in engine.tables.items()}
     print(f"engine: {args.max_slots} slots x {engine.capacity} KV slots, method {args.method}, trees by load "
           f"{trees}, row buckets {list(engine.row_buckets)}, prefill {engine.prefill_chunks_per_step * engine.chunk} "
