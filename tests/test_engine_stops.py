@@ -1,13 +1,16 @@
 """Where and when the serving engine's decode calls run: on its helper thread a step ahead, until
 a request finishes (its last tokens are not held behind the other rows' steps), or with
-`Engine(interrupt_on_arrival=True)` until a request arrives."""
+`Engine(interrupt_on_arrival=True)` until a request arrives; and each once before any request."""
 
+import collections
+import dataclasses
 import threading
 
 import jax
 import numpy as np
 
 from longspec_jax.infer.engine import Engine, Request
+from longspec_jax.infer.engine_calls import row_inputs, warm_up
 from tests.test_engine import CHAIN, _greedy, _run_requests
 from tests.test_speculative import _prompts, agreeing_models
 
@@ -102,3 +105,28 @@ def test_a_request_that_arrives_ends_the_running_call_after_one_step():
     plain = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=16, steps_per_call=8)
     assert not any("callback" in exe.as_text() for exe in plain.calls.run.values())
     assert all("callback" in exe.as_text() for exe in compiled)
+
+
+def test_every_executable_runs_once_before_any_request():
+    """`warm_up` (run when the engine is built) runs every executable once on free slots and a
+    staging cache: no decode step, every slot still free, and requests after it decode exactly."""
+    target, draft = agreeing_models(5)
+    eng = Engine(target, draft, max_slots=2, max_context=160, tree_shape=CHAIN, prefill_chunk=128)
+    ran, calls = collections.Counter(), eng.calls
+
+    def counted(name, fn):
+        return lambda *args: (ran.update([name]), fn(*args))[1]
+
+    counting = dataclasses.replace(
+        calls, run={k: counted(("run", k), f) for k, f in calls.run.items()},
+        prefill={w: counted(("prefill", w), f) for w, f in calls.prefill.items()},
+        **{name: counted(name, getattr(calls, name)) for name in ("insert", "take_row", "stop_row", "window")})
+    iters = jax.device_get(eng.state.iters)
+    row = row_inputs(eng.dec, Request([0], 1), np.zeros((1,), np.int64), 0, eng.ring_slots)
+    eng.state, eng.lanes[0].staging = warm_up(counting, eng.dec, eng.state, eng.lanes[0].staging, row)
+    assert set(ran) == ({("run", k) for k in calls.run} | {("prefill", w) for w in calls.prefill}
+                        | {"insert", "take_row", "stop_row", "window"})
+    assert len(calls.run) >= 2 and len(calls.prefill) >= 2
+    assert jax.device_get(eng.state.done).all() and (jax.device_get(eng.state.iters) == iters).all()
+    prompts = _prompts(43, (12, 20))
+    assert eng.generate(prompts, max_new_tokens=24, stop_ids=()) == _greedy(target, prompts, 24)

@@ -50,7 +50,7 @@ import numpy as np
 
 from longspec_jax.infer import defaults, runtime
 from longspec_jax.infer.decoder import Decoder
-from longspec_jax.infer.engine_calls import EOS_SLOTS, bucket_rows, compile_calls, row_inputs
+from longspec_jax.infer.engine_calls import EOS_SLOTS, bucket_rows, compile_calls, row_inputs, warm_up
 from longspec_jax.infer.loop import add_interrupt, loops_for
 from longspec_jax.infer.state import STOP_NAMES, DecodeState
 from longspec_jax import kv_cache as kvc
@@ -178,6 +178,7 @@ class Engine:
                                    chunk=self.chunk, steps_per_call=self.steps_per_call, max_accept=self.max_accept,
                                    out_size=self.out_size, ring_slots=self.ring_slots, interrupt=self.interrupt)
         self.compile_s = time.perf_counter() - t0  # lowering and compiling every executable (cache hits too)
+        self.state, self.lanes[0].staging = warm_up(self.calls, self.dec, self.state, self.lanes[0].staging, row)
 
     # ---------------------------------------------------------------------------------------
     # requests (thread-safe: other threads call these; only the engine's thread calls step())

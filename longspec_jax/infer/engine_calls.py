@@ -2,7 +2,7 @@
 fix: one decode loop per planned (shape, sampled, rows) call (`defaults.decode_calls`; the whole
 batch, or a bucket of rows through `run_rows_jit`), the admission's prefill chunk of every width
 and its insert, the copy of a resident row into a staging cache, the stop of a row, and the read of
-each call's new tokens. `longspec_jax/infer/engine.py` schedules them."""
+each call's new tokens; then runs each once (`warm_up`). `longspec_jax/infer/engine.py` schedules them."""
 
 from __future__ import annotations
 
@@ -89,3 +89,24 @@ def bucket_rows(cached: dict, running, B: int, b: int, put):
         pad = [i for i in range(B) if i not in key][:b - len(key)]
         cached[key] = put(np.array(key + tuple(pad), np.int32))
     return cached[key]
+
+
+def warm_up(calls: EngineCalls, dec, state, staging, row):
+    """Run every executable once, before any request: a GPU loads an executable's kernels on its
+    first run, and that should not land on a user's first token (on an H100 a cold prompt whose last
+    chunk was the first of its width took 0.6 s where other cold turns took 0.23 s). Runs on free
+    slots (a decode call on them steps nothing; the row written by `insert` is stopped again) and on
+    a staging cache, whose contents mean nothing until a prefill writes them. Returns (state, staging)."""
+    put, B = dec.put, state.done.shape[0]
+    zero, hidden = put(np.int32(0)), put(np.zeros((1, dec.target.cfg.hidden_size), np.float32))
+    for w, exe in calls.prefill.items():
+        staging, hidden = exe(dec.t_state, staging, put(np.zeros((1, w), np.int32)), zero, put(np.zeros(1, np.int32)),
+                              hidden)  # (the hidden state is donated: each run takes the previous one's)
+    staging = calls.take_row(state.cache, staging, zero)
+    state, _ = calls.insert(dec.t_state, dec.d_state, state, staging, hidden, *row, zero)
+    state = calls.stop_row(state, zero)
+    for (_, _, b), exe in calls.run.items():  # every row is done: the loop runs no step
+        rows = () if b == B else (put(np.arange(b, dtype=np.int32)),)
+        state = exe(dec.t_state, dec.d_state, state, *rows, dec.vocab, *calls.scalars[1])
+    jax.block_until_ready(calls.window(state))
+    return state, staging
