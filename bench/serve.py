@@ -47,7 +47,9 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--checkpoint", help="target checkpoint (default: the workload's model)")
     parser.add_argument("--draft", help="draft checkpoint (default: the model's)")
     parser.add_argument("--max-slots", type=int, default=8)
-    parser.add_argument("--server-args", default="", help="more flags for python -m infer.serve")
+    parser.add_argument("--server-args", default="", help='more flags for python -m infer.serve, one string joined by '
+                        '"=" (--server-args="--interrupt-on-arrival"): argparse reads a value that starts with "--" '
+                        'as a flag of its own')
     parser.add_argument("--out", default=common.RESULTS_DIR, help="results folder, or a .json path")
 
 
