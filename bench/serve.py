@@ -194,13 +194,13 @@ def cold_ttft(url: str, model: str, length: int, vocab: int, seed: int) -> float
     rng = np.random.default_rng(seed)
     for _ in range(2):
         prompt = rng.integers(2, vocab, length).tolist()
-        t0, ttft = time.perf_counter(), float("nan")
+        t0, ttft = time.perf_counter(), None
         for chunk in client.completions.create(model=model, prompt="", max_tokens=2, temperature=0, stream=True,
                                                extra_body={"prompt": prompt, "ignore_eos": True,
                                                            "return_token_ids": True}):
-            if ttft != ttft and chunk.choices and (chunk.choices[0].model_extra or {}).get("token_ids"):
+            if ttft is None and chunk.choices and (chunk.choices[0].model_extra or {}).get("token_ids"):
                 ttft = time.perf_counter() - t0
-    return ttft
+    return float("nan") if ttft is None else ttft
 
 
 def main(args) -> int:

@@ -37,11 +37,6 @@ from longspec_jax.layers import apply_rope, param, regroup_params
 from pallas_kernels import reference as attn_ref
 
 
-def causal_mask(batch: int, T: int) -> jax.Array:
-    """[B, T, T] bool lower-triangular: token t sees new tokens 0..t."""
-    return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (batch, T, T))
-
-
 class Attention(nnx.Module):
     """Multi-head attention with grouped K/V heads and optional q/k/v biases (Qwen2).
 

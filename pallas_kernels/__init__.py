@@ -9,6 +9,8 @@ Public API (every attention returns (out [B, T, N, H] in q.dtype, lse [B, T, N] 
   hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window, sm_scale, implementation, head_axis)
       both parts merged exactly: the attention a decode or verification step needs (`hybrid`);
       mask None is a causal chunk (a prefill), on cuDNN on NVIDIA GPUs when wide (`cudnn_chunk`).
+  causal_mask(batch, T)
+      the [B, T, T] lower-triangular mask of a chunk of T new tokens (`hybrid`).
   merge_attention((o1, lse1), (o2, lse2))
       the exact log-sum-exp merge of two parts over disjoint keys (`hybrid`).
   default_implementation()
@@ -19,6 +21,6 @@ Public API (every attention returns (out [B, T, N, H] in q.dtype, lse [B, T, N] 
 """
 
 from pallas_kernels.api import default_implementation, prefix_attention, tree_attention
-from pallas_kernels.hybrid import hybrid_attention, merge_attention
+from pallas_kernels.hybrid import causal_mask, hybrid_attention, merge_attention
 
-__all__ = ["default_implementation", "hybrid_attention", "merge_attention", "prefix_attention", "tree_attention"]
+__all__ = ["causal_mask", "default_implementation", "hybrid_attention", "merge_attention", "prefix_attention", "tree_attention"]

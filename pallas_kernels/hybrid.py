@@ -22,6 +22,11 @@ import jax.numpy as jnp
 from pallas_kernels import api, cudnn_chunk
 
 
+def causal_mask(batch: int, T: int):
+    """[B, T, T] bool lower-triangular: token t sees new tokens 0..t."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (batch, T, T))
+
+
 def merge_attention(part1, part2):
     """Exact log-sum-exp merge of two attention parts over disjoint key sets, in float32.
 
@@ -71,8 +76,7 @@ def hybrid_attention(q, k_cache, v_cache, lengths, k, v, mask, *, window=None, s
             if mesh is not None:
                 chunk = api.per_device_heads(chunk, mesh, head_axis, (True, True, True, False, True, True))
             return chunk(q, k_cache, v_cache, lengths, k, v)
-        B, T = q.shape[:2]
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+        mask = causal_mask(*q.shape[:2])
     if mesh is not None:
         parts = api.per_device_heads(parts, mesh, head_axis, (True, True, True, False, True, True, False))
     return parts(q, k_cache, v_cache, lengths, k, v, mask)

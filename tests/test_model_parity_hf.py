@@ -15,7 +15,7 @@ from flax import nnx
 
 from longspec_jax import kv_cache as kvc
 from longspec_jax import layers, sharding
-from longspec_jax.attention import causal_mask
+from pallas_kernels.hybrid import causal_mask
 from longspec_jax.kv_cache import KVCache
 from longspec_jax.weights import load_target
 from tests.hf_utils import make_hf_checkpoint

@@ -27,9 +27,8 @@ it compiles for these shapes is `longspec_jax/infer/engine_calls.py`; this file 
   cost compute the call runs only a bucket of rows holding the running slots (`decode_calls`).
 * One call in flight: a decode call runs on a helper thread while this one hands out the previous
   call's tokens (on a GPU a call returns only when its loop ends: XLA copies a data-dependent loop
-  condition to the host each iteration). Optionally, shortly after a request finishes calls run one
-  step. Optionally a call ends at the step after a request arrives (`interrupt_on_arrival`), so an
-  agent's next turn waits a step, not the rest of a call, for its admission.
+  condition to the host each iteration). Optionally a call ends at the step after a request
+  arrives (`interrupt_on_arrival`), so an agent's next turn waits a step, not the rest of a call.
 
 Lossless per request: rows never interact (each has its own cache, ring, key and settings), and
 every step is exact per row, so at T = 0 a request's output is its own greedy output whatever runs

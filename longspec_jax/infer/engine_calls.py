@@ -98,10 +98,10 @@ def warm_up(calls: EngineCalls, dec, state, staging, row):
     slots (a decode call on them steps nothing; the row written by `insert` is stopped again) and on
     a staging cache, whose contents mean nothing until a prefill writes them. Returns (state, staging)."""
     put, B = dec.put, state.done.shape[0]
-    zero, hidden = put(np.int32(0)), put(np.zeros((1, dec.target.cfg.hidden_size), np.float32))
-    for w, exe in calls.prefill.items():
-        staging, hidden = exe(dec.t_state, staging, put(np.zeros((1, w), np.int32)), zero, put(np.zeros(1, np.int32)),
-                              hidden)  # (the hidden state is donated: each run takes the previous one's)
+    zero, last = put(np.int32(0)), put(np.zeros(1, np.int32))
+    hidden = put(np.zeros((1, dec.target.cfg.hidden_size), np.float32))
+    for w, exe in calls.prefill.items():  # (the hidden state is donated: each run takes the previous one's)
+        staging, hidden = exe(dec.t_state, staging, put(np.zeros((1, w), np.int32)), zero, last, hidden)
     staging = calls.take_row(state.cache, staging, zero)
     state, _ = calls.insert(dec.t_state, dec.d_state, state, staging, hidden, *row, zero)
     state = calls.stop_row(state, zero)
